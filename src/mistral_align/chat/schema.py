@@ -139,6 +139,7 @@ def parse_preference(row: Any, clean: bool = False) -> Preference:
     _check_turn_order(prompt, "prompt", last="user")
     chosen = _completion(row["chosen"], prompt, "chosen", clean)
     rejected = _completion(row["rejected"], prompt, "rejected", clean)
-    if chosen.content == rejected.content:
+    # Trailing spaces are dropped by the encoder (v2 and later), so they cannot make two replies differ.
+    if chosen.content.rstrip(" ") == rejected.content.rstrip(" "):
         raise ConversationError("chosen and rejected are the same reply")
     return Preference(tuple(prompt), chosen, rejected)

@@ -1,0 +1,168 @@
+"""Reading raw rows from a source: local .jsonl / .json / .parquet files or a Hub dataset id.
+
+Every row leaves here as a JSON string with its position, so that the checks and the encoding can
+run in `datasets.Dataset.map` workers whatever the source was, and a bad row can always be named
+as `FILE:LINE`. The position is the 1-based line for .jsonl files (blank lines are not rows but
+still count as lines, so the number matches an editor's); for .json, .parquet and Hub datasets it
+is the 1-based row number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mistral_align.data.config import SourceConfig
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+# format name -> the kind of data it holds. "messages" and "ultrachat" rows are read the same way
+# (ultrachat's extra `prompt` / `prompt_id` columns are ignored), as are "preference" and
+# "ultrafeedback" (parse_preference accepts chosen/rejected conversations that repeat the prompt).
+FORMATS = {
+    "messages": "sft",
+    "ultrachat": "sft",
+    "preference": "dpo",
+    "ultrafeedback": "dpo",
+}
+
+
+class SourceError(Exception):
+    """A source that cannot be read at all (missing file, unknown format, wrong kind of data)."""
+
+
+@dataclass
+class RawRows:
+    label: str  # what goes before ":LINE" in messages: the path as the user wrote it
+    lines: list[int]
+    rows: list[str | None]  # JSON text of each row; None where the row could not be read
+    read_errors: list[str | None]  # why the row could not be read (invalid JSON, bad UTF-8)
+    content_hash: str  # sha256 of the file bytes, or of the Hub id + config + split
+    format: str = "auto"  # detected or forced, one of FORMATS
+    is_hub: bool = False
+    hub_fingerprint: str | None = field(default=None, repr=False)
+
+
+def is_local(path: str) -> bool:
+    return path.endswith(LOCAL_SUFFIXES) or Path(path).exists()
+
+
+def _read_jsonl(path: Path, data: bytes) -> tuple[list[int], list[str | None], list[str | None]]:
+    lines, rows, errors = [], [], []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        lines.append(number)
+        try:
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
+        except UnicodeDecodeError as e:
+            rows.append(None)
+            errors.append(f"invalid UTF-8 ({e.reason} at byte {e.start})")
+            continue
+        rows.append(text)
+        errors.append(None)  # JSON is parsed later, in the map workers
+    return lines, rows, errors
+
+
+def _strip_arrow_nulls(value: Any) -> Any:
+    """Arrow gives every struct the union of all keys, with None where a row lacked one (a
+    `weight` on only some messages). Drop those Nones so the row reads as it was written."""
+    if isinstance(value, dict):
+        return {k: _strip_arrow_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_strip_arrow_nulls(v) for v in value]
+    return value
+
+
+def _rows_from_dataset(ds) -> tuple[list[int], list[str | None], list[str | None]]:
+    # Shared by .parquet files and Hub datasets, so the Hub path is this plus load_dataset.
+    rows = [json.dumps(_strip_arrow_nulls(r), ensure_ascii=False) for r in ds]
+    return list(range(1, len(rows) + 1)), rows, [None] * len(rows)
+
+
+def read_source(src: SourceConfig) -> RawRows:
+    path = src.path
+    if path in (None, "", "???"):
+        raise SourceError("a data source has no path")
+    if is_local(path):
+        p = Path(path)
+        if not p.is_file():
+            raise SourceError(f"{path}: no such file")
+        data = p.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if p.suffix == ".jsonl":
+            lines, rows, errors = _read_jsonl(p, data)
+        elif p.suffix == ".json":
+            try:
+                items = json.loads(data.decode("utf-8-sig"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise SourceError(f"{path}: not valid JSON ({e}); a .json file must hold one list of rows") from None
+            if not isinstance(items, list):
+                raise SourceError(f"{path}: a .json file must hold a list of rows, got {type(items).__name__}")
+            lines = list(range(1, len(items) + 1))
+            rows = [json.dumps(r, ensure_ascii=False) for r in items]
+            errors = [None] * len(items)
+        elif p.suffix == ".parquet":
+            import datasets
+
+            try:
+                ds = datasets.Dataset.from_parquet(str(p), keep_in_memory=True)
+            except Exception as e:  # pyarrow raises several types for a corrupt file
+                raise SourceError(f"{path}: cannot read as parquet ({e})") from None
+            lines, rows, errors = _rows_from_dataset(ds)
+        else:
+            raise SourceError(f"{path}: unsupported file type; use .jsonl, .json or .parquet")
+        raw = RawRows(path, lines, rows, errors, digest)
+    else:
+        raw = _read_hub(src)
+    raw.format = detect_format(raw, src.format)
+    return raw
+
+
+def _read_hub(src: SourceConfig) -> RawRows:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(src.path, src.name, split=src.split)
+    except Exception as e:  # offline, unknown id, unknown split: all user-facing
+        raise SourceError(f"{src.path}: not a local file and could not be loaded from the Hub ({e})") from None
+    lines, rows, errors = _rows_from_dataset(ds)
+    key = json.dumps({"hub": src.path, "name": src.name, "split": src.split}, sort_keys=True)
+    raw = RawRows(f"{src.path}[{src.split}]", lines, rows, errors, hashlib.sha256(key.encode()).hexdigest())
+    raw.is_hub = True
+    raw.hub_fingerprint = getattr(ds, "_fingerprint", None)
+    return raw
+
+
+def detect_format(raw: RawRows, forced: str = "auto") -> str:
+    """The row shape of a source, from the keys of its first readable object row."""
+    if forced != "auto":
+        if forced not in FORMATS:
+            raise SourceError(f"{raw.label}: unknown format {forced!r}; expected auto or one of {', '.join(FORMATS)}")
+        return forced
+    for text in raw.rows[:50]:
+        if text is None:
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(row, dict):
+            continue
+        if "chosen" in row or "rejected" in row:
+            return "ultrafeedback" if "score_chosen" in row else "preference"
+        if "messages" in row:
+            return "ultrachat" if "prompt_id" in row else "messages"
+    return "auto"  # nothing recognisable: every row will fail its own check with a precise reason
+
+
+def check_kind(raw: RawRows, kind: str) -> None:
+    found = FORMATS.get(raw.format)
+    if found and found != kind:
+        shape = "'prompt'/'chosen'/'rejected'" if found == "dpo" else "'messages'"
+        raise SourceError(
+            f"{raw.label}: rows have {shape}, so this is {found.upper()} data, but {kind.upper()} data was expected"
+        )

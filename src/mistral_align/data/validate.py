@@ -1,0 +1,174 @@
+"""The one place where a row is judged: the training loaders and `mistral-align validate` /
+`preview` all call `check_row` (directly or through `encode_batch` in `Dataset.map`), so what
+the CLI calls valid is exactly what training accepts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from mistral_align.chat.encoder import IGNORE_INDEX, MistralEncoder
+from mistral_align.chat.schema import ConversationError, parse_preference, parse_sft_messages
+
+KINDS = ("sft", "dpo")
+LONG_POLICIES = ("skip", "error", "truncate")
+
+# Output columns of encode_batch besides the ids.
+ID_COLUMNS = {"sft": ("input_ids", "labels"), "dpo": ("prompt_ids", "chosen_ids", "rejected_ids")}
+
+# Report categories, matched against the reason in order (the schema's messages are stable text).
+_CATEGORIES = (
+    ("invalid JSON", ("invalid JSON", "invalid UTF-8")),
+    ("not an object", ("expected a JSON object",)),
+    ("over length", ("tokens, over max_length",)),
+    ("missing field", ("missing field",)),
+    ("wrong type", ("must be a string", "expected a list", "expected an object", "must be 0 or 1")),
+    ("unknown role", ("unknown role",)),
+    ("unknown field", ("unknown field",)),
+    ("ends with a user turn", ("ends with a user turn",)),
+    ("wrong role order", ("wrong role order", "only allowed as the first", "must end with", "only a system")),
+    ("empty content", ("empty", "no messages")),
+    ("chosen equals rejected", ("the same reply",)),
+    ("nothing to train", ("weight 0", "nothing would be trained", "no trained tokens")),
+)
+
+
+def categorize(reason: str) -> str:
+    for name, needles in _CATEGORIES:
+        if any(n in reason for n in needles):
+            return name
+    return "other"
+
+
+@dataclass
+class RowResult:
+    ids: dict[str, list[int]] | None  # the ID_COLUMNS of the kind; None for a bad row
+    error: str | None  # why the row is bad (or over length); None when it is fine
+    over_length: bool = False
+    truncated: bool = False
+    tokens: int = 0  # every id of the row (DPO: prompt + chosen + rejected)
+    trained: int = 0  # ids the loss sees (DPO: chosen + rejected)
+    length: int = 0  # what max_length is compared with (DPO: prompt + the longer reply)
+
+
+def check_row(
+    kind: str,
+    text: str | None,
+    encoder: MistralEncoder,
+    *,
+    max_length: int | None = None,
+    train_on: str = "all",
+    clean: bool = False,
+    on_long_rows: str = "skip",
+    read_error: str | None = None,
+) -> RowResult:
+    """Parse, check and encode one row given as JSON text.
+
+    Over-length rows come back with `error` set and `over_length=True` unless `on_long_rows` is
+    "truncate" (SFT only), in which case the end is cut (BOS kept). Truncation is refused for DPO,
+    because cutting a pair can remove the reply or its EOS; the loader rejects that setting.
+    """
+    if read_error is not None or text is None:
+        return RowResult(None, read_error or "row could not be read")
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        return RowResult(None, f"invalid JSON ({e.msg} at column {e.colno})")
+    try:
+        if kind == "sft":
+            return _check_sft(row, encoder, max_length, train_on, clean, on_long_rows)
+        return _check_dpo(row, encoder, max_length, clean)
+    except ConversationError as e:
+        return RowResult(None, str(e))
+
+
+def _check_sft(row: Any, encoder, max_length, train_on, clean, on_long_rows) -> RowResult:
+    if not isinstance(row, dict):
+        raise ConversationError(f"expected a JSON object with 'messages', got {type(row).__name__}")
+    if "messages" not in row:
+        raise ConversationError("missing field 'messages'")
+    messages = parse_sft_messages(row["messages"], "messages", clean)
+    enc = encoder.encode_sft(messages, train_on)
+    ids, labels = enc.input_ids, enc.labels
+    trained = sum(1 for x in labels if x != IGNORE_INDEX)
+    if trained == 0:  # train_on="last" with a weight-0 last reply, for instance
+        raise ConversationError("no trained tokens (every assistant reply that would be trained has weight 0)")
+    result = RowResult({"input_ids": ids, "labels": labels}, None, tokens=len(ids), trained=trained, length=len(ids))
+    if max_length is not None and len(ids) > max_length:
+        if on_long_rows != "truncate":
+            result.error = f"{len(ids)} tokens, over max_length {max_length}"
+            result.over_length = True
+            return result
+        # Cutting the end keeps BOS (always at position 0) and the whole beginning of the
+        # conversation; the lost end may be a reply's EOS, which is the price of truncation.
+        ids, labels = ids[:max_length], labels[:max_length]
+        trained = sum(1 for x in labels if x != IGNORE_INDEX)
+        if trained == 0:
+            result.error = f"{result.length} tokens, over max_length {max_length}, and no trained tokens left after truncation"
+            result.over_length = True
+            return result
+        result = RowResult(
+            {"input_ids": ids, "labels": labels}, None, truncated=True, tokens=len(ids), trained=trained, length=len(ids)
+        )
+    return result
+
+
+def _check_dpo(row: Any, encoder, max_length, clean) -> RowResult:
+    if not isinstance(row, dict):
+        raise ConversationError(f"expected a JSON object with 'prompt', 'chosen' and 'rejected', got {type(row).__name__}")
+    enc = encoder.encode_dpo(parse_preference(row, clean))
+    p, c, r = enc.prompt_ids, enc.chosen_ids, enc.rejected_ids
+    length = len(p) + max(len(c), len(r))  # TRL feeds prompt+chosen and prompt+rejected
+    result = RowResult(
+        {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r},
+        None,
+        tokens=len(p) + len(c) + len(r),
+        trained=len(c) + len(r),
+        length=length,
+    )
+    if max_length is not None and length > max_length:
+        result.error = f"{length} tokens, over max_length {max_length} (prompt {len(p)} + longest reply {max(len(c), len(r))})"
+        result.over_length = True
+    return result
+
+
+def encode_batch(
+    batch: dict[str, list],
+    *,
+    kind: str,
+    encoder: MistralEncoder,
+    max_length: int | None,
+    train_on: str,
+    clean: bool,
+    on_long_rows: str,
+) -> dict[str, list]:
+    """`Dataset.map(batched=True)` function: the row's ids, or empty ids and the error.
+
+    Bad rows stay in the output (with `error` set) so the loader can name every one of them.
+    """
+    out: dict[str, list] = {c: [] for c in ID_COLUMNS[kind]}
+    for c in ("error", "over_length", "truncated", "tokens", "trained", "length"):
+        out[c] = []
+    for text, read_error in zip(batch["row"], batch["read_error"]):
+        r = check_row(
+            kind,
+            text,
+            encoder,
+            max_length=max_length,
+            train_on=train_on,
+            clean=clean,
+            on_long_rows=on_long_rows,
+            read_error=read_error,
+        )
+        for c in ID_COLUMNS[kind]:
+            out[c].append(r.ids[c] if r.ids is not None and r.error is None else [])
+        out["error"].append(r.error)
+        out["over_length"].append(r.over_length)
+        out["truncated"].append(r.truncated)
+        out["tokens"].append(r.tokens)
+        out["trained"].append(r.trained)
+        out["length"].append(r.length)
+    return out
+

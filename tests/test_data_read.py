@@ -1,0 +1,181 @@
+"""Reading rows: file types, line numbers, row shapes (incl. the two Hub shapes), format detection."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+
+from mistral_align.chat.encoder import get_encoder
+from mistral_align.chat.schema import parse_preference, parse_sft_messages
+from mistral_align.data.config import DataConfig, SourceConfig
+from mistral_align.data.load import DataError, load_dpo_dataset, load_sft_dataset
+from mistral_align.data.read import SourceError, check_kind, read_source
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    # Keep encoded-data cache files out of the user's ~/.cache during tests.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows))
+    return path
+
+
+def conv(q, a, system=None):
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+
+# Rows shaped like HuggingFaceH4/ultrachat_200k (prompt, prompt_id, messages), text written here.
+ULTRACHAT_ROWS = [
+    {"prompt": "How do tides work?", "prompt_id": "a1" * 32, "messages": conv("How do tides work?", "The Moon's pull raises the sea.")},
+    {
+        "prompt": "Name two planets.",
+        "prompt_id": "b2" * 32,
+        "messages": conv("Name two planets.", "Mars and Venus.")
+        + [{"role": "user", "content": "One more?"}, {"role": "assistant", "content": "Jupiter."}],
+    },
+]
+
+# Rows shaped like HuggingFaceH4/ultrafeedback_binarized: prompt str, chosen/rejected are
+# [user, assistant] conversations repeating the prompt, plus score and id columns.
+ULTRAFEEDBACK_ROWS = [
+    {
+        "prompt": "Is ice denser than water?",
+        "prompt_id": "c3" * 32,
+        "chosen": conv("Is ice denser than water?", "No, ice is less dense, which is why it floats."),
+        "rejected": conv("Is ice denser than water?", "Yes, ice sinks."),
+        "messages": conv("Is ice denser than water?", "No, ice is less dense, which is why it floats."),
+        "score_chosen": 9.0,
+        "score_rejected": 2.5,
+    },
+    {
+        "prompt": "Spell 'cat' backwards.",
+        "prompt_id": "d4" * 32,
+        "chosen": conv("Spell 'cat' backwards.", "tac"),
+        "rejected": conv("Spell 'cat' backwards.", "cta"),
+        "messages": conv("Spell 'cat' backwards.", "tac"),
+        "score_chosen": 10.0,
+        "score_rejected": 1.0,
+    },
+]
+
+
+def test_jsonl_line_numbers_count_blank_lines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"messages": []}\n\n   \n{"a": 1}\n{broken\n')
+    raw = read_source(SourceConfig(str(path)))
+    assert raw.lines == [1, 4, 5]
+    assert raw.rows[2] == "{broken"
+
+
+def test_invalid_utf8_is_a_row_error(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"messages": []}\n{"messages": "\xff"}\n')
+    raw = read_source(SourceConfig(str(path)))
+    assert raw.read_errors[0] is None
+    assert raw.read_errors[1].startswith("invalid UTF-8")
+
+
+def test_missing_file_and_unknown_suffix(tmp_path):
+    with pytest.raises(SourceError, match="no such file"):
+        read_source(SourceConfig(str(tmp_path / "nope.jsonl")))
+    (tmp_path / "d.csv").write_text("a,b\n")
+    with pytest.raises(SourceError, match="unsupported file type"):
+        read_source(SourceConfig(str(tmp_path / "d.csv")))
+
+
+def test_json_list_file(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"messages": conv("a", "b")}, {"messages": conv("c", "d")}]))
+    raw = read_source(SourceConfig(str(path)))
+    assert raw.lines == [1, 2] and raw.format == "messages"
+    path.write_text(json.dumps({"messages": []}))
+    with pytest.raises(SourceError, match="must hold a list"):
+        read_source(SourceConfig(str(path)))
+
+
+@pytest.mark.parametrize(
+    "row, fmt",
+    [
+        ({"messages": conv("a", "b")}, "messages"),
+        (ULTRACHAT_ROWS[0], "ultrachat"),
+        ({"prompt": "a", "chosen": "b", "rejected": "c"}, "preference"),
+        (ULTRAFEEDBACK_ROWS[0], "ultrafeedback"),
+    ],
+)
+def test_format_detection(tmp_path, row, fmt):
+    raw = read_source(SourceConfig(str(write_jsonl(tmp_path / "d.jsonl", ["not json", row]))))
+    assert raw.format == fmt
+
+
+def test_kind_mismatch_is_named(tmp_path):
+    raw = read_source(SourceConfig(str(write_jsonl(tmp_path / "d.jsonl", ULTRAFEEDBACK_ROWS))))
+    with pytest.raises(SourceError, match="DPO data, but SFT data was expected"):
+        check_kind(raw, "sft")
+    check_kind(raw, "dpo")
+
+
+def test_forced_unknown_format(tmp_path):
+    with pytest.raises(SourceError, match="unknown format"):
+        read_source(SourceConfig(str(write_jsonl(tmp_path / "d.jsonl", ULTRACHAT_ROWS)), format="sharegpt"))
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_ultrachat_shape_reads_messages_as_is(tmp_path, suffix):
+    path = tmp_path / f"uc.{suffix}"
+    if suffix == "jsonl":
+        write_jsonl(path, ULTRACHAT_ROWS)
+    else:
+        datasets.Dataset.from_list(ULTRACHAT_ROWS).to_parquet(str(path))
+    enc = get_encoder("v3")
+    data = load_sft_dataset(DataConfig(train=[SourceConfig(str(path))]), enc)
+    assert data.report["sources"][0]["format"] == "ultrachat"
+    assert data.train.column_names == ["input_ids", "labels"]
+    for got, row in zip(data.train, ULTRACHAT_ROWS):
+        want = enc.encode_sft(parse_sft_messages(row["messages"]))
+        assert got["input_ids"] == want.input_ids and got["labels"] == want.labels
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_ultrafeedback_shape_maps_columns(tmp_path, suffix):
+    path = tmp_path / f"uf.{suffix}"
+    if suffix == "jsonl":
+        write_jsonl(path, ULTRAFEEDBACK_ROWS)
+    else:
+        datasets.Dataset.from_list(ULTRAFEEDBACK_ROWS).to_parquet(str(path))
+    enc = get_encoder("v7")
+    data = load_dpo_dataset(DataConfig(train=[SourceConfig(str(path))]), enc)
+    assert data.report["sources"][0]["format"] == "ultrafeedback"
+    assert data.train.column_names == ["prompt_ids", "chosen_ids", "rejected_ids"]
+    for got, row in zip(data.train, ULTRAFEEDBACK_ROWS):
+        want = enc.encode_dpo(parse_preference(row))
+        assert got == {"prompt_ids": want.prompt_ids, "chosen_ids": want.chosen_ids, "rejected_ids": want.rejected_ids}
+        # The prompt is in the prompt ids only, not repeated before the reply.
+        assert got["chosen_ids"] == [*enc.text(row["chosen"][1]["content"]), enc.eos_id]
+
+
+def test_parquet_with_weight_on_some_messages_only(tmp_path):
+    # Arrow fills a missing `weight` with null; that must read as "no weight", not a bad value.
+    rows = [
+        {"messages": conv("q1", "a1")},
+        {"messages": [*conv("q2", "wrong"), {"role": "user", "content": "again"}, {"role": "assistant", "content": "right"}]},
+    ]
+    rows[1]["messages"][1]["weight"] = 0
+    path = tmp_path / "w.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    enc = get_encoder("v3")
+    data = load_sft_dataset(DataConfig(train=[SourceConfig(str(path))]), enc)
+    want = enc.encode_sft(parse_sft_messages(rows[1]["messages"]))
+    assert data.train[1]["labels"] == want.labels
+    assert [t for t in want.labels if t != -100] == [*enc.text("right"), enc.eos_id]
+
+
+def test_not_a_file_nor_hub_id_is_a_clear_error(tmp_path):
+    # A path with a data suffix never goes to the Hub, so this fails offline, without a download.
+    with pytest.raises(DataError, match="no such file"):
+        load_sft_dataset(DataConfig(train=[SourceConfig(str(tmp_path / "missing.jsonl"))]), get_encoder("v3"))
