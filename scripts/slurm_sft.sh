@@ -1,0 +1,30 @@
+#!/bin/bash
+# Multi-node SFT under Slurm: one `accelerate launch` per node, each starting one process per GPU.
+#   sbatch scripts/slurm_sft.sh model=mistral-7b-v0.3 quant=nf4 'data.train=[{path: /data/chat.jsonl}]'
+# Every rank writes into the same run directory: it is fixed here, before launch, from the job id.
+#SBATCH --job-name=mistral-align-sft
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1          # one launcher per node
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=24:00:00
+#SBATCH --output=logs/%x-%j.out
+set -euo pipefail
+
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MISTRAL_ALIGN_RUN_DIR=${MISTRAL_ALIGN_RUN_DIR:-$PWD/runs/sft-slurm-$SLURM_JOB_ID}
+export NUM_NODES=$SLURM_NNODES
+# Credentials come from the environment (WANDB_API_KEY, HF_TOKEN); they are never written to configs or logs.
+
+srun --kill-on-bad-exit=1 bash -c '
+  .venv/bin/accelerate launch \
+    --config_file configs/accelerate/multi_node.yaml \
+    --num_machines "$SLURM_NNODES" \
+    --num_processes $(( SLURM_NNODES * '"$GPUS_PER_NODE"' )) \
+    --machine_rank "$SLURM_NODEID" \
+    --main_process_ip '"$HEAD_NODE"' \
+    --main_process_port 29500 \
+    recipes/sft.py "$@"
+' bash "$@"

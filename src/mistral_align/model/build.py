@@ -1,0 +1,273 @@
+"""Base model (Mistral / Mixtral, from the Hub or an inline architecture), quantisation and LoRA.
+
+    model = build_model(cfg.model, cfg.quant, vocab_size=encoder.vocab_size, seed=cfg.run.seed)
+    model = apply_peft(model, cfg.peft, quantized=cfg.quant.mode != "none", gradient_checkpointing=True)
+    facts = model_facts(model)   # trainable params, 4-bit / 8-bit linear layers, ... (for the manifest)
+
+Under `accelerate launch` every rank loads its own copy onto its own device (`device_map={"": device}`,
+`default_device_map()`); under FSDP / DeepSpeed ZeRO-3 the device map is left to them (None).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+from mistral_align.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Where the fused expert weights of transformers 5's MoE blocks live (peft `target_parameters`).
+MIXTRAL_EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def default_device_map() -> dict[str, Any] | None:
+    """Each process's whole model on its own device; None under FSDP / DeepSpeed (they place it)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return None
+    from accelerate import PartialState
+
+    return {"": PartialState().device}
+
+
+def quantization_config(quant_cfg: Any):
+    """transformers' BitsAndBytesConfig for `quant.mode` (None for `none`)."""
+    if quant_cfg.mode == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    skip = list(quant_cfg.skip_modules) or None
+    if quant_cfg.mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    storage = torch.uint8 if quant_cfg.storage_dtype == "uint8" else DTYPE[quant_cfg.storage_dtype]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_cfg.mode,  # nf4 | fp4
+        bnb_4bit_use_double_quant=quant_cfg.double_quant,
+        bnb_4bit_compute_dtype=DTYPE[quant_cfg.compute_dtype],
+        bnb_4bit_quant_storage=storage,
+        llm_int8_skip_modules=skip,
+    )
+
+
+def inline_config(model_cfg: Any, vocab_size: int):
+    """A transformers MistralConfig / MixtralConfig from `model.architecture` (vocab = the tokenizer's)."""
+    from transformers import MistralConfig, MixtralConfig
+
+    a = model_cfg.architecture
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=a.hidden_size,
+        intermediate_size=a.intermediate_size,
+        num_hidden_layers=a.num_hidden_layers,
+        num_attention_heads=a.num_attention_heads,
+        num_key_value_heads=a.num_key_value_heads,
+        head_dim=a.head_dim or a.hidden_size // a.num_attention_heads,
+        max_position_embeddings=a.max_position_embeddings,
+        rope_theta=a.rope_theta,
+        rms_norm_eps=a.rms_norm_eps,
+        tie_word_embeddings=a.tie_word_embeddings,
+        initializer_range=a.initializer_range,
+        bos_token_id=1,
+        eos_token_id=2,
+        sliding_window=None,
+    )
+    if a.type == "mixtral":
+        return MixtralConfig(
+            **common,
+            num_local_experts=a.num_local_experts,
+            num_experts_per_tok=a.num_experts_per_tok,
+            router_aux_loss_coef=a.router_aux_loss_coef,
+            output_router_logits=True,
+        )
+    return MistralConfig(**common)
+
+
+def _inline_checkpoint(model_cfg: Any, vocab_size: int, seed: int) -> str:
+    """Random-init the inline architecture (same weights on every rank: seeded) and save it, so
+    quantisation goes through the same `from_pretrained` path as a Hub model."""
+    from transformers import AutoModelForCausalLM
+
+    config = inline_config(model_cfg, vocab_size)
+    path = tempfile.mkdtemp(prefix="mistral_align_inline_")  # per process; removed once loaded
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Not model.save_pretrained: under torch.distributed it writes on rank 0 only, and every rank
+    # needs its own copy here.
+    from safetensors.torch import save_model
+
+    model.config.to_json_file(os.path.join(path, "config.json"))
+    save_model(model, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def build_model(
+    model_cfg: Any,
+    quant_cfg: Any,
+    vocab_size: int,
+    seed: int = 0,
+    device_map: dict[str, Any] | str | None = "auto-rank",
+):
+    """The base causal LM: Hub id or inline architecture, quantised as `quant` says, on this rank's device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if device_map == "auto-rank":
+        device_map = default_device_map()
+    if model_cfg.architecture is not None:
+        source, revision = _inline_checkpoint(model_cfg, vocab_size, seed), None
+    else:
+        source, revision = model_cfg.hub_id, model_cfg.revision
+    config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=model_cfg.trust_remote_code)
+    if config.vocab_size < vocab_size:
+        raise ConfigError(
+            f"model.tokenizer_version: tokenizer {model_cfg.tokenizer_version} has {vocab_size} tokens but "
+            f"{model_cfg.name} has only {config.vocab_size} embeddings"
+        )
+    if model_cfg.sliding_window is not None:
+        config.sliding_window = model_cfg.sliding_window or None
+    model = AutoModelForCausalLM.from_pretrained(
+        source,
+        revision=revision,
+        config=config,
+        dtype=DTYPE[model_cfg.dtype],
+        attn_implementation=model_cfg.attn_implementation,
+        quantization_config=quantization_config(quant_cfg),
+        device_map=device_map,
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+    # Training runs without a KV cache: with one, transformers does not derive the packed-sequence
+    # (block-diagonal) mask from position_ids. generate() still caches (generation_config.use_cache).
+    model.config.use_cache = False
+    # (added by the lead) bitsandbytes silently breaks training after an eval-mode forward on
+    # AVX512-BF16 CPUs; see model/bnb_cpu.py.
+    from mistral_align.model.bnb_cpu import disable_cpu_inference_repacking
+
+    disable_cpu_inference_repacking(model)
+    if model_cfg.architecture is not None and os.path.basename(source).startswith("mistral_align_inline_"):
+        import shutil
+
+        shutil.rmtree(source, ignore_errors=True)
+        model.config.name_or_path = model_cfg.name
+        model.name_or_path = model_cfg.name
+    return model
+
+
+def is_moe(model) -> bool:
+    return getattr(model.config, "num_local_experts", 0) > 0
+
+
+def linear_module_names(model) -> list[str]:
+    """Leaf names of every linear layer (plain, 4-bit or 8-bit) except the output head: q_proj, ..."""
+    head = model.get_output_embeddings()
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    )
+
+
+def lora_config(peft_cfg: Any, model) -> Any:
+    """peft LoraConfig: all linear layers (or the named ones); for MoE models the experts too."""
+    from peft import LoraConfig
+
+    targets = list(peft_cfg.target_modules)
+    # "all-linear" is resolved here rather than by peft: for transformers-5 MoE models peft 0.21's
+    # own "all-linear" also wraps the router (`mlp.gate`), which we leave alone by default.
+    target_modules = linear_module_names(model) if targets == ["all-linear"] else targets
+    target_parameters = []
+    dropout = peft_cfg.dropout
+    if is_moe(model) and peft_cfg.experts:
+        # transformers 5 stores each MoE block's experts as two fused 3D parameters, not nn.Linear;
+        # peft reaches them through target_parameters.
+        target_parameters += MIXTRAL_EXPERT_PARAMETERS
+    if is_moe(model) and peft_cfg.train_router:
+        target_parameters.append("mlp.gate.weight")
+    if target_parameters and dropout:
+        log.warning("peft.dropout=%s: LoRA on fused expert/router weights supports no dropout; using 0", dropout)
+        dropout = 0.0
+    return LoraConfig(
+        r=peft_cfg.r,
+        lora_alpha=peft_cfg.alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        target_parameters=target_parameters or None,
+        modules_to_save=list(peft_cfg.modules_to_save) or None,
+        ensure_weight_tying=peft_cfg.ensure_weight_tying,
+        use_rslora=peft_cfg.use_rslora,
+        bias=peft_cfg.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def apply_peft(model, peft_cfg: Any, quantized: bool, gradient_checkpointing: bool):
+    """Wrap `model` in a LoRA adapter (or leave it whole for full fine-tuning, peft.method=none)."""
+    if peft_cfg.method == "none":
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora_config(peft_cfg, model))
+
+
+def count_linear_layers(model) -> dict[str, int]:
+    """How many linear layers are 4-bit, 8-bit, or full precision (LoRA's own small layers excluded)."""
+    import bitsandbytes as bnb
+
+    counts = {"linear_4bit": 0, "linear_8bit": 0, "linear_full": 0}
+    for name, module in model.named_modules():
+        if ".lora_" in name or name.split(".")[-1].startswith("lora_"):
+            continue
+        if isinstance(module, bnb.nn.Linear4bit):
+            counts["linear_4bit"] += 1
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            counts["linear_8bit"] += 1
+        elif isinstance(module, torch.nn.Linear) and not hasattr(module, "base_layer"):
+            counts["linear_full"] += 1
+    return counts
+
+
+def model_facts(model) -> dict[str, Any]:
+    """Model facts for the manifest: parameter counts, quantised layers, architecture."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = 0
+    for p in model.parameters():
+        # a packed 4-bit tensor holds two weights per byte
+        total += p.numel() * 2 if p.__class__.__name__ == "Params4bit" else p.numel()
+    config = model.config
+    return {
+        "model_type": config.model_type,
+        "name_or_path": getattr(config, "name_or_path", None),
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_local_experts": getattr(config, "num_local_experts", None),
+        "attn_implementation": getattr(config, "_attn_implementation", None),
+        "sliding_window": getattr(config, "sliding_window", None),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_fraction": trainable / max(total, 1),
+        **count_linear_layers(model),
+    }
+
+
+def upcast_trainable(model, dtype: torch.dtype = torch.float32) -> None:
+    """Cast trainable parameters to `dtype` (TRL casts them to bf16 for quantised models; on the
+    CPU, with float32 compute, that only makes them slower and less precise)."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != dtype:
+            p.data = p.data.to(dtype)

@@ -1,0 +1,60 @@
+"""metrics.jsonl (one JSON object per trainer log) and the loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+class MetricsJsonl(TrainerCallback):
+    """Appends every trainer log (train loss, lr, eval loss, ...) to <run_dir>/metrics.jsonl, on the main process."""
+
+    def __init__(self, path: str | Path, stage: str = "sft"):
+        self.path = Path(path)
+        self.stage = stage
+        self.t0 = time.time()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"stage": self.stage, "step": state.global_step, "epoch": state.epoch, "time_s": round(time.time() - self.t0, 2)}
+        row.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str))})
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(metrics_path: str | Path, out_path: str | Path, title: str = "loss") -> Path | None:
+    """Train (and eval) loss against step, one line per stage; None when there is nothing to plot."""
+    rows = read_metrics(metrics_path)
+    if not any("loss" in r or "eval_loss" in r for r in rows):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for stage in dict.fromkeys(r.get("stage", "train") for r in rows):
+        for key, style in (("loss", "-"), ("eval_loss", "o--")):
+            pts = [(r["step"], r[key]) for r in rows if r.get("stage", "train") == stage and key in r]
+            if pts:
+                ax.plot(*zip(*pts), style, label=f"{stage} {key.replace('_', ' ')}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return Path(out_path)

@@ -1,0 +1,148 @@
+"""The DPO stage: where the SFT adapter comes from, the trainer arguments, the held-out report.
+
+The reference policy is the SFT model, never the bare base model: the SFT adapter is loaded as the
+trainable "default" adapter, and `PretokenizedDPOTrainer` keeps an exact frozen copy of it as the
+"ref" adapter (or, with `dpo.precompute_ref_log_probs`, scores every pair with it once up front).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mistral_align.train.sft import bf16_enabled
+
+log = logging.getLogger("mistral_align.dpo")
+
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)  # fmt: skip
+
+
+class InitError(ValueError):
+    """`dpo.init_from` names nothing usable."""
+
+
+def resolve_sft_adapter(init_from: str) -> tuple[str, Path | None]:
+    """(what to give PeftModel.from_pretrained, the SFT run directory if there is one).
+
+    Accepts an SFT run directory (its `adapter/`), a pipeline run directory (`sft/adapter/`),
+    a local adapter folder (holding adapter_config.json), or a Hub adapter id.
+    """
+    path = Path(init_from).expanduser()
+    for run_dir, adapter in ((path, path / "adapter"), (path, path / "sft" / "adapter")):
+        if (adapter / "adapter_config.json").is_file():
+            return str(adapter), run_dir
+    if (path / "adapter_config.json").is_file():
+        return str(path), None
+    if path.exists():
+        raise InitError(
+            f"dpo.init_from: {init_from} holds no adapter (no adapter_config.json in it, in adapter/ or sft/adapter/)"
+        )
+    if init_from.count("/") == 1 and not init_from.startswith((".", "/", "~")):
+        return init_from, None  # a Hub adapter id; peft downloads it
+    raise InitError(f"dpo.init_from: {init_from} does not exist")
+
+
+def load_policy(base_model, adapter: str):
+    """The SFT model as a trainable PeftModel (adapter "default"); the trainer adds the frozen "ref" copy."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base_model, adapter, is_trainable=True)
+
+
+def make_dpo_args(cfg: Any, out_dir: Path, report_to: list[str], has_eval: bool):
+    """trl.DPOConfig from our typed config (`train` for the optimiser, `dpo` for the objective)."""
+    from omegaconf import OmegaConf
+    from trl import DPOConfig
+
+    t, d = cfg.train, cfg.dpo
+    extra = OmegaConf.to_container(t.extra, resolve=True) if not isinstance(t.extra, dict) else dict(t.extra)
+    return DPOConfig(
+        output_dir=str(Path(out_dir) / "checkpoints"),
+        run_name=Path(out_dir).name,
+        seed=cfg.run.seed,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        gradient_checkpointing=False,  # enabled (or not) when the model was built
+        bf16=bf16_enabled(t),
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval and t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        dataloader_num_workers=t.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        report_to=report_to,
+        # The loader has already applied data.max_length (prompt + longer reply); TRL truncates
+        # keep_start (BOS and the prompt through [/INST] always stay) only if train.max_length is lower.
+        max_length=t.max_length or cfg.data.max_length,
+        truncation_mode="keep_start",
+        beta=d.beta,
+        loss_type=list(d.loss_type),
+        label_smoothing=d.label_smoothing,
+        precompute_ref_log_probs=d.precompute_ref_log_probs,
+        ddp_find_unused_parameters=False,
+        use_cpu=not torch.cuda.is_available(),
+        **extra,
+    )
+
+
+def build_dpo_trainer(model, tokenizer, args, train_ds, eval_ds=None, callbacks=(), fp32_trainable: bool = False):
+    from mistral_align.train.dpo_trainer import PretokenizedDPOTrainer
+
+    return PretokenizedDPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+        fp32_adapter=fp32_trainable,
+    )
+
+
+PREFERENCE_METRICS = {
+    "eval_loss": "loss",
+    "eval_rewards/accuracies": "reward_accuracy",
+    "eval_rewards/margins": "reward_margin",
+    "eval_rewards/chosen": "reward_chosen",
+    "eval_rewards/rejected": "reward_rejected",
+    "eval_logps/chosen": "logp_chosen",
+    "eval_logps/rejected": "logp_rejected",
+}
+
+
+def preference_eval(trainer) -> dict[str, float]:
+    """Held-out preference metrics under readable names: reward accuracy and margin, log-probs."""
+    metrics = trainer.evaluate()
+    return {name: metrics[key] for key, name in PREFERENCE_METRICS.items() if key in metrics}
+
+
+def as_generation_rows(dpo_ds):
+    """Preference rows as (input_ids, labels) rows whose reference reply is the chosen one,
+    so `train.evaluate.generation_eval` can score greedy replies against it."""
+    from mistral_align.chat.encoder import IGNORE_INDEX
+
+    def to_sft(row):
+        return {
+            "input_ids": row["prompt_ids"] + row["chosen_ids"],
+            "labels": [IGNORE_INDEX] * len(row["prompt_ids"]) + row["chosen_ids"],
+        }
+
+    return dpo_ds.map(to_sft, remove_columns=dpo_ds.column_names)

@@ -1,0 +1,76 @@
+"""TRL's DPOTrainer, fed with preference ids from our exact encoder instead of a chat template.
+
+TRL 1.16 always re-tokenises preference data through `processing_class` (a chat template for
+conversations). For Mistral that is exactly what must not happen, so `_prepare_dataset` is
+replaced: rows arrive with `prompt_ids`, `chosen_ids`, `rejected_ids` made by
+`MistralEncoder.encode_dpo`, and go to TRL's collator untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+from trl import DPOTrainer
+
+DPO_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+class PretokenizedDPOTrainer(DPOTrainer):
+    def __init__(self, *args, fp32_adapter: bool = False, **kwargs):
+        # TRL casts a quantised model's trainable weights to bf16 (right where 4-bit layers compute in
+        # bf16, on GPUs). Where they compute in float32 (the CPU) that only loses the SFT adapter's
+        # precision, so `fp32_adapter` puts the exact float32 values back.
+        model = kwargs.get("model", args[0] if args else None)
+        saved = {}
+        if fp32_adapter and model is not None:
+            saved = {n: p.detach().to(torch.float32).clone() for n, p in model.named_parameters() if p.requires_grad}
+        super().__init__(*args, **kwargs)
+        if saved:
+            for name, param in self.accelerator.unwrap_model(self.model).named_parameters():
+                if name in saved:
+                    param.data = saved[name]
+        self.sync_reference_to_policy()
+
+    def sync_reference_to_policy(self):
+        """Make the frozen "ref" adapter an exact copy (values and dtype) of the trainable one.
+
+        TRL copies the starting adapter into "ref" and only afterwards casts the trainable copy to
+        bf16 for QLoRA (and callers may upcast it again): re-copy, so that policy and reference are
+        the same function at step 0 (every reward exactly 0, sigmoid loss exactly ln 2). Call it
+        again after changing the trainable weights' dtype, never after training has started.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        if "ref" not in getattr(model, "peft_config", {}):
+            return
+        params = dict(model.named_parameters())
+        for name, param in params.items():
+            if ".default." in name:
+                params[name.replace(".default.", ".ref.")].data = param.data.detach().clone()
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        missing = [c for c in DPO_COLUMNS if c not in dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"the {dataset_name} preference data has no {missing} columns: tokenise it with "
+                "mistral_align.data.load_dpo_dataset (never through a chat template)"
+            )
+        if args.max_length is not None:
+            # TRL truncates with keep_start: BOS and the whole prompt, through [/INST], are kept and only
+            # the completions' tails are cut. A prompt that alone fills max_length would leave nothing to
+            # learn from, so such rows are dropped here, as TRL does, and counted.
+            before = len(dataset)
+            dataset = dataset.filter(
+                lambda row: len(row["prompt_ids"]) < args.max_length, desc=f"Dropping over-long prompts ({dataset_name})"
+            )
+            self.dropped_long_prompts = getattr(self, "dropped_long_prompts", 0) + before - len(dataset)
+        return dataset
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        # The frozen reference is a second adapter named "ref" inside the same PeftModel; checkpoints and
+        # the final save hold only the trained adapter.
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        peft_config = getattr(unwrapped, "peft_config", None)
+        if peft_config and "ref" in peft_config and self.args.should_save:
+            output_dir = output_dir or self.args.output_dir
+            unwrapped.save_pretrained(output_dir, selected_adapters=["default"], safe_serialization=True)
+            return
+        super().save_model(output_dir, _internal_call)
