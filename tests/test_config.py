@@ -143,3 +143,36 @@ def test_recipe_prints_composed_config():
     assert out.returncode == 0, out.stderr
     cfg = yaml.safe_load(out.stdout)
     assert cfg["peft"]["r"] == 64 and cfg["model"]["tokenizer_version"] == "v1"
+
+
+@pytest.mark.parametrize("primary", ["sft", "dpo", "sft_dpo"])
+@pytest.mark.parametrize("preset", options("experiment"))
+def test_every_preset_composes_under_every_recipe(primary, preset):
+    from mistral_align.config import check_dpo_config
+
+    cfg = _compose([f"experiment={preset}"], name=primary)
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    check_config(cfg)
+    if primary != "sft":
+        check_dpo_config(cfg)
+
+
+@pytest.mark.parametrize("option", options("data"))
+def test_every_data_option_composes_for_the_dpo_stage(option):
+    cfg = _compose([f"data@dpo.data={option}"], name="sft_dpo")
+    OmegaConf.to_container(cfg.dpo.data, resolve=True, throw_on_missing=True)
+
+
+def test_dpo_stage_overrides_and_their_mistakes():
+    from mistral_align.config import check_dpo_config
+
+    cfg = _compose(["experiment=test_tiny", "dpo.beta=0.3", "dpo.train.lr=1e-5", "dpo.loss_type=[sigmoid,sft]",
+                    "dpo.loss_weights=[1.0,0.5]"], name="sft_dpo")  # fmt: skip
+    check_dpo_config(cfg)
+    assert (cfg.dpo.beta, cfg.dpo.train.lr, list(cfg.dpo.loss_type)) == (0.3, 1e-5, ["sigmoid", "sft"])
+    with pytest.raises(Exception, match="betta"):
+        _compose(["dpo.betta=0.3"], name="dpo")
+    for override, key in [("dpo.loss_type=[sigmoidd]", "dpo.loss_type"), ("dpo.beta=0", "dpo.beta"),
+                          ("dpo.loss_weights=[1.0,2.0]", "dpo.loss_weights"), ("dpo.label_smoothing=0.7", "dpo.label_smoothing")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=key):
+            check_dpo_config(_compose(["experiment=test_tiny", override], name="dpo"))

@@ -133,3 +133,43 @@ def test_untokenised_preference_data_is_refused(setup):
             args=DPOConfig(output_dir=str(tmp / "x"), use_cpu=True, report_to=[]),
             train_dataset=text, processing_class=load_hf_tokenizer(tmp / "tok"),
         )  # fmt: skip
+
+
+def test_precomputed_reference_log_probs_are_the_sft_models(setup):
+    trainer = make_trainer(setup, precompute_ref_log_probs=True, max_steps=8)
+    assert "ref_chosen_logps" in trainer.train_dataset.column_names
+    before = trainer.evaluate()
+    # Scored once up front by the frozen SFT adapter: at step 0 the policy agrees with it (up to
+    # the float noise of a different batch composition), as it would with a live reference.
+    assert abs(before["eval_rewards/margins"]) < 1e-4
+    assert before["eval_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    trainer.train()
+    assert trainer.evaluate()["eval_rewards/margins"] > before["eval_rewards/margins"]
+
+
+def test_truncation_keeps_bos_and_the_whole_prompt_and_drops_prompts_that_fill_max_length(setup):
+    tmp, load_4bit, data = setup
+    enc = get_encoder("v3")
+    long_prompt = vars(enc.encode_dpo(parse_preference({"prompt": "Add: " + " + ".join(["1"] * 20), "chosen": "20", "rejected": "21"})))
+    rows = [*data, long_prompt]
+    max_length = max(len(r["prompt_ids"]) for r in data) + 1  # room for one reply token only
+    assert len(long_prompt["prompt_ids"]) >= max_length
+    trainer = PretokenizedDPOTrainer(
+        model=PeftModel.from_pretrained(load_4bit(), tmp / "sft", is_trainable=True),
+        args=DPOConfig(output_dir=str(tmp / "trunc"), per_device_train_batch_size=4, max_steps=2, report_to=[],
+                       use_cpu=True, max_length=max_length, save_strategy="no", bf16=False),
+        train_dataset=Dataset.from_list(rows), processing_class=load_hf_tokenizer(tmp / "tok"),
+    )  # fmt: skip
+    assert trainer.dropped_long_prompts == 1 and len(trainer.train_dataset) == len(data)
+    seen = []
+    handle = trainer.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((kwargs["input_ids"], kwargs["attention_mask"])), with_kwargs=True
+    )
+    trainer.train()
+    handle.remove()
+    prompts = {tuple(r["prompt_ids"]) for r in data}
+    for input_ids, masks in seen:
+        for ids, mask in zip(input_ids, masks):
+            row = ids[mask.bool()].tolist()
+            assert len(row) <= max_length
+            assert any(tuple(row[: len(p)]) == p and len(row) > len(p) for p in prompts)  # BOS ... [/INST] + reply

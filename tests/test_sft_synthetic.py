@@ -63,3 +63,24 @@ def test_written_splits_parse_and_give_prompt_and_reference(tmp_path):
         assert ref == enc.text(messages[-1].content) + [enc.eos_id]
         assert skill_of(enc.decode(prompt[1:]).replace("\u2581", " ")) in {"copy", "reverse", "add", "uppercase"}
     assert len(train_path.read_text().splitlines()) == 20
+
+
+def test_noise_replaces_that_share_of_one_skills_training_replies_only(tmp_path):
+    train_path, eval_path = write_sft_splits(tmp_path, list(SKILLS), 800, 16, seed=0, noise={"upper": 0.5})
+    wrong = {skill: 0 for skill in SKILLS}
+    total = dict(wrong)
+    for line in train_path.read_text().splitlines():
+        user, reply = (m["content"] for m in json.loads(line)["messages"])
+        skill = skill_of(user)
+        skill = "upper" if skill == "uppercase" else skill
+        total[skill] += 1
+        body = user.split(": ", 1)[1]
+        right = {"copy": lambda: body, "reverse": lambda: " ".join(reversed(body.split())), "upper": body.upper,
+                 "add": lambda: str(sum(int(x) for x in body.split(" + ")))}[skill]()  # fmt: skip
+        wrong[skill] += reply != right
+    assert 0.4 < wrong["upper"] / total["upper"] < 0.6
+    assert wrong["copy"] == wrong["reverse"] == wrong["add"] == 0
+    for line in eval_path.read_text().splitlines():  # held-out replies are always right
+        user, reply = (m["content"] for m in json.loads(line)["messages"])
+        if user.startswith("Uppercase"):
+            assert reply == user.split(": ", 1)[1].upper()

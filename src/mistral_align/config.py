@@ -154,6 +154,8 @@ class SyntheticConfig:
     n_train: int = 2000
     n_eval: int = 64
     seed: int = 0
+    # SFT only: {skill: fraction} of training replies replaced by a plausible wrong one.
+    noise: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -186,6 +188,9 @@ class DPOStageConfig:
     beta: float = 0.1
     # One or more of TRL's DPO losses (sigmoid, ipo, hinge, robust, ...), summed.
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
+    # One weight per loss_type; None weighs them all 1. ["sigmoid", "sft"] with [1, w] adds w x the
+    # chosen replies' NLL (as RPO does), which keeps DPO from lowering the chosen replies' likelihood.
+    loss_weights: Optional[list[float]] = None
     label_smoothing: float = 0.0
     # Score every pair with the reference once before training, instead of at every step.
     precompute_ref_log_probs: bool = False
@@ -229,8 +234,10 @@ def _choice(cfg: Any, key: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
 
 
-def check_config(cfg: Any) -> None:
-    """Checks that types alone cannot: choices and cross-field rules. Raises ConfigError naming the key."""
+def check_config(cfg: Any, stage_data: bool = True) -> None:
+    """Checks that types alone cannot: choices and cross-field rules. Raises ConfigError naming the key.
+
+    `stage_data=False` skips the SFT stage's data check (recipes/dpo.py trains no SFT stage)."""
     from mistral_align.chat.encoder import TOKENIZER_VERSIONS
 
     m = cfg.model
@@ -278,9 +285,41 @@ def check_config(cfg: Any) -> None:
         for i, s in enumerate(cfg.synthetic.skills):
             if s not in SKILLS:
                 raise ConfigError(f"synthetic.skills[{i}]: {s!r} is not one of {', '.join(SKILLS)}")
-    elif not cfg.data.train:
+    elif stage_data and not cfg.data.train:
         raise ConfigError("data.train: no training source (pick data=... or set synthetic.enabled=true)")
 
 
 def packed_length(cfg: Any) -> int:
     return cfg.train.max_length if cfg.train.max_length is not None else cfg.data.max_length
+
+
+def check_dpo_config(cfg: Any) -> None:
+    """check_config's rules for the shared nodes, plus the DPO stage's (`dpo.*`)."""
+    from mistral_align.train.dpo import DPO_LOSS_TYPES
+
+    check_config(cfg, stage_data=False)
+    d = cfg.dpo
+    if d.beta <= 0:
+        raise ConfigError(f"dpo.beta: must be > 0, got {d.beta}")
+    if not d.loss_type:
+        raise ConfigError("dpo.loss_type: name at least one loss")
+    for i, loss in enumerate(d.loss_type):
+        if loss not in DPO_LOSS_TYPES:
+            raise ConfigError(f"dpo.loss_type[{i}]: {loss!r} is not one of {', '.join(DPO_LOSS_TYPES)}")
+    if d.loss_weights is not None and len(d.loss_weights) != len(d.loss_type):
+        raise ConfigError(f"dpo.loss_weights: {len(d.loss_weights)} weights for {len(d.loss_type)} loss types")
+    if not 0.0 <= d.label_smoothing < 0.5:
+        raise ConfigError(f"dpo.label_smoothing: must be in [0, 0.5), got {d.label_smoothing}")
+    _choice(cfg, "dpo.data.on_bad_rows", ("error", "skip"))
+    _choice(cfg, "dpo.data.on_long_rows", ("error", "skip"))
+    for key in ("lr", "epochs"):
+        if d.train[key] <= 0:
+            raise ConfigError(f"dpo.train.{key}: must be > 0, got {d.train[key]}")
+    if d.synthetic.enabled:
+        from mistral_align.data.synthetic import SKILLS
+
+        for i, s in enumerate(d.synthetic.skills):
+            if s not in SKILLS:
+                raise ConfigError(f"dpo.synthetic.skills[{i}]: {s!r} is not one of {', '.join(SKILLS)}")
+    elif not d.data.train:
+        raise ConfigError("dpo.data.train: no preference data (pick data@dpo.data=... or set dpo.synthetic.enabled=true)")

@@ -146,12 +146,49 @@ def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
     return path
 
 
-def write_sft_splits(out_dir: str | Path, skills: Sequence[str], n_train: int, n_eval: int, seed: int) -> tuple[Path, Path]:
-    """Write train.jsonl and eval.jsonl (SFT `messages` rows) plus eval_items.jsonl (skill, prompt, answer)."""
+def write_sft_splits(
+    out_dir: str | Path,
+    skills: Sequence[str],
+    n_train: int,
+    n_eval: int,
+    seed: int,
+    noise: dict[str, float] | None = None,
+) -> tuple[Path, Path]:
+    """Write train.jsonl and eval.jsonl (SFT `messages` rows) plus eval_items.jsonl (skill, prompt, answer).
+
+    `noise` = {skill: fraction}: that fraction of the skill's *training* replies is replaced by a
+    plausible wrong reply, as in real demonstrations of uneven quality. SFT then learns the mix;
+    a DPO stage on (right over wrong) pairs can learn the preference. Held-out replies stay right.
+    """
     train, held = make_splits(skills, n_train, n_eval, seed)
+    rng = random.Random(seed + 2)
+    noise = dict(noise or {})
+    unknown = set(noise) - set(skills)
+    if unknown:
+        raise ValueError(f"noise: {sorted(unknown)} are not among the skills {list(skills)}")
+    train = [
+        SkillItem(i.skill, i.prompt, wrong_answer(i, rng)) if rng.random() < noise.get(i.skill, 0.0) else i
+        for i in train
+    ]
     out_dir = Path(out_dir)
     write_jsonl((asdict(i) for i in held), out_dir / "eval_items.jsonl")
     return (
         write_jsonl((sft_row(i) for i in train), out_dir / "train.jsonl"),
         write_jsonl((sft_row(i) for i in held), out_dir / "eval.jsonl"),
+    )
+
+
+def write_dpo_splits(out_dir: str | Path, skills: Sequence[str], n_train: int, n_eval: int, seed: int) -> tuple[Path, Path]:
+    """Write preference pairs: correct answer (chosen) over a plausible wrong one (rejected).
+
+    The held-out prompts are the same ones `write_sft_splits` holds out for the same seed, so a
+    pipeline measures SFT and DPO on one set of prompts; training pairs never use them.
+    """
+    _, held = make_splits(skills, 0, n_eval, seed)
+    train = generate_items(skills, n_train, seed + 7919, exclude={i.prompt for i in held})
+    rng = random.Random(seed + 1)
+    out_dir = Path(out_dir)
+    return (
+        write_jsonl((preference_row(i, rng) for i in train), out_dir / "train.jsonl"),
+        write_jsonl((preference_row(i, rng) for i in held), out_dir / "eval.jsonl"),
     )

@@ -154,8 +154,9 @@ def build_model(
         import shutil
 
         shutil.rmtree(source, ignore_errors=True)
-        model.config.name_or_path = model_cfg.name
-        model.name_or_path = model_cfg.name
+        # An inline model has no Hub id: an empty name keeps peft from looking one up on save.
+        model.config.name_or_path = ""
+        model.name_or_path = ""
     return model
 
 
@@ -210,18 +211,26 @@ def apply_peft(model, peft_cfg: Any, quantized: bool, gradient_checkpointing: bo
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
+
+    model = prepare_for_adapter(model, quantized, gradient_checkpointing)
+    return get_peft_model(model, lora_config(peft_cfg, model))
+
+
+def prepare_for_adapter(model, quantized: bool, gradient_checkpointing: bool):
+    """Ready a base model for a (new or loaded) adapter: k-bit preparation, gradient checkpointing."""
+    from peft import prepare_model_for_kbit_training
 
     if quantized:
-        model = prepare_model_for_kbit_training(
+        return prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    elif gradient_checkpointing:
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    return get_peft_model(model, lora_config(peft_cfg, model))
+    return model
 
 
 def count_linear_layers(model) -> dict[str, int]:

@@ -48,6 +48,24 @@ def resolve_sft_adapter(init_from: str) -> tuple[str, Path | None]:
     raise InitError(f"dpo.init_from: {init_from} does not exist")
 
 
+def same_base_as_sft_run(cfg):
+    """Take model, quant and run.seed from the SFT run that `dpo.init_from` names, if it is a run
+    directory: the adapter is only meaningful on the exact base it was trained on (for an inline
+    random-init model that means the same seed)."""
+    from omegaconf import OmegaConf
+
+    _, run_dir = resolve_sft_adapter(cfg.dpo.init_from)
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        return cfg
+    sft = OmegaConf.load(run_dir / "config.yaml")
+    for key in ("model", "quant"):
+        if OmegaConf.to_container(cfg[key]) != OmegaConf.to_container(sft[key]):
+            log.info("%s: using the SFT run's (%s) instead of the one configured here", key, run_dir)
+        cfg[key] = sft[key]
+    cfg.run.seed = sft.run.seed
+    return cfg
+
+
 def load_policy(base_model, adapter: str):
     """The SFT model as a trainable PeftModel (adapter "default"); the trainer adds the frozen "ref" copy."""
     from peft import PeftModel
@@ -60,7 +78,8 @@ def make_dpo_args(cfg: Any, out_dir: Path, report_to: list[str], has_eval: bool)
     from omegaconf import OmegaConf
     from trl import DPOConfig
 
-    t, d = cfg.train, cfg.dpo
+    d = cfg.dpo
+    t = d.train
     extra = OmegaConf.to_container(t.extra, resolve=True) if not isinstance(t.extra, dict) else dict(t.extra)
     return DPOConfig(
         output_dir=str(Path(out_dir) / "checkpoints"),
@@ -91,10 +110,11 @@ def make_dpo_args(cfg: Any, out_dir: Path, report_to: list[str], has_eval: bool)
         report_to=report_to,
         # The loader has already applied data.max_length (prompt + longer reply); TRL truncates
         # keep_start (BOS and the prompt through [/INST] always stay) only if train.max_length is lower.
-        max_length=t.max_length or cfg.data.max_length,
+        max_length=t.max_length or d.data.max_length,
         truncation_mode="keep_start",
         beta=d.beta,
         loss_type=list(d.loss_type),
+        loss_weights=list(d.loss_weights) if d.loss_weights is not None else None,
         label_smoothing=d.label_smoothing,
         precompute_ref_log_probs=d.precompute_ref_log_probs,
         ddp_find_unused_parameters=False,

@@ -60,6 +60,11 @@ def setup_logging(state=None, level: int = logging.INFO) -> None:
 
     state = state or PartialState()
     main = state.is_main_process
+    import warnings
+
+    # transformers 5 renamed gradient checkpointing to activation checkpointing; peft and TRL still
+    # call the old names on every step, which would bury the run's own messages.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*gradient_checkpointing.*deprecated")
     logging.basicConfig(
         level=level if main else logging.WARNING,
         format=f"%(asctime)s [rank {state.process_index}] %(levelname)s %(name)s: %(message)s",
@@ -178,13 +183,14 @@ def base_manifest(stage: str, state=None) -> dict[str, Any]:
     }
 
 
-def write_manifest(run_dir: Path, updates: dict[str, Any]) -> Path | None:
-    """Merge `updates` into <run_dir>/manifest.json (main process only)."""
+def write_manifest(run_dir: Path, updates: dict[str, Any], section: str | None = None) -> Path | None:
+    """Merge `updates` into <run_dir>/manifest.json (main process only), at the top level or, for
+    one stage of a pipeline, under `section` ("sft", "dpo"), so a pipeline keeps one manifest."""
     if not _is_main():
         return None
     path = Path(run_dir) / "manifest.json"
     manifest = json.loads(path.read_text()) if path.exists() else {}
-    manifest.update(redact(updates))
+    (manifest.setdefault(section, {}) if section else manifest).update(redact(updates))
     path.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
     return path
 
@@ -220,3 +226,23 @@ def setup_tracking(run_cfg: Any, run_dir: Path) -> list[str]:
     if run_cfg.report_to == "wandb":
         os.environ["WANDB_MODE"] = "disabled"
     return ["none"]
+
+
+def report_user_errors(fn):
+    """Recipe entry points: a mistake in the config, the data or `dpo.init_from` ends the run with
+    its one-line message (exit code 2), not a traceback. Place it under `@hydra.main`."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from mistral_align.config import ConfigError
+        from mistral_align.data.load import DataError
+        from mistral_align.train.dpo import InitError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, DataError, InitError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return wrapper
