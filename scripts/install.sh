@@ -20,14 +20,17 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; the
   "${PIP[@]}" install -q "torch==$TORCH_VERSION"
 else
   echo "no NVIDIA GPU: installing the CPU build of torch $TORCH_VERSION"
-  # The CPU index is an extra source; where it is unreachable pip falls back to what its own
-  # configuration offers (a local CPU wheel, for instance) after one short try.
-  "${PIP[@]}" install -q --retries 1 --timeout 15 \
-    --extra-index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}" \
-    "torch==$TORCH_VERSION+cpu" \
+  # The CPU build lives on PyTorch's own index; ask it only when it answers (pip's own configuration,
+  # e.g. a local wheel directory, may also hold the CPU build).
+  CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
+  EXTRA=()
+  if .venv/bin/python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/torch/', timeout=5)" "$CPU_INDEX" 2>/dev/null; then
+    EXTRA=(--extra-index-url "$CPU_INDEX")
+  fi
+  "${PIP[@]}" install -q "${EXTRA[@]}" "torch==$TORCH_VERSION+cpu" \
   || { echo "error: could not install the CPU build of torch $TORCH_VERSION. Point TORCH_CPU_INDEX at a" \
             "mirror of the PyTorch CPU wheel index, or install torch into .venv yourself first." >&2; exit 1; }
 fi
 
 "${PIP[@]}" install -q -e ".[dev]"
-.venv/bin/python -c "import torch, transformers, trl, peft, mistral_common; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__, '| peft', peft.__version__, '| mistral-common', mistral_common.__version__)"
+.venv/bin/python -c "import mistral_align, torch, transformers, trl, peft, mistral_common; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__, '| peft', peft.__version__, '| mistral-common', mistral_common.__version__)"
