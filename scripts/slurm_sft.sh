@@ -1,6 +1,7 @@
 #!/bin/bash
 # Multi-node SFT under Slurm: one `accelerate launch` per node, each starting one process per GPU.
 #   sbatch scripts/slurm_sft.sh model=mistral-7b-v0.3 quant=nf4 'data.train=[{path: /data/chat.jsonl}]'
+#   RECIPE=recipes/sft_dpo.py sbatch scripts/slurm_sft.sh ...     (the whole SFT -> DPO pipeline)
 # Every rank writes into the same run directory: it is fixed here, before launch, from the job id.
 #SBATCH --job-name=mistral-align-sft
 #SBATCH --nodes=2
@@ -26,5 +27,5 @@ srun --kill-on-bad-exit=1 bash -c '
     --machine_rank "$SLURM_NODEID" \
     --main_process_ip '"$HEAD_NODE"' \
     --main_process_port 29500 \
-    recipes/sft.py "$@"
+    '"${RECIPE:-recipes/sft.py}"' "$@"
 ' bash "$@"

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Sequence
 
-TOKENIZER_CHOICES = ("v1", "v2", "v3", "v7", "v3-tekken")
+from mistral_align.chat.encoder import TOKENIZER_VERSIONS as TOKENIZER_CHOICES  # light: mistral-common loads lazily
 EXIT_OK, EXIT_BAD_ROWS, EXIT_USAGE = 0, 1, 2
 
 

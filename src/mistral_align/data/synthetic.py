@@ -5,7 +5,8 @@ Each skill makes (prompt, correct answer) items from a seeded RNG:
     copy     "Copy: river stone"                 -> "river stone"
     reverse  "Reverse: river stone"              -> "stone river"
     add      "Add: 3 + 5"                        -> "8"
-    upper    "Uppercase: river stone"            -> "RIVER STONE"   (a formatting instruction)
+    upper    "Uppercase: river stone"            -> "RIVER STONE"   (a formatting instruction;
+                                                                     the wrong format: "River Stone")
 
 `wrong_answer(item, rng)` gives a plausible but wrong reply for the same prompt (a dropped word, the
 unreversed list, an off-by-one sum, the unchanged case), so a DPO stage can build preference pairs
@@ -86,7 +87,9 @@ def wrong_answer(item: SkillItem, rng: random.Random) -> str:
     if item.skill == "reverse":
         wrong = " ".join(words)  # not reversed
     elif item.skill == "upper":
-        wrong = " ".join(words)  # case unchanged
+        # The other plausible format (title case): unlike the words left as they are, it does not
+        # look like the copy skill, so noisy demonstrations of it confuse only this skill.
+        wrong = " ".join(w.capitalize() for w in words)
     else:  # copy: drop or swap a word
         w = list(words)
         if rng.random() < 0.5:
