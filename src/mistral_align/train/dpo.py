@@ -34,8 +34,11 @@ def resolve_sft_adapter(init_from: str) -> tuple[str, Path | None]:
     a local adapter folder (holding adapter_config.json), or a Hub adapter id.
     """
     path = Path(init_from).expanduser()
-    for run_dir, adapter in ((path, path / "adapter"), (path, path / "sft" / "adapter")):
+    for adapter in (path / "adapter", path / "sft" / "adapter"):
         if (adapter / "adapter_config.json").is_file():
+            # The run's config.yaml sits in the run directory: `path`, or its parent for a
+            # pipeline's sft/ stage directory.
+            run_dir = next((d for d in (path, path.parent) if (d / "config.yaml").is_file()), None)
             return str(adapter), run_dir
     if (path / "adapter_config.json").is_file():
         return str(path), None
@@ -61,7 +64,7 @@ def same_base_as_sft_run(cfg):
     for key in ("model", "quant"):
         if OmegaConf.to_container(cfg[key]) != OmegaConf.to_container(sft[key]):
             log.info("%s: using the SFT run's (%s) instead of the one configured here", key, run_dir)
-        cfg[key] = sft[key]
+        cfg[key] = OmegaConf.merge(cfg[key], sft[key])  # keeps the typed schema
     cfg.run.seed = sft.run.seed
     return cfg
 
