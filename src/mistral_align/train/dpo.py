@@ -11,9 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from mistral_align.train.sft import bf16_enabled
+from mistral_align.train.sft import trainer_arguments
 
 log = logging.getLogger("mistral_align.dpo")
 
@@ -77,52 +75,21 @@ def load_policy(base_model, adapter: str):
 
 
 def make_dpo_args(cfg: Any, out_dir: Path, report_to: list[str], has_eval: bool):
-    """trl.DPOConfig from our typed config (`train` for the optimiser, `dpo` for the objective)."""
-    from omegaconf import OmegaConf
+    """trl.DPOConfig from our typed config (`dpo.train` for the optimiser, `dpo.*` for the objective)."""
     from trl import DPOConfig
 
     d = cfg.dpo
-    t = d.train
-    extra = OmegaConf.to_container(t.extra, resolve=True) if not isinstance(t.extra, dict) else dict(t.extra)
     return DPOConfig(
-        output_dir=str(Path(out_dir) / "checkpoints"),
-        run_name=Path(out_dir).name,
-        seed=cfg.run.seed,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        learning_rate=t.lr,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optim,
-        per_device_train_batch_size=t.per_device_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        gradient_checkpointing=False,  # enabled (or not) when the model was built
-        bf16=bf16_enabled(t),
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        eval_strategy="steps" if has_eval and t.eval_steps else "no",
-        eval_steps=t.eval_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        dataloader_num_workers=t.dataloader_num_workers,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        report_to=report_to,
-        # The loader has already applied data.max_length (prompt + longer reply); TRL truncates
-        # keep_start (BOS and the prompt through [/INST] always stay) only if train.max_length is lower.
-        max_length=t.max_length or d.data.max_length,
+        # The loader has already applied dpo.data.max_length (prompt + longer reply); TRL truncates
+        # keep_start (BOS and the prompt through [/INST] always stay) only if dpo.train.max_length is lower.
+        max_length=d.train.max_length or d.data.max_length,
         truncation_mode="keep_start",
         beta=d.beta,
         loss_type=list(d.loss_type),
         loss_weights=list(d.loss_weights) if d.loss_weights is not None else None,
         label_smoothing=d.label_smoothing,
         precompute_ref_log_probs=d.precompute_ref_log_probs,
-        ddp_find_unused_parameters=False,
-        use_cpu=not torch.cuda.is_available(),
-        **extra,
+        **trainer_arguments(d.train, cfg.run.seed, out_dir, report_to, has_eval),
     )
 
 

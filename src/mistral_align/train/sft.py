@@ -32,20 +32,15 @@ def bf16_enabled(train_cfg: Any) -> bool:
     return value == "true"
 
 
-def make_sft_args(cfg: Any, run_dir: Path, report_to: list[str], has_eval: bool):
-    """trl.SFTConfig from our typed config."""
+def trainer_arguments(t: Any, seed: int, out_dir: Path, report_to: list[str], has_eval: bool) -> dict[str, Any]:
+    """The TrainingArguments keywords that SFT and DPO share, from a typed `train` node."""
     from omegaconf import OmegaConf
-    from trl import SFTConfig
 
-    t = cfg.train
     extra = OmegaConf.to_container(t.extra, resolve=True) if not isinstance(t.extra, dict) else dict(t.extra)
-    eval_strategy = "no"
-    if has_eval and t.eval_steps:
-        eval_strategy = "steps"
-    return SFTConfig(
-        output_dir=str(Path(run_dir) / "checkpoints"),
-        run_name=Path(run_dir).name,
-        seed=cfg.run.seed,
+    return dict(
+        output_dir=str(Path(out_dir) / "checkpoints"),
+        run_name=Path(out_dir).name,
+        seed=seed,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         learning_rate=t.lr,
@@ -62,7 +57,7 @@ def make_sft_args(cfg: Any, run_dir: Path, report_to: list[str], has_eval: bool)
         bf16=bf16_enabled(t),
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        eval_strategy=eval_strategy,
+        eval_strategy="steps" if has_eval and t.eval_steps else "no",
         eval_steps=t.eval_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -70,14 +65,24 @@ def make_sft_args(cfg: Any, run_dir: Path, report_to: list[str], has_eval: bool)
         dataloader_num_workers=t.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
         report_to=report_to,
+        ddp_find_unused_parameters=False,
+        use_cpu=not torch.cuda.is_available(),
+        **extra,  # train.extra: passed verbatim (escape hatch; a typo fails in TRL's config)
+    )
+
+
+def make_sft_args(cfg: Any, run_dir: Path, report_to: list[str], has_eval: bool):
+    """trl.SFTConfig from our typed config."""
+    from trl import SFTConfig
+
+    t = cfg.train
+    return SFTConfig(
         max_length=packed_length(cfg),
         packing=t.packing,
         packing_strategy=t.packing_strategy,
         # Rows are already tokenised with labels; let TRL not touch them beyond packing.
         dataset_num_proc=None,
-        ddp_find_unused_parameters=False,
-        use_cpu=not torch.cuda.is_available(),
-        **extra,
+        **trainer_arguments(t, cfg.run.seed, run_dir, report_to, has_eval),
     )
 
 
