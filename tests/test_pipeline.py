@@ -56,6 +56,7 @@ def test_pipeline_runs_both_stages_in_one_run_directory(pipeline_run):
     assert manifest["dpo"]["init_from"] == str(run_dir / "sft" / "adapter")
     assert manifest["dpo"]["reference"] == "frozen copy of the SFT adapter"
     assert manifest["sft"]["model"]["linear_4bit"] == manifest["dpo"]["model"]["linear_4bit"] == 14
+    assert manifest["model"]["linear_4bit"] == 14 and manifest["tokenizer_version"] == "v3"
     assert not (run_dir / "sft" / "manifest.json").exists() and not (run_dir / "dpo" / "manifest.json").exists()
 
     for stage in ("sft", "dpo"):
