@@ -96,7 +96,6 @@ def main(cfg: DictConfig) -> dict:
         summary["wall_seconds"] = round(time.time() - t0, 1)
         write_json(run_dir / "summary.json", summary)
         print("\n" + format_pipeline_table(summary), flush=True)
-    if state.is_main_process:
         # The shared facts at the top level too, where a single-stage run keeps them.
         stages = json.loads((run_dir / "manifest.json").read_text())
         write_manifest(run_dir, {key: stages["sft"][key] for key in ("model", "tokenizer_version") if key in stages["sft"]})

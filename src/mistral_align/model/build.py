@@ -145,8 +145,8 @@ def build_model(
     # Training runs without a KV cache: with one, transformers does not derive the packed-sequence
     # (block-diagonal) mask from position_ids. generate() still caches (generation_config.use_cache).
     model.config.use_cache = False
-    # (added by the lead) bitsandbytes silently breaks training after an eval-mode forward on
-    # AVX512-BF16 CPUs; see model/bnb_cpu.py.
+    # bitsandbytes silently breaks training after an eval-mode forward on AVX512-BF16 CPUs;
+    # see model/bnb_cpu.py.
     from mistral_align.model.bnb_cpu import disable_cpu_inference_repacking
 
     disable_cpu_inference_repacking(model)

@@ -56,7 +56,7 @@ def same_base_as_sft_run(cfg):
     from omegaconf import OmegaConf
 
     _, run_dir = resolve_sft_adapter(cfg.dpo.init_from)
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
+    if run_dir is None:  # an adapter folder or a Hub id: no run config to follow
         return cfg
     sft = OmegaConf.load(run_dir / "config.yaml")
     for key in ("model", "quant"):

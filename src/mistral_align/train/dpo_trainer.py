@@ -28,15 +28,14 @@ class PretokenizedDPOTrainer(DPOTrainer):
             for name, param in self.accelerator.unwrap_model(self.model).named_parameters():
                 if name in saved:
                     param.data = saved[name]
-        self.sync_reference_to_policy()
+        self._sync_reference_to_policy()
 
-    def sync_reference_to_policy(self):
+    def _sync_reference_to_policy(self):
         """Make the frozen "ref" adapter an exact copy (values and dtype) of the trainable one.
 
-        TRL copies the starting adapter into "ref" and only afterwards casts the trainable copy to
-        bf16 for QLoRA (and callers may upcast it again): re-copy, so that policy and reference are
-        the same function at step 0 (every reward exactly 0, sigmoid loss exactly ln 2). Call it
-        again after changing the trainable weights' dtype, never after training has started.
+        TRL copies the starting adapter into "ref" before it casts the trainable copy to bf16 for
+        QLoRA (and before `fp32_adapter` restores it): re-copy, so that policy and reference are the
+        same function at step 0 (every reward exactly 0, sigmoid loss exactly ln 2).
         """
         model = self.accelerator.unwrap_model(self.model)
         if "ref" not in getattr(model, "peft_config", {}):
