@@ -1,10 +1,11 @@
 # Two commands do everything: `make demo` (train the tiny model SFT -> DPO on the CPU) and `make test`.
-# Both create .venv/ at the repo root first when it is missing.
+# Both create .venv/ at the repo root first when it is missing. `make test-fast` is the edit loop:
+# everything but the tests marked slow (those that train a model end to end or launch processes).
 PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test test-fast setup clean
 
 setup: $(STAMP)
 
@@ -17,6 +18,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) outputs runs multirun

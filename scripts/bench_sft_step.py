@@ -10,8 +10,9 @@ same seed) on the same pre-tokenised rows (exact mistral-common ids, packed with
     mistral-align  train.sft.build_sft_trainer: float32 adapter where the 4-bit layers compute in
                    float32, and the LM head scoring only trained positions
 
-It prints seconds per step (median after warm-up) for each and the ratio baseline / ours.
-The baseline runs first: mistral-align's LM-head change patches TRL for the rest of the process.
+It prints seconds per step (median after warm-up) for each and the ratio baseline / ours. Both
+gains are CPU-only: on a CUDA GPU TRL already scores only trained positions, and bf16 adapters are
+what a GPU wants. scripts/bench_sft.py compares whole runs against what users would run instead.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from mistral_align.chat import get_encoder
+from mistral_align.chat.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
 from mistral_align.config import ArchitectureConfig, ModelConfig, PeftConfig, QuantConfig, TrainConfig
 from mistral_align.data.synthetic import SKILLS, generate_items, sft_row
 from mistral_align.chat.schema import parse_sft_messages
 from mistral_align.model.build import apply_peft, build_model
-from mistral_align.train.sft import build_sft_trainer, trainer_arguments, trainer_tokenizer
+from mistral_align.train.args import training_arguments
+from mistral_align.train.sft import build_sft_trainer
 
 
 class StepTimer(TrainerCallback):
@@ -72,12 +75,12 @@ def main() -> None:
     rows = [vars(enc.encode_sft(parse_sft_messages(sft_row(i)["messages"]))) for i in items]
     data = Dataset.from_list(rows)
     tmp = Path(tempfile.mkdtemp(prefix="bench_sft_"))
-    tokenizer = trainer_tokenizer("v3", tmp / "tokenizer")
+    tokenizer = load_hf_tokenizer(save_hf_tokenizer("v3", tmp / "tokenizer"))
     train = TrainConfig(max_steps=args.warmup + args.steps, lr=1e-3, per_device_batch_size=args.batch, grad_accum=1,
                         logging_steps=1000, save_steps=100000, gradient_checkpointing=False)  # fmt: skip
 
     def sft_args(name: str) -> SFTConfig:
-        kw = trainer_arguments(train, 0, tmp / name, ["none"], has_eval=False)
+        kw = training_arguments(train, 0, tmp / name, ["none"], has_eval=False)
         kw.update(save_strategy="no", disable_tqdm=True)
         return SFTConfig(max_length=args.max_length, packing=True, packing_strategy="bfd", **kw)
 
@@ -90,7 +93,7 @@ def main() -> None:
 
     timer = StepTimer()
     trainer = build_sft_trainer(make_model(args.layers, args.hidden, enc.vocab_size), tokenizer, sft_args("ours"), data,
-                                callbacks=[timer], fp32_trainable=True)  # fmt: skip
+                                callbacks=[timer], keep_float32=True)  # fmt: skip
     out = trainer.train()
     results["mistral-align"] = (statistics.median(timer.times[args.warmup:]), out.training_loss)
 

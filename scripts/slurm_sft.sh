@@ -1,6 +1,6 @@
 #!/bin/bash
 # Multi-node SFT under Slurm: one `accelerate launch` per node, each starting one process per GPU.
-#   sbatch scripts/slurm_sft.sh model=mistral-7b-v0.3 quant=nf4 'data.train=[{path: /data/chat.jsonl}]'
+#   sbatch scripts/slurm_sft.sh model=mistral-7b-v0.3 quant=nf4 'sft.data.train=[{path: /data/chat.jsonl}]'
 #   RECIPE=recipes/sft_dpo.py sbatch scripts/slurm_sft.sh ...     (the whole SFT -> DPO pipeline)
 # Every rank writes into the same run directory: it is fixed here, before launch, from the job id.
 #SBATCH --job-name=mistral-align-sft

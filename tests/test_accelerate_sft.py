@@ -50,7 +50,7 @@ def check_run_dir(run: Path, world_size: int) -> dict:
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert len(losses) == 4  # logging_steps=1, max_steps=4, one writer
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["sft"]["eval_loss_after"] < summary["sft"]["eval_loss_before"]
+    assert summary["sft"]["after"]["loss"] < summary["sft"]["before"]["loss"]
     assert list((run / "checkpoints").glob("checkpoint-*"))
     return manifest
 
@@ -76,8 +76,8 @@ def test_no_credentials_in_run_files(tmp_path):
     env_token = {"HF_TOKEN": secret, "WANDB_API_KEY": secret}
     os.environ.update(env_token)
     try:
-        launch(tmp_path, "cpu.yaml", "run.report_to=wandb", "run.wandb_mode=disabled", "train.max_steps=1",
-               "train.logging_steps=1")
+        launch(tmp_path, "cpu.yaml", "run.report_to=wandb", "run.wandb_mode=disabled", "sft.train.max_steps=1",
+               "sft.train.logging_steps=1")
     finally:
         for k in env_token:
             os.environ.pop(k, None)

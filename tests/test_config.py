@@ -1,4 +1,5 @@
-"""Every shipped config composes against the typed schema; presets validate; typos fail naming the key."""
+"""Every shipped config composes against the typed schema, under every recipe, with every preset;
+the stage schemas refuse the mistakes users make, naming the key, before anything loads."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from mistral_align.config import ConfigError, SFTConfig, TrainConfig, check_config, register_configs
+import mistral_align.config as c
+from mistral_align.config import ConfigError, RecipeConfig, check_config, register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+PRIMARIES = {"sft": ("sft",), "dpo": ("dpo",), "sft_dpo": ("sft", "dpo")}
 register_configs()
 
 
@@ -24,29 +27,60 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
-def _compose(overrides: list[str], name: str = "sft"):
+@pytest.fixture(scope="module", autouse=True)
+def _hydra():
+    # One initialisation for the module: composing is then fast enough to try every combination.
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(name, overrides=overrides)
+        yield
 
 
-@pytest.mark.parametrize(
-    "group,option",
-    [(g, o) for g in ("model", "quant", "peft", "data", "train") for o in options(g)],
+def _compose(overrides: list[str], name: str = "sft_dpo"):
+    return compose(name, overrides=overrides)
+
+
+def _refused(overrides: list[str], key: str, name: str = "sft_dpo", match: str = "") -> None:
+    cfg = _compose(overrides, name)
+    with pytest.raises(ConfigError, match=rf"^{key}(?![\w.]).*{match}"):
+        check_config(cfg, PRIMARIES[name])
+
+
+# -- composition ---------------------------------------------------------------------------------
+
+GROUP_OPTIONS = (
+    [(f"{g}={o}", g) for g in ("model", "quant", "peft") for o in options(g)]
+    + [(f"data@sft.data={o}", "sft.data") for o in options("data") if o not in ("example_dpo", "ultrafeedback")]
+    + [(f"data@dpo.data={o}", "dpo.data") for o in options("data") if o not in ("example", "ultrachat")]
+    + [("train@sft.train=sft", "sft.train"), ("train@dpo.train=dpo", "dpo.train")]
 )
-def test_every_group_option_composes(group, option):
-    cfg = _compose([f"{group}={option}"])
-    assert OmegaConf.is_config(cfg[group])
-    # every value resolves and has the schema's type
-    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    if group != "data":  # data/example needs a file of the user's; the rest passes the checks
-        check_config(cfg)
 
 
+@pytest.mark.parametrize("primary", PRIMARIES)
 @pytest.mark.parametrize("preset", options("experiment"))
-def test_every_experiment_preset_validates(preset):
-    cfg = _compose([f"experiment={preset}"])
-    check_config(cfg)
-    assert cfg.model.tokenizer_version
+def test_every_primary_composes_with_every_preset(primary, preset):
+    cfg = _compose([f"experiment={preset}"], primary)
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    check_config(cfg, PRIMARIES[primary])
+
+
+@pytest.mark.parametrize("primary", PRIMARIES)
+@pytest.mark.parametrize("override,node", GROUP_OPTIONS)
+def test_every_primary_composes_with_every_group_option(primary, override, node):
+    stage = node.split(".")[0]
+    generated = [f"{stage}.synthetic.enabled=true"] if override.endswith("=synthetic") else []
+    cfg = _compose([override, *generated], primary)
+    assert OmegaConf.is_config(OmegaConf.select(cfg, node))
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    check_config(cfg, PRIMARIES[primary])
+
+
+def test_the_primaries_differ_only_in_the_run_name():
+    bodies = {}
+    for name in PRIMARIES:
+        body = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+        assert body["defaults"] == ["base", "_self_", {"experiment": None}]
+        bodies[name] = body["run"]["name"]
+    assert bodies == {"sft": "sft", "dpo": "dpo", "sft_dpo": "sft_dpo"}
+    assert "hydra" in yaml.safe_load((CONFIGS / "base.yaml").read_text())  # the hydra block lives once
 
 
 def test_each_model_names_its_tokenizer():
@@ -62,46 +96,81 @@ def test_each_model_names_its_tokenizer():
         assert _compose([f"model={model}"]).model.tokenizer_version == version
 
 
-def test_command_line_overrides():
-    cfg = _compose(["model=mixtral-8x7b-v0.1", "quant=nf4", "peft.r=64", "train.lr=1e-4", "model.sliding_window=0"])
-    assert cfg.model.hub_id == "mistralai/Mixtral-8x7B-v0.1"
-    assert cfg.peft.r == 64 and cfg.train.lr == 1e-4 and cfg.quant.mode == "nf4"
-    check_config(cfg)
+def test_the_same_spelling_works_in_every_recipe_that_runs_the_stage():
+    for name in ("sft", "sft_dpo"):
+        cfg = _compose(["model=mixtral-8x7b-v0.1", "quant=nf4", "peft.r=64", "sft.train.lr=1e-4",
+                        "data@sft.data=ultrachat", "model.sliding_window=0"], name)  # fmt: skip
+        assert cfg.model.hub_id == "mistralai/Mixtral-8x7B-v0.1" and cfg.sft.data.train[0].path.endswith("ultrachat_200k")
+        assert cfg.peft.r == 64 and cfg.sft.train.lr == 1e-4 and cfg.quant.mode == "nf4"
+        check_config(cfg, PRIMARIES[name])
+    for name in ("dpo", "sft_dpo"):
+        cfg = _compose(["experiment=test_tiny", "dpo.beta=0.3", "dpo.train.lr=1e-5", "dpo.loss_type=[sigmoid,sft]",
+                        "dpo.loss_weights=[1.0,0.5]"], name)  # fmt: skip
+        check_config(cfg, PRIMARIES[name])
+        assert (cfg.dpo.beta, cfg.dpo.train.lr, list(cfg.dpo.loss_type)) == (0.3, 1e-5, ["sigmoid", "sft"])
+        cfg = _compose(["data@dpo.data=ultrafeedback"], name)
+        assert cfg.dpo.data.train[0].path.endswith("ultrafeedback_binarized")
+        check_config(cfg, PRIMARIES[name])
+
+
+def test_stage_schemas_hold_only_their_own_settings():
+    with pytest.raises(ConfigCompositionException):
+        _compose(["dpo.train.packing=true"])  # preference pairs are never packed
+    with pytest.raises(ConfigCompositionException):
+        _compose(["dpo.data.train_on=last"])
+    with pytest.raises(ConfigCompositionException):
+        _compose(["train.lr=0"])  # there is no top-level train node any more
+    with pytest.raises(ConfigCompositionException):
+        _compose(["train@dpo.train=sft"])  # the SFT train preset has packing keys the DPO stage lacks
 
 
 def test_misspelt_override_names_the_key():
     with pytest.raises(ConfigCompositionException) as e:
-        _compose(["train.lrr=1e-4"])
+        _compose(["sft.train.lrr=1e-4"])
     assert "lrr" in str(e.value) + str(e.value.__cause__)
+    with pytest.raises(Exception, match="betta"):
+        _compose(["dpo.betta=0.3"], "dpo")
 
 
 def test_wrong_type_names_the_key():
     with pytest.raises(ConfigCompositionException) as e:
-        _compose(["train.lr=fast"])
-    assert "train.lr" in str(e.value) + str(e.value.__cause__)
+        _compose(["sft.train.lr=fast"])
+    assert "sft.train.lr" in str(e.value) + str(e.value.__cause__)
 
 
-def test_misspelt_key_in_a_yaml_file_names_the_key(tmp_path):
-    schema = OmegaConf.structured(SFTConfig)
+def test_misspelt_key_in_a_yaml_file_names_the_key():
+    schema = OmegaConf.structured(RecipeConfig)
     with pytest.raises(ConfigKeyError) as e:
-        OmegaConf.merge(schema, {"train": {"per_device_bach_size": 2}})
+        OmegaConf.merge(schema, {"sft": {"train": {"per_device_bach_size": 2}}})
     assert "per_device_bach_size" in str(e.value)
     with pytest.raises(ValidationError) as e:
-        OmegaConf.merge(OmegaConf.structured(TrainConfig), {"epochs": "many"})
+        OmegaConf.merge(OmegaConf.structured(c.TrainConfig), {"epochs": "many"})
     assert "epochs" in str(e.value)
 
 
-def test_shipped_yaml_files_have_no_unknown_keys():
-    # Composition above merges each file into the schema; this also catches keys in files of groups
-    # that no default selects, read directly.
-    schemas = {"model": "ModelConfig", "quant": "QuantConfig", "peft": "PeftConfig", "train": "TrainConfig"}
-    import mistral_align.config as c
+def test_a_key_added_with_plus_is_refused():
+    """Hydra's own hint for an unknown key, `+sft.train.lrr=1`, must not slip past the schema."""
+    _refused(["experiment=test_tiny", "+sft.train.lrr=1"], "sft.train.lrr", match="not a setting")
+    cfg = _compose(["experiment=test_tiny", "+sft.train.extra.neftune_noise_alpha=5"])
+    check_config(cfg)  # train.extra is the one free-form node (passed to TRL verbatim)
 
+
+def test_shipped_yaml_files_have_no_unknown_keys():
+    # Composition above merges each file into the schema; this also reads every file of every group
+    # directly, so a file no test selects cannot hide a stale key.
+    schemas = {"model": c.ModelConfig, "quant": c.QuantConfig, "peft": c.PeftConfig}
     for group, schema in schemas.items():
         for path in (CONFIGS / group).glob("*.yaml"):
             content = yaml.safe_load(path.read_text()) or {}
             content.pop("defaults", None)  # an alias file (model/mixtral-8x7b.yaml) composes another option
-            OmegaConf.merge(OmegaConf.structured(getattr(c, schema)), content)
+            OmegaConf.merge(OmegaConf.structured(schema), content)
+    OmegaConf.merge(OmegaConf.structured(c.SFTTrainConfig), yaml.safe_load((CONFIGS / "train/sft.yaml").read_text()))
+    OmegaConf.merge(OmegaConf.structured(c.TrainConfig), yaml.safe_load((CONFIGS / "train/dpo.yaml").read_text()))
+    for path in (CONFIGS / "data").glob("*.yaml"):
+        OmegaConf.merge(OmegaConf.structured(c.SFTDataConfig), yaml.safe_load(path.read_text()))
+
+
+# -- the checks ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -110,69 +179,105 @@ def test_shipped_yaml_files_have_no_unknown_keys():
         ("quant.mode=nf5", "quant.mode"),
         ("model.tokenizer_version=v9", "model.tokenizer_version"),
         ("run.report_to=mlflow", "run.report_to"),
-        ("train.packing_strategy=magic", "train.packing_strategy"),
+        ("sft.train.packing_strategy=magic", "sft.train.packing_strategy"),
+        ("sft.train.optim=adamw_fake", "sft.train.optim"),
+        ("sft.train.lr_scheduler=bogus", "sft.train.lr_scheduler"),
+        ("dpo.train.optim=adamw_fake", "dpo.train.optim"),
+        ("sft.train.bf16=maybe", "sft.train.bf16"),
+        ("sft.data.train_on=first", "sft.data.train_on"),
+        ("dpo.loss_type=[sigmoidd]", r"dpo.loss_type\[0\]"),
+        ("sft.synthetic.skills=[juggle]", r"sft.synthetic.skills\[0\]"),
     ],
 )
 def test_bad_choice_names_the_key(override, key):
-    cfg = _compose(["experiment=demo", override])
-    with pytest.raises(ConfigError, match=rf"^{key}:"):
-        check_config(cfg)
+    _refused(["experiment=demo", override], key, match="is not one of")
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("sft.train.lr=0", "sft.train.lr"),
+        ("dpo.train.lr=-1e-5", "dpo.train.lr"),
+        ("sft.train.per_device_batch_size=0", "sft.train.per_device_batch_size"),
+        ("dpo.train.per_device_batch_size=0", "dpo.train.per_device_batch_size"),
+        ("dpo.train.grad_accum=0", "dpo.train.grad_accum"),
+        ("sft.train.max_steps=0", "sft.train.max_steps"),
+        ("sft.train.warmup_ratio=5", "sft.train.warmup_ratio"),
+        ("sft.train.save_total_limit=0", "sft.train.save_total_limit"),
+        ("sft.train.max_length=-1", "sft.train.max_length"),
+        ("sft.data.max_length=0", "sft.data.max_length"),
+        ("sft.data.eval_fraction=1.5", "sft.data.eval_fraction"),
+        ("dpo.data.eval_fraction=-0.1", "dpo.data.eval_fraction"),
+        ("peft.r=0", "peft.r"),
+        ("peft.alpha=-5", "peft.alpha"),
+        ("peft.dropout=1.0", "peft.dropout"),
+        ("dpo.beta=0", "dpo.beta"),
+        ("dpo.label_smoothing=0.7", "dpo.label_smoothing"),
+        ("dpo.loss_weights=[1.0,2.0,3.0]", "dpo.loss_weights"),
+        ("sft.eval.max_new_tokens=0", "sft.eval.max_new_tokens"),
+        ("sft.synthetic.n_train=0", "sft.synthetic.n_train"),
+    ],
+)
+def test_out_of_range_values_name_the_key(override, key):
+    _refused(["experiment=demo", override], key)
+
+
+def test_data_of_the_other_stages_shape_is_refused():
+    _refused(["data@dpo.data=ultrachat"], "dpo.data", match="chat conversations")
+    _refused(["data@sft.data=ultrafeedback"], "sft.data", match="preference pairs")
+    _refused(["data@dpo.data=example"], "dpo.data", name="dpo")
+
+
+def test_a_stage_the_recipe_does_not_run_is_not_checked():
+    """dpo.yaml trains no SFT stage, so a value only SFT would use cannot stop it."""
+    cfg = _compose(["experiment=test_tiny", "sft.train.lr=0"], "dpo")
+    check_config(cfg, ("dpo",))
+    with pytest.raises(ConfigError, match="^sft.train.lr"):
+        check_config(cfg, ("sft",))
+
+
+def test_a_truncating_dpo_stage_is_refused():
+    _refused(["dpo.data.on_long_rows=truncate"], "dpo.data.on_long_rows", match="SFT only")
 
 
 def test_full_finetune_of_quantised_model_is_refused():
-    cfg = _compose(["experiment=demo", "peft=none"])
-    with pytest.raises(ConfigError, match="^peft.method"):
-        check_config(cfg)
+    _refused(["experiment=demo", "peft=none"], "peft.method")
 
 
-def test_recipe_fails_at_start_on_a_typo():
-    """The real entry point: a misspelt key stops it before any data or model is loaded."""
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "recipes/sft.py"), "experiment=test_tiny", "train.lrr=1"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )
-    assert out.returncode != 0
-    assert "lrr" in out.stderr
+def test_user_data_is_never_replaced_by_the_presets_generated_data():
+    _refused(["experiment=demo", "sft.data.train=[{path: mine.jsonl}]"], "sft.synthetic.enabled", match="mine.jsonl")
+    _refused(["experiment=demo", "dpo.data.train=[{path: prefs.jsonl}]"], "dpo.synthetic.enabled", match="prefs.jsonl")
+    cfg = _compose(["experiment=demo", "sft.data.train=[{path: mine.jsonl}]", "sft.synthetic.enabled=false"])
+    check_config(cfg)
+
+
+# -- the real entry points -----------------------------------------------------------------------
+
+
+def _recipe(*args: str, recipe: str = "sft.py") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "recipes" / recipe), *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)  # fmt: skip
+
+
+def test_recipe_fails_at_start_on_a_mistake_with_one_line(tmp_path):
+    """A misspelt key or a bad value stops the recipe before any data or model is loaded: one line, exit 2."""
+    for args, message in [
+        (["sft.train.lr=0"], "error: sft.train.lr: must be > 0"),
+        (["+sft.train.lrr=1"], "error: sft.train.lrr: not a setting"),
+        (["dpo.beta=0.3"], "error: dpo.beta: recipes/sft.py runs no DPO stage"),
+        (["data@dpo.data=example"], "error: dpo.data: recipes/sft.py runs no DPO stage"),
+    ]:
+        out = _recipe("experiment=test_tiny", f"run.output_dir={tmp_path}", *args)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert out.stderr.strip() == message or out.stderr.strip().startswith(message), out.stderr[-2000:]
+        assert "Traceback" not in out.stderr
+    out = _recipe("experiment=test_tiny", f"run.output_dir={tmp_path}", "sft.train.lr=1", recipe="dpo.py")
+    assert out.returncode == 2 and "recipes/dpo.py runs no SFT stage" in out.stderr
+    assert not any(tmp_path.iterdir())  # no run directory was made for a run that never started
 
 
 def test_recipe_prints_composed_config():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "recipes/sft.py"), "model=mixtral-8x7b-v0.1", "peft.r=64", "--cfg", "job"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )
+    out = _recipe("model=mixtral-8x7b-v0.1", "peft.r=64", "--cfg", "job")
     assert out.returncode == 0, out.stderr
     cfg = yaml.safe_load(out.stdout)
     assert cfg["peft"]["r"] == 64 and cfg["model"]["tokenizer_version"] == "v1"
-
-
-@pytest.mark.parametrize("primary", ["sft", "dpo", "sft_dpo"])
-@pytest.mark.parametrize("preset", options("experiment"))
-def test_every_preset_composes_under_every_recipe(primary, preset):
-    from mistral_align.config import check_dpo_config
-
-    cfg = _compose([f"experiment={preset}"], name=primary)
-    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    check_config(cfg)
-    if primary != "sft":
-        check_dpo_config(cfg)
-
-
-@pytest.mark.parametrize("option", options("data"))
-def test_every_data_option_composes_for_the_dpo_stage(option):
-    cfg = _compose([f"data@dpo.data={option}"], name="sft_dpo")
-    OmegaConf.to_container(cfg.dpo.data, resolve=True, throw_on_missing=True)
-
-
-def test_dpo_stage_overrides_and_their_mistakes():
-    from mistral_align.config import check_dpo_config
-
-    cfg = _compose(["experiment=test_tiny", "dpo.beta=0.3", "dpo.train.lr=1e-5", "dpo.loss_type=[sigmoid,sft]",
-                    "dpo.loss_weights=[1.0,0.5]"], name="sft_dpo")  # fmt: skip
-    check_dpo_config(cfg)
-    assert (cfg.dpo.beta, cfg.dpo.train.lr, list(cfg.dpo.loss_type)) == (0.3, 1e-5, ["sigmoid", "sft"])
-    with pytest.raises(Exception, match="betta"):
-        _compose(["dpo.betta=0.3"], name="dpo")
-    for override, key in [("dpo.loss_type=[sigmoidd]", "dpo.loss_type"), ("dpo.beta=0", "dpo.beta"),
-                          ("dpo.loss_weights=[1.0,2.0]", "dpo.loss_weights"), ("dpo.label_smoothing=0.7", "dpo.label_smoothing")]:  # fmt: skip
-        with pytest.raises(ConfigError, match=key):
-            check_dpo_config(_compose(["experiment=test_tiny", override], name="dpo"))

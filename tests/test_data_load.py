@@ -12,7 +12,8 @@ import pytest
 
 from mistral_align.chat.encoder import IGNORE_INDEX, get_encoder
 from mistral_align.chat.schema import parse_preference, parse_sft_messages
-from mistral_align.data.config import DataConfig, SourceConfig
+from mistral_align.data.config import DataConfig, SFTDataConfig, SourceConfig
+from mistral_align.errors import ConfigError
 from mistral_align.data.load import DataError, load_dpo_dataset, load_sft_dataset
 from mistral_align.data.packing import packing_efficiency
 
@@ -44,7 +45,7 @@ def sft_row(i, words=3):
 
 
 def sft_cfg(*paths, **kw):
-    return DataConfig(train=[SourceConfig(p) for p in paths], **kw)
+    return SFTDataConfig(train=[SourceConfig(p) for p in paths], **kw)
 
 
 def tag_of(ids, enc):
@@ -134,7 +135,7 @@ def test_weight_zero_drops_a_source(v3, two_sources):
 
 
 def test_negative_weight_is_refused(v3, two_sources):
-    with pytest.raises(ValueError, match="weight must be >= 0"):
+    with pytest.raises(ConfigError, match=r"data.train\[0\].weight: must be >= 0"):
         load_sft_dataset(DataConfig(train=[SourceConfig(two_sources[0], weight=-1)]), v3)
 
 
@@ -271,7 +272,7 @@ def test_long_rows_truncate_keeps_bos(v3, long_file):
 
 def test_dpo_refuses_truncation(v3):
     cfg = DataConfig(train=[SourceConfig(str(EXAMPLES / "dpo_example.jsonl"))], on_long_rows="truncate")
-    with pytest.raises(ValueError, match="SFT only"):
+    with pytest.raises(ConfigError, match="SFT only"):
         load_dpo_dataset(cfg, v3)
 
 

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from mistral_align.chat import Message, get_encoder
 from mistral_align.config import ConfigError, check_config, register_configs
-from mistral_align.model.build import apply_peft, build_model, model_facts, upcast_trainable
+from mistral_align.model.build import apply_peft, build_model, model_facts
 
 from test_config import CONFIGS
 
@@ -55,7 +55,6 @@ def build(cfg):
     model = build_model(cfg.model, cfg.quant, vocab_size=enc.vocab_size, seed=0, device_map={"": "cpu"})
     assert model.config.vocab_size == enc.vocab_size
     model = apply_peft(model, cfg.peft, quantized=True, gradient_checkpointing=True)
-    upcast_trainable(model)
     return model
 
 

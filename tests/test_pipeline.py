@@ -42,7 +42,7 @@ def adapter_tensors(adapter_dir: Path) -> set[str]:
 def pipeline_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     run_dir = tmp / "run"
-    # sft.train.* is the pipeline's spelling of the SFT stage's train.*; dpo.* is the DPO stage.
+    # sft.* is the SFT stage, dpo.* the DPO stage, spelt the same in every recipe.
     out = pipeline(tmp, run_dir, "sft.train.max_steps=3", "dpo.beta=0.2")
     return tmp, run_dir, out
 
@@ -51,7 +51,7 @@ def test_pipeline_runs_both_stages_in_one_run_directory(pipeline_run):
     _, run_dir, out = pipeline_run
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["stage"] == "sft_dpo" and manifest["world_size"] == 1
-    assert manifest["sft"]["global_step"] == 3  # the sft.* alias reached the SFT stage
+    assert manifest["sft"]["global_step"] == 3  # sft.train.max_steps reached the SFT stage
     assert manifest["dpo"]["trainer"]["beta"] == 0.2
     assert manifest["dpo"]["init_from"] == str(run_dir / "sft" / "adapter")
     assert manifest["dpo"]["reference"] == "frozen copy of the SFT adapter"
@@ -75,7 +75,7 @@ def test_pipeline_runs_both_stages_in_one_run_directory(pipeline_run):
     assert dpo["before"]["reward_margin"] == 0.0 and dpo["before"]["reward_accuracy"] == 0.0
     assert dpo["before"]["loss"] == pytest.approx(0.693147, abs=1e-5)
     assert dpo["after"]["reward_margin"] > dpo["before"]["reward_margin"]
-    assert summary["sft"]["eval_loss_after"] < summary["sft"]["eval_loss_before"]
+    assert summary["sft"]["after"]["loss"] < summary["sft"]["before"]["loss"]
     assert "SFT -> DPO on held-out data" in out.stdout
 
 

@@ -100,7 +100,7 @@ def test_trl_fused_loss_on_trained_positions_only_is_the_same():
     import trl.trainer.utils as trl_utils
     from trl.trainer.utils import add_fused_lm_head
 
-    from mistral_align.train.sft import score_trained_positions_only
+    from mistral_align.train.trl_patches import lm_head_scores_labelled_positions_only
 
     model = tiny("sdpa").train()
     packed = packed_batch(rows())
@@ -112,14 +112,12 @@ def test_trl_fused_loss_on_trained_positions_only_is_the_same():
         out.loss.backward()
         return out.loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
 
-    original = trl_utils._use_triton
-    try:
-        full_loss, full_grad = loss_and_grad()
-        score_trained_positions_only()
+    assert not trl_utils._use_triton(torch.device("cpu"))
+    full_loss, full_grad = loss_and_grad()
+    with lm_head_scores_labelled_positions_only():
         assert trl_utils._use_triton(torch.device("cpu"))
         compact_loss, compact_grad = loss_and_grad()
-    finally:
-        trl_utils._use_triton = original
+    assert not trl_utils._use_triton(torch.device("cpu"))  # put back
     torch.testing.assert_close(compact_loss, full_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(compact_grad, full_grad, rtol=1e-4, atol=1e-7)
     # and both equal the unpacked loss of the same rows

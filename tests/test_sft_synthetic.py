@@ -7,6 +7,7 @@ import random
 
 from mistral_align.chat import get_encoder, parse_preference, parse_sft_messages
 from mistral_align.data.synthetic import (
+    skill_of,
     SKILLS,
     WORDS,
     generate_items,
@@ -15,7 +16,7 @@ from mistral_align.data.synthetic import (
     wrong_answer,
     write_sft_splits,
 )
-from mistral_align.train.evaluate import skill_of, split_prompt_reference
+from mistral_align.train.evaluate import split_prompt_reference
 
 
 def test_items_are_correct_and_deterministic():

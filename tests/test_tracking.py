@@ -166,7 +166,7 @@ def test_wandb_offline_without_key(tmp_path, trap):
 
 
 def test_wandb_disabled_by_config(tmp_path, trap):
-    run, _ = run_sft(tmp_path, trap, "run.report_to=wandb", "run.wandb_mode=disabled", "train.max_steps=2",
+    run, _ = run_sft(tmp_path, trap, "run.report_to=wandb", "run.wandb_mode=disabled", "sft.train.max_steps=2",
                      extra_env={"HF_TOKEN": SECRET})
     assert not list(tmp_path.rglob("*wandb*")), list(tmp_path.rglob("*wandb*"))
     assert len(logged_losses(run)) == 2  # the run's own metrics still written

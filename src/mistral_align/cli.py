@@ -16,10 +16,12 @@ import sys
 from typing import Sequence
 
 from mistral_align.chat.encoder import TOKENIZER_VERSIONS as TOKENIZER_CHOICES  # light: mistral-common loads lazily
-EXIT_OK, EXIT_BAD_ROWS, EXIT_USAGE = 0, 1, 2
+from mistral_align.errors import EXIT_USER_ERROR, UserError
+
+EXIT_OK, EXIT_BAD_ROWS, EXIT_USAGE = 0, 1, EXIT_USER_ERROR
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """A mistake in how the command was called; printed as one line, exit 2."""
 
 
@@ -58,15 +60,16 @@ def _add_validate(sub) -> None:
 
 def _cmd_validate(args) -> int:
     from mistral_align.chat.encoder import get_encoder
-    from mistral_align.data.config import DataConfig, SourceConfig
-    from mistral_align.data.load import DataError, load_data
+    from mistral_align.data.config import SFTDataConfig, SourceConfig
+    from mistral_align.data.load import load_data
+    from mistral_align.errors import DataError
 
     _require_file(args.data)
     if args.max_length <= 0:
         raise UsageError(f"--max-length must be positive, got {args.max_length}")
     # Skip mode on both counts collects every problem instead of stopping at the first batch;
     # the loader is the training loader, so validate and training cannot disagree.
-    cfg = DataConfig(
+    cfg = SFTDataConfig(
         train=[SourceConfig(path=args.data)],
         max_length=args.max_length,
         train_on=args.train_on,
@@ -158,7 +161,7 @@ def _cmd_preview(args) -> int:
     from mistral_align.chat.encoder import get_encoder
     from mistral_align.data.config import SourceConfig
     from mistral_align.data.read import SourceError, read_source
-    from mistral_align.data.validate import check_row
+    from mistral_align.data.encode import check_row
 
     _require_file(args.data)
     if args.max_rows is not None and args.max_rows < 0:
@@ -248,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.func(args)
-    except UsageError as e:
+    except UserError as e:  # usage, config, data, run directory or Hub: one line, never a traceback
         print(f"mistral-align {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # `mistral-align preview ... | head` closes the pipe early

@@ -1,15 +1,16 @@
 """Typed configuration: the schema every Hydra config under `configs/` is checked against.
 
-The dataclasses below are registered in Hydra's ConfigStore (`register_configs()`), and the primary
-configs (`configs/sft.yaml`, ...) start their defaults list with the schema, so:
+One shape for every recipe: the shared nodes `model`, `quant`, `peft`, `run` at the top, and one
+node per stage, each with its own schema:
 
-- a misspelt key (in a YAML file or on the command line) fails at start with
-  `Key 'lrr' not in 'TrainConfig'` / `Could not override 'train.lrr'`, naming the key;
-- a wrong type fails at start too (`train.lr: Value 'fast' could not be converted to Float`);
-- values with a fixed set of choices, and cross-field rules, are checked by `check_config`, which
-  raises `ConfigError` naming the key (`quant.mode: 'nf5' is not one of none, nf4, int8`).
+    sft: {data, train, eval, synthetic}                                   SFTStageConfig
+    dpo: {init_from, beta, loss_type, ..., data, train, eval, synthetic}  DPOStageConfig
 
-Everything a recipe needs is here; the recipe calls `check_config(cfg)` before loading anything.
+so `sft.train.lr=1e-4` and `dpo.beta=0.1` are spelt the same in every recipe that runs that stage.
+`RecipeConfig` is registered in Hydra's ConfigStore (`register_configs()`) and the primary configs
+start their defaults list with it, so a misspelt key or a wrong type fails at start naming the key.
+`check_config(cfg, stages)` then checks what types cannot (choices, ranges, cross-field rules)
+before anything loads, raising `ConfigError("sft.train.lr: must be > 0, got 0.0")`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from mistral_align.data.config import DataConfig
+from mistral_align.data.config import DataConfig, SFTDataConfig, check_data_config
+from mistral_align.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -27,10 +29,16 @@ PEFT_METHODS = ("none", "lora")
 REPORT_TO = ("none", "wandb", "tensorboard")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")
+BF16 = ("auto", "true", "false")
+STAGES = ("sft", "dpo")
+# TRL 1.16's DPO losses (DPOConfig.loss_type); several may be summed with loss_weights.
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)  # fmt: skip
 
 
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message starts with the key."""
+# -- shared nodes --------------------------------------------------------------------------------
 
 
 @dataclass
@@ -105,11 +113,31 @@ class PeftConfig:
 
 
 @dataclass
+class RunConfig:
+    output_dir: str = "runs"
+    name: str = "run"
+    # A fixed run directory (absolute, or under output_dir); None = <output_dir>/<name>-<timestamp>.
+    dir: Optional[str] = None
+    seed: int = 42
+    report_to: str = "none"  # none | wandb | tensorboard
+    wandb_project: str = "mistral-align"
+    wandb_entity: Optional[str] = None
+    # auto: online when WANDB_API_KEY is set (or wandb is logged in), offline otherwise.
+    wandb_mode: str = "auto"
+
+
+# -- stage nodes ---------------------------------------------------------------------------------
+
+
+@dataclass
 class TrainConfig:
+    """The optimiser and loop of one stage (`sft.train`, `dpo.train`)."""
+
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
     lr: float = 2e-4
     lr_scheduler: str = "cosine"
+    # A fraction of the total steps, in [0, 1).
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -117,10 +145,7 @@ class TrainConfig:
     per_device_batch_size: int = 4
     per_device_eval_batch_size: int = 8
     grad_accum: int = 1
-    # Pack several conversations per row; attention never crosses their boundaries (padding-free).
-    packing: bool = True
-    packing_strategy: str = "bfd"
-    # Sequence length of a packed row; None uses data.max_length.
+    # Sequence length the trainer cuts at (SFT: of a packed row); None uses the stage's data.max_length.
     max_length: Optional[int] = None
     gradient_checkpointing: bool = True
     # Mixed precision for the non-quantised parts: "auto" = bf16 on GPUs that support it, else off.
@@ -130,13 +155,20 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: Optional[int] = 2
     dataloader_num_workers: int = 0
-    # Extra keyword arguments passed to trl.SFTConfig verbatim (escape hatch; typos fail there).
+    # Extra keyword arguments passed to TRL's SFTConfig / DPOConfig verbatim (escape hatch; typos fail there).
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
+class SFTTrainConfig(TrainConfig):
+    # Pack several conversations per row; attention never crosses their boundaries (padding-free).
+    packing: bool = True
+    packing_strategy: str = "bfd"
+
+
+@dataclass
 class EvalConfig:
-    """Held-out evaluation: loss before/after, and greedy generation scored by exact match."""
+    """Held-out evaluation: metrics before/after (loss; DPO: rewards), and greedy generation scored by exact match."""
 
     loss_before: bool = True
     generate: bool = False
@@ -147,43 +179,41 @@ class EvalConfig:
 
 @dataclass
 class SyntheticConfig:
-    """Skills data generated by code (mistral_align.data.synthetic); replaces data.train/eval when enabled."""
+    """Skills data generated by code (mistral_align.data.synthetic) into the stage's directory.
+
+    Only for a stage whose data.train is empty: a run given both is refused, so your own data is
+    never silently replaced."""
 
     enabled: bool = False
     skills: list[str] = field(default_factory=lambda: ["copy", "reverse", "add", "upper"])
     n_train: int = 2000
     n_eval: int = 64
     seed: int = 0
-    # SFT only: {skill: fraction} of training replies replaced by a plausible wrong one.
+
+
+@dataclass
+class SFTSyntheticConfig(SyntheticConfig):
+    # {skill: fraction} of training replies replaced by a plausible wrong one.
     noise: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
-class RunConfig:
-    output_dir: str = "runs"
-    name: str = "sft"
-    # A fixed run directory (absolute, or under output_dir); None = <output_dir>/<name>-<timestamp>.
-    dir: Optional[str] = None
-    seed: int = 42
-    report_to: str = "none"  # none | wandb | tensorboard
-    wandb_project: str = "mistral-align"
-    wandb_entity: Optional[str] = None
-    # auto: online when WANDB_API_KEY is set (or wandb is logged in), offline otherwise.
-    wandb_mode: str = "auto"
-    # Print the before/after table and write summary.json (the demo sets this).
-    summary: bool = True
+class SFTStageConfig:
+    """The SFT stage (`sft.*`)."""
+
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    synthetic: SFTSyntheticConfig = field(default_factory=SFTSyntheticConfig)
 
 
 @dataclass
 class DPOStageConfig:
     """The DPO stage (`dpo.*`): its own data, optimiser and evaluation, plus the DPO objective.
+    The model, quant, peft and run nodes are shared with the SFT stage (DPO trains the SFT adapter further)."""
 
-    recipes/dpo.py and recipes/sft_dpo.py read it; recipes/sft.py ignores it. The model, quant,
-    peft and run nodes are shared with the SFT stage (DPO trains the SFT adapter further).
-    """
-
-    # recipes/dpo.py: the SFT adapter to start from (an SFT run directory, an adapter folder or a
-    # Hub adapter id); it is also the DPO reference. recipes/sft_dpo.py sets it to its own SFT stage.
+    # The SFT adapter to start from (an SFT run directory, an adapter folder or a Hub adapter id); it is
+    # also the DPO reference. recipes/sft_dpo.py sets it to its own SFT stage.
     init_from: Optional[str] = None
     beta: float = 0.1
     # One or more of TRL's DPO losses (sigmoid, ipo, hinge, robust, ...), summed.
@@ -201,125 +231,177 @@ class DPOStageConfig:
 
 
 @dataclass
-class SFTConfig:
+class RecipeConfig:
+    """The root of every recipe's config. A recipe runs some of the stages; the others are dropped
+    from its resolved config, and an override that reaches a stage it does not run is refused."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    sft: SFTStageConfig = field(default_factory=SFTStageConfig)
     dpo: DPOStageConfig = field(default_factory=DPOStageConfig)
 
 
 def register_configs() -> None:
-    """Register the schemas in Hydra's ConfigStore (idempotent). `configs/sft.yaml` starts with `sft_schema`."""
+    """Register the schemas in Hydra's ConfigStore (idempotent). The primary configs start with `recipe_schema`."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
-    cs.store(name="sft_schema", node=SFTConfig)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="quant", name="quant_schema", node=QuantConfig)
-    cs.store(group="peft", name="peft_schema", node=PeftConfig)
-    cs.store(group="train", name="train_schema", node=TrainConfig)
-    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(name="recipe_schema", node=RecipeConfig)
 
 
-def _choice(cfg: Any, key: str, choices: tuple[str, ...]) -> None:
-    from omegaconf import OmegaConf
+# -- checks --------------------------------------------------------------------------------------
 
-    value = OmegaConf.select(cfg, key)
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+        raise ConfigError(f"{key}: {str(value)!r} is not one of {', '.join(choices)}")
 
 
-def check_config(cfg: Any, stage_data: bool = True) -> None:
-    """Checks that types alone cannot: choices and cross-field rules. Raises ConfigError naming the key.
+def _at_least(value: Any, key: str, low: float, strict: bool = False) -> None:
+    if value < low or (strict and value == low):
+        raise ConfigError(f"{key}: must be {'>' if strict else '>='} {low:g}, got {value}")
 
-    `stage_data=False` skips the SFT stage's data check (recipes/dpo.py trains no SFT stage)."""
+
+def check_closed(cfg: Any) -> None:
+    """Every node stays closed to unknown keys, also against Hydra's `+key=value`, which adds a key
+    the schema does not have (only `train.extra` is free-form)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.merge(OmegaConf.structured(RecipeConfig), OmegaConf.to_container(cfg, resolve=False))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        raise ConfigError(f"{key}: not a setting of mistral-align ({str(e).splitlines()[0]})") from None
+
+
+def bf16_setting(value: Any) -> str:
+    """`train.bf16` as auto | true | false (a YAML `true` arrives as the string 'True')."""
+    return str(value).lower()
+
+
+def check_config(cfg: Any, stages: tuple[str, ...] = STAGES) -> None:
+    """Everything types alone cannot check, for the shared nodes and the `stages` a recipe runs.
+    Raises ConfigError naming the key. Call it before anything loads."""
     from mistral_align.chat.encoder import TOKENIZER_VERSIONS
 
+    check_closed(cfg)
     m = cfg.model
-    _choice(cfg, "model.tokenizer_version", TOKENIZER_VERSIONS)
-    _choice(cfg, "model.dtype", DTYPES)
-    _choice(cfg, "model.attn_implementation", ATTN_IMPLEMENTATIONS)
+    _choice(m.tokenizer_version, "model.tokenizer_version", TOKENIZER_VERSIONS)
+    _choice(m.dtype, "model.dtype", DTYPES)
+    _choice(m.attn_implementation, "model.attn_implementation", ATTN_IMPLEMENTATIONS)
     if (m.hub_id is None) == (m.architecture is None):
         raise ConfigError("model: set exactly one of model.hub_id (a Hub model) or model.architecture (inline)")
     if m.architecture is not None:
-        _choice(cfg, "model.architecture.type", ARCHITECTURES)
         a = m.architecture
+        _choice(a.type, "model.architecture.type", ARCHITECTURES)
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+            _at_least(a[key], f"model.architecture.{key}", 1)
         if a.hidden_size % a.num_attention_heads and a.head_dim is None:
             raise ConfigError("model.architecture.hidden_size: must be divisible by num_attention_heads")
         if a.num_attention_heads % a.num_key_value_heads:
             raise ConfigError("model.architecture.num_key_value_heads: must divide num_attention_heads")
-    if m.sliding_window is not None and m.sliding_window < 0:
-        raise ConfigError("model.sliding_window: must be >= 0 (0 disables it) or null")
-    _choice(cfg, "quant.mode", QUANT_MODES)
-    _choice(cfg, "quant.compute_dtype", DTYPES)
-    _choice(cfg, "quant.storage_dtype", ("uint8", *DTYPES))
-    _choice(cfg, "peft.method", PEFT_METHODS)
-    if cfg.peft.method == "lora":
-        if cfg.peft.r <= 0:
-            raise ConfigError(f"peft.r: must be > 0, got {cfg.peft.r}")
-        if not 0.0 <= cfg.peft.dropout < 1.0:
-            raise ConfigError(f"peft.dropout: must be in [0, 1), got {cfg.peft.dropout}")
-    if cfg.quant.mode != "none" and cfg.peft.method == "none":
+        if a.type == "mixtral" and not 1 <= a.num_experts_per_tok <= a.num_local_experts:
+            raise ConfigError("model.architecture.num_experts_per_tok: must be between 1 and num_local_experts")
+    if m.sliding_window is not None:
+        _at_least(m.sliding_window, "model.sliding_window", 0)
+
+    q = cfg.quant
+    _choice(q.mode, "quant.mode", QUANT_MODES)
+    _choice(q.compute_dtype, "quant.compute_dtype", DTYPES)
+    _choice(q.storage_dtype, "quant.storage_dtype", ("uint8", *DTYPES))
+
+    p = cfg.peft
+    _choice(p.method, "peft.method", PEFT_METHODS)
+    if p.method == "lora":
+        _at_least(p.r, "peft.r", 0, strict=True)
+        _at_least(p.alpha, "peft.alpha", 0, strict=True)
+        if not 0.0 <= p.dropout < 1.0:
+            raise ConfigError(f"peft.dropout: must be in [0, 1), got {p.dropout}")
+        _choice(p.bias, "peft.bias", ("none", "all", "lora_only"))
+    if q.mode != "none" and p.method == "none":
         raise ConfigError("peft.method: 'none' (full fine-tune) cannot train quantised weights; use quant=none or peft=lora")
-    _choice(cfg, "train.packing_strategy", PACKING_STRATEGIES)
-    _choice(cfg, "train.bf16", ("auto", "true", "false", True, False))
-    for key in ("lr", "epochs"):
-        if cfg.train[key] <= 0:
-            raise ConfigError(f"train.{key}: must be > 0, got {cfg.train[key]}")
-    for key in ("per_device_batch_size", "grad_accum", "logging_steps", "save_steps"):
-        if cfg.train[key] < 1:
-            raise ConfigError(f"train.{key}: must be >= 1, got {cfg.train[key]}")
-    _choice(cfg, "run.report_to", REPORT_TO)
-    _choice(cfg, "run.wandb_mode", WANDB_MODES)
-    _choice(cfg, "data.train_on", ("all", "last"))
-    _choice(cfg, "data.on_bad_rows", ("error", "skip"))
-    _choice(cfg, "data.on_long_rows", ("error", "skip", "truncate"))
-    if cfg.synthetic.enabled:
+
+    _choice(cfg.run.report_to, "run.report_to", REPORT_TO)
+    _choice(cfg.run.wandb_mode, "run.wandb_mode", WANDB_MODES)
+
+    if "sft" in stages:
+        s = cfg.sft
+        _check_train(s.train, "sft.train")
+        _choice(s.train.packing_strategy, "sft.train.packing_strategy", PACKING_STRATEGIES)
+        _check_eval(s.eval, "sft.eval")
+        _check_stage_data(s, "sft")
+        for skill, fraction in s.synthetic.noise.items():
+            if not 0.0 <= fraction <= 1.0:
+                raise ConfigError(f"sft.synthetic.noise.{skill}: must be in [0, 1], got {fraction}")
+    if "dpo" in stages:
+        d = cfg.dpo
+        _at_least(d.beta, "dpo.beta", 0, strict=True)
+        if not d.loss_type:
+            raise ConfigError("dpo.loss_type: name at least one loss")
+        for i, loss in enumerate(d.loss_type):
+            _choice(loss, f"dpo.loss_type[{i}]", DPO_LOSS_TYPES)
+        if d.loss_weights is not None and len(d.loss_weights) != len(d.loss_type):
+            raise ConfigError(f"dpo.loss_weights: {len(d.loss_weights)} weights for {len(d.loss_type)} loss types")
+        if not 0.0 <= d.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing: must be in [0, 0.5), got {d.label_smoothing}")
+        _check_train(d.train, "dpo.train")
+        _check_eval(d.eval, "dpo.eval")
+        _check_stage_data(d, "dpo")
+
+
+def _check_train(t: Any, key: str) -> None:
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    _at_least(t.lr, f"{key}.lr", 0, strict=True)
+    _at_least(t.epochs, f"{key}.epochs", 0, strict=True)
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise ConfigError(f"{key}.max_steps: must be > 0, or -1 to train for {key}.epochs; got {t.max_steps}")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise ConfigError(f"{key}.warmup_ratio: must be a fraction of the steps in [0, 1), got {t.warmup_ratio}")
+    _at_least(t.weight_decay, f"{key}.weight_decay", 0)
+    _at_least(t.max_grad_norm, f"{key}.max_grad_norm", 0)
+    for name in ("per_device_batch_size", "per_device_eval_batch_size", "grad_accum", "logging_steps", "save_steps"):
+        _at_least(t[name], f"{key}.{name}", 1)
+    for name in ("max_length", "eval_steps", "save_total_limit"):
+        if t[name] is not None:
+            _at_least(t[name], f"{key}.{name}", 1)
+    _at_least(t.dataloader_num_workers, f"{key}.dataloader_num_workers", 0)
+    _choice(t.lr_scheduler, f"{key}.lr_scheduler", tuple(s.value for s in SchedulerType))
+    _choice(t.optim, f"{key}.optim", tuple(o.value for o in OptimizerNames))
+    _choice(bf16_setting(t.bf16), f"{key}.bf16", BF16)
+
+
+def _check_eval(e: Any, key: str) -> None:
+    for name in ("max_prompts", "max_new_tokens", "batch_size"):
+        _at_least(e[name], f"{key}.{name}", 1)
+
+
+def _check_stage_data(stage: Any, name: str) -> None:
+    """The stage's data (or its synthetic data), never both: a user's own data is never silently replaced."""
+    s = stage.synthetic
+    if s.enabled:
         from mistral_align.data.synthetic import SKILLS
 
-        for i, s in enumerate(cfg.synthetic.skills):
-            if s not in SKILLS:
-                raise ConfigError(f"synthetic.skills[{i}]: {s!r} is not one of {', '.join(SKILLS)}")
-    elif stage_data and not cfg.data.train:
-        raise ConfigError("data.train: no training source (pick data=... or set synthetic.enabled=true)")
+        if stage.data.train:
+            raise ConfigError(
+                f"{name}.synthetic.enabled: the generated demo data would replace your {name}.data.train "
+                f"({', '.join(src.path for src in stage.data.train)}); set {name}.synthetic.enabled=false to train on yours"
+            )
+        for i, skill in enumerate(s.skills):
+            _choice(skill, f"{name}.synthetic.skills[{i}]", SKILLS)
+        _at_least(s.n_train, f"{name}.synthetic.n_train", 1)
+        _at_least(s.n_eval, f"{name}.synthetic.n_eval", 0)
+    check_data_config(stage.data, name, f"{name}.data", need_train=False)
+    if not s.enabled and not stage.data.train:
+        raise ConfigError(
+            f"{name}.data.train: no training source (pick data@{name}.data=... or set {name}.synthetic.enabled=true)"
+        )
 
 
-def packed_length(cfg: Any) -> int:
-    return cfg.train.max_length if cfg.train.max_length is not None else cfg.data.max_length
-
-
-def check_dpo_config(cfg: Any) -> None:
-    """check_config's rules for the shared nodes, plus the DPO stage's (`dpo.*`)."""
-    from mistral_align.train.dpo import DPO_LOSS_TYPES
-
-    check_config(cfg, stage_data=False)
-    d = cfg.dpo
-    if d.beta <= 0:
-        raise ConfigError(f"dpo.beta: must be > 0, got {d.beta}")
-    if not d.loss_type:
-        raise ConfigError("dpo.loss_type: name at least one loss")
-    for i, loss in enumerate(d.loss_type):
-        if loss not in DPO_LOSS_TYPES:
-            raise ConfigError(f"dpo.loss_type[{i}]: {loss!r} is not one of {', '.join(DPO_LOSS_TYPES)}")
-    if d.loss_weights is not None and len(d.loss_weights) != len(d.loss_type):
-        raise ConfigError(f"dpo.loss_weights: {len(d.loss_weights)} weights for {len(d.loss_type)} loss types")
-    if not 0.0 <= d.label_smoothing < 0.5:
-        raise ConfigError(f"dpo.label_smoothing: must be in [0, 0.5), got {d.label_smoothing}")
-    _choice(cfg, "dpo.data.on_bad_rows", ("error", "skip"))
-    _choice(cfg, "dpo.data.on_long_rows", ("error", "skip"))
-    for key in ("lr", "epochs"):
-        if d.train[key] <= 0:
-            raise ConfigError(f"dpo.train.{key}: must be > 0, got {d.train[key]}")
-    if d.synthetic.enabled:
-        from mistral_align.data.synthetic import SKILLS
-
-        for i, s in enumerate(d.synthetic.skills):
-            if s not in SKILLS:
-                raise ConfigError(f"dpo.synthetic.skills[{i}]: {s!r} is not one of {', '.join(SKILLS)}")
-    elif not d.data.train:
-        raise ConfigError("dpo.data.train: no preference data (pick data@dpo.data=... or set dpo.synthetic.enabled=true)")
+def stage_max_length(stage: Any) -> int:
+    """The sequence length a stage's trainer cuts at: its train.max_length, else its data.max_length."""
+    return stage.train.max_length if stage.train.max_length is not None else stage.data.max_length

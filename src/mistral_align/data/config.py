@@ -1,9 +1,21 @@
-"""Typed data settings, shared by the Hydra configs (configs/data/*.yaml) and the loaders."""
+"""Typed data settings, shared by the Hydra configs (configs/data/*.yaml) and the loaders.
+
+`DataConfig` is a DPO stage's `dpo.data`; `SFTDataConfig` (with `train_on`) is `sft.data`.
+`check_data_config` holds every range and choice rule, so the recipes check them before anything
+loads and the loaders (and `mistral-align validate`) apply the very same rules.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
+
+from mistral_align.errors import ConfigError
+
+ON_BAD_ROWS = ("error", "skip")
+ON_LONG_ROWS = ("error", "skip", "truncate")
+TRAIN_ON = ("all", "last")
+KINDS = ("sft", "dpo")
 
 
 @dataclass
@@ -21,13 +33,14 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
+    # What the sources hold, where a data preset knows it (sft | dpo); a stage refuses the other kind
+    # before anything loads. Left null for your own files: their rows are checked when read.
+    kind: Optional[str] = None
     train: list[SourceConfig] = field(default_factory=list)
     eval: list[SourceConfig] = field(default_factory=list)
     # Used when `eval` is empty: hold this fraction of the training rows out for evaluation.
     eval_fraction: float = 0.0
     max_length: int = 2048
-    # SFT: "all" assistant messages (weight 1) are trained, or only the "last" one.
-    train_on: str = "all"
     # "error": the first bad row stops the run before the model loads; "skip": drop bad rows and report them.
     on_bad_rows: str = "error"
     # Rows over max_length: "error", "skip", or "truncate" (SFT only: cut the end, keep BOS).
@@ -36,3 +49,50 @@ class DataConfig:
     clean_whitespace: bool = False
     num_proc: int = 1
     seed: int = 0
+
+
+@dataclass
+class SFTDataConfig(DataConfig):
+    # "all" assistant messages (weight 1) are trained, or only the "last" one.
+    train_on: str = "all"
+
+
+def _value(cfg: Any, name: str, default: Any = None) -> Any:
+    return cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
+
+
+def check_data_config(cfg: Any, kind: str, key: str = "data", need_train: bool = True) -> None:
+    """Raise ConfigError (naming `<key>.<field>`) for a data node that cannot work for `kind` data."""
+    declared = _value(cfg, "kind")
+    if declared is not None and declared not in KINDS:
+        raise ConfigError(f"{key}.kind: {declared!r} is not one of {', '.join(KINDS)}")
+    if declared is not None and declared != kind:
+        what = "chat conversations (SFT)" if declared == "sft" else "preference pairs (DPO)"
+        want = "preference pairs" if kind == "dpo" else "chat conversations"
+        hint = "data@dpo.data=ultrafeedback or example_dpo" if kind == "dpo" else "data@sft.data=ultrachat or example"
+        raise ConfigError(f"{key}: this data preset holds {what}, but the {kind.upper()} stage trains on {want} "
+                          f"(pick e.g. {hint})")
+    if cfg.on_bad_rows not in ON_BAD_ROWS:
+        raise ConfigError(f"{key}.on_bad_rows: {cfg.on_bad_rows!r} is not one of {', '.join(ON_BAD_ROWS)}")
+    if cfg.on_long_rows not in ON_LONG_ROWS:
+        raise ConfigError(f"{key}.on_long_rows: {cfg.on_long_rows!r} is not one of {', '.join(ON_LONG_ROWS)}")
+    if kind == "dpo" and cfg.on_long_rows == "truncate":
+        raise ConfigError(
+            f"{key}.on_long_rows: 'truncate' is for SFT only: cutting a preference pair can drop a reply or its "
+            f"EOS. Use 'skip' (count and drop them) or 'error', or raise {key}.max_length."
+        )
+    train_on = _value(cfg, "train_on", "all")
+    if train_on not in TRAIN_ON:
+        raise ConfigError(f"{key}.train_on: {train_on!r} is not one of {', '.join(TRAIN_ON)}")
+    if need_train and not cfg.train:
+        raise ConfigError(f"{key}.train: lists no sources")
+    if not 0 <= cfg.eval_fraction < 1:
+        raise ConfigError(f"{key}.eval_fraction: must be in [0, 1), got {cfg.eval_fraction}")
+    if cfg.max_length <= 0:
+        raise ConfigError(f"{key}.max_length: must be > 0, got {cfg.max_length}")
+    if cfg.num_proc < 1:
+        raise ConfigError(f"{key}.num_proc: must be >= 1, got {cfg.num_proc}")
+    for part in ("train", "eval"):
+        for i, s in enumerate(_value(cfg, part) or []):
+            if s.weight < 0:
+                raise ConfigError(f"{key}.{part}[{i}].weight: must be >= 0, got {s.weight} ({s.path})")

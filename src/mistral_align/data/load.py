@@ -1,6 +1,6 @@
 """Training data: read the sources, check and encode every row, mix, split, report.
 
-Every row goes through `validate.check_row` (in `Dataset.map` workers), the same check that
+Every row goes through `encode.check_row` (in `Dataset.map` workers), the same check that
 `mistral-align validate` runs, so a file the CLI calls valid is one training accepts, and a bad
 row is found before any model is loaded.
 
@@ -31,24 +31,17 @@ import datasets
 import numpy as np
 
 from mistral_align.chat.encoder import MistralEncoder
-from mistral_align.data.config import DataConfig, SourceConfig
+from mistral_align.data.config import DataConfig, SourceConfig, check_data_config
+from mistral_align.data.encode import ID_COLUMNS, categorize, encode_batch
 from mistral_align.data.packing import packing_efficiency
 from mistral_align.data.read import RawRows, SourceError, check_kind, read_source
-from mistral_align.data.validate import ID_COLUMNS, LONG_POLICIES, categorize, encode_batch
+from mistral_align.errors import DataError
 
 log = logging.getLogger(__name__)
 
 MAX_LISTED = 20
 # Bump when the meaning of the cached columns changes in a way the code hash cannot see.
 CACHE_VERSION = "1"
-
-
-class DataError(Exception):
-    """Bad training data. `str(e)` lists the bad rows as `FILE:LINE: reason` lines."""
-
-    def __init__(self, message: str, problems: list[str] | None = None):
-        self.problems = list(problems or [])
-        super().__init__(message)
 
 
 @dataclass
@@ -95,36 +88,13 @@ class _Source:
     bad_rows: int
 
 
-def _check_settings(kind: str, cfg: DataConfig) -> None:
-    if cfg.on_bad_rows not in ("error", "skip"):
-        raise ValueError(f"data.on_bad_rows must be 'error' or 'skip', got {cfg.on_bad_rows!r}")
-    if cfg.on_long_rows not in LONG_POLICIES:
-        raise ValueError(f"data.on_long_rows must be one of {', '.join(LONG_POLICIES)}, got {cfg.on_long_rows!r}")
-    if kind == "dpo" and cfg.on_long_rows == "truncate":
-        raise ValueError(
-            "data.on_long_rows='truncate' is for SFT only: cutting a preference pair can drop a reply "
-            "or its EOS. Use 'skip' (count and drop them) or 'error', or raise data.max_length."
-        )
-    if cfg.train_on not in ("all", "last"):
-        raise ValueError(f"data.train_on must be 'all' or 'last', got {cfg.train_on!r}")
-    if not cfg.train:
-        raise ValueError("data.train lists no sources")
-    if not 0 <= cfg.eval_fraction < 1:
-        raise ValueError(f"data.eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
-    for s in [*cfg.train, *cfg.eval]:
-        if s.weight < 0:
-            raise ValueError(f"{s.path}: weight must be >= 0, got {s.weight}")
-    if cfg.max_length <= 0:
-        raise ValueError(f"data.max_length must be positive, got {cfg.max_length}")
-
-
 def _settings(kind: str, cfg: DataConfig, encoder: MistralEncoder) -> dict:
     """The settings that change the ids (num_proc does not)."""
     return {
         "kind": kind,
         "tokenizer": encoder.version,
         "max_length": cfg.max_length,
-        "train_on": cfg.train_on if kind == "sft" else None,
+        "train_on": getattr(cfg, "train_on", "all") if kind == "sft" else None,
         "on_long_rows": cfg.on_long_rows,
         "clean_whitespace": cfg.clean_whitespace,
     }
@@ -134,7 +104,7 @@ def _code_hash() -> str:
     # The cache must not outlive a change to how rows are parsed or encoded.
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256(CACHE_VERSION.encode())
-    for rel in ("chat/schema.py", "chat/encoder.py", "data/validate.py", "data/read.py"):
+    for rel in ("chat/schema.py", "chat/encoder.py", "data/encode.py", "data/read.py"):
         h.update((root / rel).read_bytes())
     return h.hexdigest()
 
@@ -160,7 +130,7 @@ def _encode_source(src: SourceConfig, kind: str, cfg: DataConfig, encoder: Mistr
         "kind": kind,
         "encoder": encoder,
         "max_length": cfg.max_length,
-        "train_on": cfg.train_on,
+        "train_on": getattr(cfg, "train_on", "all"),
         "clean": cfg.clean_whitespace,
         "on_long_rows": cfg.on_long_rows,
     }
@@ -247,7 +217,7 @@ def load_data(
 
     `warn=False` and `allow_empty=True` are for `mistral-align validate`, which reports instead.
     """
-    _check_settings(kind, cfg)
+    check_data_config(cfg, kind)
     settings = _settings(kind, cfg, encoder)
     try:
         train_sources = [_encode_source(s, kind, cfg, encoder, settings) for s in cfg.train]

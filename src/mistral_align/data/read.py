@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mistral_align.data.config import SourceConfig
+from mistral_align.errors import DataError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -30,7 +31,7 @@ FORMATS = {
 }
 
 
-class SourceError(Exception):
+class SourceError(DataError):
     """A source that cannot be read at all (missing file, unknown format, wrong kind of data)."""
 
 

@@ -195,3 +195,9 @@ def write_dpo_splits(out_dir: str | Path, skills: Sequence[str], n_train: int, n
         write_jsonl((preference_row(i, rng) for i in train), out_dir / "train.jsonl"),
         write_jsonl((preference_row(i, rng) for i in held), out_dir / "eval.jsonl"),
     )
+
+
+def skill_of(prompt_text: str) -> str:
+    """Group key for the synthetic skills: the instruction word before ':' ("Copy", "Add", ...)."""
+    body = prompt_text.replace("[INST]", "").replace("\u2581", " ").strip()
+    return body.split(":", 1)[0].strip().lower() if ":" in body else "other"

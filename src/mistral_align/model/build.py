@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mistral_align.config import ConfigError
+from mistral_align.errors import ConfigError, RunDirError
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +90,19 @@ def inline_config(model_cfg: Any, vocab_size: int):
     return MistralConfig(**common)
 
 
-def _inline_checkpoint(model_cfg: Any, vocab_size: int, seed: int) -> str:
-    """Random-init the inline architecture (same weights on every rank: seeded) and save it, so
-    quantisation goes through the same `from_pretrained` path as a Hub model."""
+INLINE_BASE_FACTS = "mistral_align_base.json"
+
+
+def save_inline_base(model_cfg: Any, vocab_size: int, seed: int, path: str | os.PathLike) -> str:
+    """Random-init the inline architecture (seeded: the same weights on every rank and every rerun)
+    and save it as a plain transformers folder (config.json, model.safetensors, float32), so that
+    quantisation goes through the same `from_pretrained` path as a Hub model and every adapter
+    trained on it names a base that loads."""
     from transformers import AutoModelForCausalLM
 
     config = inline_config(model_cfg, vocab_size)
-    path = tempfile.mkdtemp(prefix="mistral_align_inline_")  # per process; removed once loaded
+    path = str(path)
+    os.makedirs(path, exist_ok=True)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Not model.save_pretrained: under torch.distributed it writes on rank 0 only, and every rank
@@ -105,7 +111,38 @@ def _inline_checkpoint(model_cfg: Any, vocab_size: int, seed: int) -> str:
 
     model.config.to_json_file(os.path.join(path, "config.json"))
     save_model(model, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    model.generation_config.to_json_file(os.path.join(path, "generation_config.json"))
     return path
+
+
+def _inline_facts(model_cfg: Any, vocab_size: int, seed: int) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    arch = model_cfg.architecture
+    arch = OmegaConf.to_container(arch, resolve=True) if OmegaConf.is_config(arch) else dict(vars(arch))
+    return {"architecture": arch, "vocab_size": vocab_size, "seed": seed}
+
+
+def ensure_inline_base(model_cfg: Any, vocab_size: int, seed: int, path: str | os.PathLike) -> str:
+    """The run directory's `base/` for an inline model: made once (call it on the main process
+    first), reused by later stages and reruns, refused if it was made from other settings."""
+    import json
+
+    facts = _inline_facts(model_cfg, vocab_size, seed)
+    marker = os.path.join(str(path), INLINE_BASE_FACTS)
+    if os.path.isfile(marker):
+        found = json.loads(open(marker).read())
+        if found != facts:
+            changed = sorted(k for k in facts if found.get(k) != facts[k])
+            raise RunDirError(
+                f"{path}: this run directory's base model was made with other settings ({', '.join(changed)} "
+                "differ); use a new run.dir, or the settings it was made with"
+            )
+        return str(path)
+    save_inline_base(model_cfg, vocab_size, seed, path)
+    with open(marker, "w") as f:
+        json.dump(facts, f, indent=2)
+    return str(path)
 
 
 def build_model(
@@ -114,14 +151,23 @@ def build_model(
     vocab_size: int,
     seed: int = 0,
     device_map: dict[str, Any] | str | None = "auto-rank",
+    inline_base: str | os.PathLike | None = None,
 ):
-    """The base causal LM: Hub id or inline architecture, quantised as `quant` says, on this rank's device."""
+    """The base causal LM: Hub id or inline architecture, quantised as `quant` says, on this rank's device.
+
+    An inline model loads from `inline_base` (a folder made by `ensure_inline_base`), whose path the
+    model then carries as its name, so adapters record it as their base; without one it is made in
+    a temporary folder and named "" (tests and benchmarks that keep no run directory)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if device_map == "auto-rank":
         device_map = default_device_map()
-    if model_cfg.architecture is not None:
-        source, revision = _inline_checkpoint(model_cfg, vocab_size, seed), None
+    temporary = None
+    if model_cfg.architecture is not None and inline_base is not None:
+        source, revision = str(inline_base), None
+    elif model_cfg.architecture is not None:
+        temporary = tempfile.mkdtemp(prefix="mistral_align_inline_")  # per process; removed once loaded
+        source, revision = save_inline_base(model_cfg, vocab_size, seed, temporary), None
     else:
         source, revision = model_cfg.hub_id, model_cfg.revision
     config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=model_cfg.trust_remote_code)
@@ -150,10 +196,10 @@ def build_model(
     from mistral_align.model.bnb_cpu import disable_cpu_inference_repacking
 
     disable_cpu_inference_repacking(model)
-    if model_cfg.architecture is not None and os.path.basename(source).startswith("mistral_align_inline_"):
+    if temporary is not None:
         import shutil
 
-        shutil.rmtree(source, ignore_errors=True)
+        shutil.rmtree(temporary, ignore_errors=True)
         # An inline model has no Hub id: an empty name keeps peft from looking one up on save.
         model.config.name_or_path = ""
         model.name_or_path = ""
@@ -272,11 +318,3 @@ def model_facts(model) -> dict[str, Any]:
         "trainable_fraction": trainable / max(total, 1),
         **count_linear_layers(model),
     }
-
-
-def upcast_trainable(model, dtype: torch.dtype = torch.float32) -> None:
-    """Cast trainable parameters to `dtype` (TRL casts them to bf16 for quantised models; on the
-    CPU, with float32 compute, that only makes them slower and less precise)."""
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != dtype:
-            p.data = p.data.to(dtype)

@@ -7,22 +7,22 @@ trainable "default" adapter, and `PretokenizedDPOTrainer` keeps an exact frozen 
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from mistral_align.train.sft import trainer_arguments
+from mistral_align.config import stage_max_length
+from mistral_align.data.load import LoadedData, load_dpo_dataset
+from mistral_align.data.synthetic import write_dpo_splits
+from mistral_align.errors import ConfigError
+from mistral_align.model.build import apply_peft, build_model, prepare_for_adapter
+from mistral_align.train.args import training_arguments
+from mistral_align.train.report import generation_table, preference_table
+from mistral_align.train.sft import keeps_float32
+from mistral_align.train.stage import Stage
 
 log = logging.getLogger("mistral_align.dpo")
-
-DPO_LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-)  # fmt: skip
-
-
-class InitError(ValueError):
-    """`dpo.init_from` names nothing usable."""
 
 
 def resolve_sft_adapter(init_from: str) -> tuple[str, Path | None]:
@@ -41,12 +41,12 @@ def resolve_sft_adapter(init_from: str) -> tuple[str, Path | None]:
     if (path / "adapter_config.json").is_file():
         return str(path), None
     if path.exists():
-        raise InitError(
+        raise ConfigError(
             f"dpo.init_from: {init_from} holds no adapter (no adapter_config.json in it, in adapter/ or sft/adapter/)"
         )
     if init_from.count("/") == 1 and not init_from.startswith((".", "/", "~")):
         return init_from, None  # a Hub adapter id; peft downloads it
-    raise InitError(f"dpo.init_from: {init_from} does not exist")
+    raise ConfigError(f"dpo.init_from: {init_from} does not exist")
 
 
 def same_base_as_sft_run(cfg):
@@ -72,39 +72,6 @@ def load_policy(base_model, adapter: str):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base_model, adapter, is_trainable=True)
-
-
-def make_dpo_args(cfg: Any, out_dir: Path, report_to: list[str], has_eval: bool):
-    """trl.DPOConfig from our typed config (`dpo.train` for the optimiser, `dpo.*` for the objective)."""
-    from trl import DPOConfig
-
-    d = cfg.dpo
-    return DPOConfig(
-        # The loader has already applied dpo.data.max_length (prompt + longer reply); TRL truncates
-        # keep_start (BOS and the prompt through [/INST] always stay) only if dpo.train.max_length is lower.
-        max_length=d.train.max_length or d.data.max_length,
-        truncation_mode="keep_start",
-        beta=d.beta,
-        loss_type=list(d.loss_type),
-        loss_weights=list(d.loss_weights) if d.loss_weights is not None else None,
-        label_smoothing=d.label_smoothing,
-        precompute_ref_log_probs=d.precompute_ref_log_probs,
-        **trainer_arguments(d.train, cfg.run.seed, out_dir, report_to, has_eval),
-    )
-
-
-def build_dpo_trainer(model, tokenizer, args, train_ds, eval_ds=None, callbacks=(), fp32_trainable: bool = False):
-    from mistral_align.train.dpo_trainer import PretokenizedDPOTrainer
-
-    return PretokenizedDPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        callbacks=list(callbacks),
-        fp32_adapter=fp32_trainable,
-    )
 
 
 PREFERENCE_METRICS = {
@@ -136,3 +103,107 @@ def as_generation_rows(dpo_ds):
         }
 
     return dpo_ds.map(to_sft, remove_columns=dpo_ds.column_names)
+
+
+def make_dpo_args(stage_cfg: Any, seed: int, out_dir: Path, report_to: list[str], has_eval: bool):
+    """trl.DPOConfig from the typed `dpo` node (`dpo.train` for the optimiser, `dpo.*` for the objective)."""
+    from trl import DPOConfig
+
+    d = stage_cfg
+    return DPOConfig(
+        # The loader has already applied dpo.data.max_length (prompt + longer reply); TRL truncates
+        # keep_start (BOS and the prompt through [/INST] always stay) only if dpo.train.max_length is lower.
+        max_length=stage_max_length(d),
+        truncation_mode="keep_start",
+        beta=d.beta,
+        loss_type=list(d.loss_type),
+        loss_weights=list(d.loss_weights) if d.loss_weights is not None else None,
+        label_smoothing=d.label_smoothing,
+        precompute_ref_log_probs=d.precompute_ref_log_probs,
+        **training_arguments(d.train, seed, out_dir, report_to, has_eval),
+    )
+
+
+def build_dpo_trainer(model, tokenizer, args, train_ds, eval_ds=None, callbacks=(), keep_float32: bool = False):
+    from mistral_align.train.dpo_trainer import PretokenizedDPOTrainer
+
+    return PretokenizedDPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+        keep_float32=keep_float32,
+    )
+
+
+def adapter_base(adapter: str) -> Path | None:
+    """The local base folder an adapter names (`base_model_name_or_path`), if it exists here."""
+    config = Path(adapter) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    return Path(base) if base and Path(base).is_dir() else None
+
+
+class DPOStage(Stage):
+    """Direct preference optimisation of the SFT adapter; a frozen copy of it is the reference."""
+
+    name = "dpo"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.adapter = resolve_sft_adapter(self.node.init_from)[0] if self.node.init_from else None
+
+    def write_synthetic_data(self, data_dir: Path):
+        s = self.node.synthetic
+        return write_dpo_splits(data_dir, s.skills, s.n_train, s.n_eval, s.seed)
+
+    def load_data(self) -> LoadedData:
+        return load_dpo_dataset(self.node.data, self.encoder)
+
+    def inline_base(self) -> Path | None:
+        # The SFT adapter's own base folder when it has one: the exact weights it was trained on.
+        named = adapter_base(self.adapter) if self.adapter and self.cfg.model.architecture is not None else None
+        return named or super().inline_base()
+
+    def build_model(self):
+        c = self.cfg
+        quantized = c.quant.mode != "none"
+        base = build_model(c.model, c.quant, vocab_size=self.encoder.vocab_size, seed=c.run.seed,
+                           inline_base=self.inline_base())
+        if self.adapter is None:
+            log.warning("dpo.init_from is not set: training a new adapter; the reference is the bare base model")
+            return apply_peft(base, c.peft, quantized=quantized, gradient_checkpointing=self.node.train.gradient_checkpointing)
+        base = prepare_for_adapter(base, quantized, self.node.train.gradient_checkpointing)
+        log.info("policy and reference: the SFT adapter %s", self.adapter)
+        return load_policy(base, self.adapter)
+
+    def model_facts(self) -> dict[str, Any]:
+        return {"init_from": self.adapter,
+                "reference": "frozen copy of the SFT adapter" if self.adapter else "base model"}
+
+    def trainer_args(self, report_to: list[str], has_eval: bool):
+        return make_dpo_args(self.node, self.cfg.run.seed, self.out_dir, report_to, has_eval)
+
+    def trainer_facts(self, args) -> dict[str, Any]:
+        return {"beta": args.beta, "loss_type": list(args.loss_type), "precompute_ref_log_probs": args.precompute_ref_log_probs}
+
+    def build_trainer(self, model, tokenizer, args, data: LoadedData, callbacks: list):
+        return build_dpo_trainer(model, tokenizer, args, data.train, data.eval, callbacks, keeps_float32(self.cfg))
+
+    def held_out_metrics(self, trainer) -> dict[str, float]:
+        return preference_eval(trainer)
+
+    def generation_rows(self, data: LoadedData):
+        return as_generation_rows(data.eval)
+
+    def report(self, summary: dict, gen_before: dict | None, gen_after: dict | None) -> str | None:
+        parts = []
+        if gen_after is not None:
+            parts.append("DPO before / after (held-out prompts)\n" + generation_table(gen_before, gen_after, None, None))
+        d = summary["dpo"]
+        if d.get("before") and d.get("after"):
+            parts.append(preference_table(d["before"], d["after"]))
+        return "\n".join(parts) or None

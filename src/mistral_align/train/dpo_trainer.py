@@ -8,33 +8,26 @@ replaced: rows arrive with `prompt_ids`, `chosen_ids`, `rejected_ids` made by
 
 from __future__ import annotations
 
-import torch
 from trl import DPOTrainer
+
+from mistral_align.train.precision import KeepsTrainableFloat32
+from mistral_align.train.trl_patches import ScoresLabelledPositionsOnly
 
 DPO_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
-class PretokenizedDPOTrainer(DPOTrainer):
-    def __init__(self, *args, fp32_adapter: bool = False, **kwargs):
-        # TRL casts a quantised model's trainable weights to bf16 (right where 4-bit layers compute in
-        # bf16, on GPUs). Where they compute in float32 (the CPU) that only loses the SFT adapter's
-        # precision, so `fp32_adapter` puts the exact float32 values back.
-        model = kwargs.get("model", args[0] if args else None)
-        saved = {}
-        if fp32_adapter and model is not None:
-            saved = {n: p.detach().to(torch.float32).clone() for n, p in model.named_parameters() if p.requires_grad}
+class PretokenizedDPOTrainer(ScoresLabelledPositionsOnly, KeepsTrainableFloat32, DPOTrainer):
+    """DPO on `prompt_ids` / `chosen_ids` / `rejected_ids` rows; `keep_float32` as in train/precision.py."""
+
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if saved:
-            for name, param in self.accelerator.unwrap_model(self.model).named_parameters():
-                if name in saved:
-                    param.data = saved[name]
         self._sync_reference_to_policy()
 
     def _sync_reference_to_policy(self):
         """Make the frozen "ref" adapter an exact copy (values and dtype) of the trainable one.
 
         TRL copies the starting adapter into "ref" before it casts the trainable copy to bf16 for
-        QLoRA (and before `fp32_adapter` restores it): re-copy, so that policy and reference are the
+        QLoRA (and before `keep_float32` restores it): re-copy, so that policy and reference are the
         same function at step 0 (every reward exactly 0, sigmoid loss exactly ln 2).
         """
         model = self.accelerator.unwrap_model(self.model)

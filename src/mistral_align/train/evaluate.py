@@ -96,25 +96,3 @@ def generation_eval(
         "by_group": {k: sum(v) / len(v) for k, v in sorted(by_group.items())},
         "samples": samples,
     }
-
-
-def skill_of(prompt_text: str) -> str:
-    """Group key for the synthetic skills: the instruction word before ':' ("Copy", "Add", ...)."""
-    body = prompt_text.replace("[INST]", "").replace("\u2581", " ").strip()
-    return body.split(":", 1)[0].strip().lower() if ":" in body else "other"
-
-
-def format_table(before: dict[str, Any], after: dict[str, Any], loss_before: float | None, loss_after: float | None) -> str:
-    """The before/after table the demo prints."""
-    lines = [f"{'':<16}{'before':>10}{'after':>10}"]
-    if loss_before is not None or loss_after is not None:
-        fmt = lambda v: f"{v:10.3f}" if v is not None else f"{'-':>10}"  # noqa: E731
-        lines.append(f"{'eval loss':<16}{fmt(loss_before)}{fmt(loss_after)}")
-    lines.append(f"{'exact match':<16}{before['exact_match']:10.1%}{after['exact_match']:10.1%}")
-    for g in after.get("by_group", {}):
-        lines.append(f"{'  ' + g:<16}{before['by_group'].get(g, 0):10.1%}{after['by_group'][g]:10.1%}")
-    lines.append(f"(n = {after['n']} held-out prompts, greedy decoding)")
-    examples = after["samples"][:4]
-    for s_before, s in zip(before["samples"][:4], examples):
-        lines.append(f"  {s['prompt']!r}: before {s_before['output'][:30]!r} -> after {s['output'][:30]!r}")
-    return "\n".join(lines)

@@ -20,131 +20,89 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
+from trl import SFTConfig, SFTTrainer
 
-from mistral_align.config import packed_length
-
-
-def bf16_enabled(train_cfg: Any) -> bool:
-    value = str(train_cfg.bf16).lower()
-    if value == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return value == "true"
-
-
-def trainer_arguments(t: Any, seed: int, out_dir: Path, report_to: list[str], has_eval: bool) -> dict[str, Any]:
-    """The TrainingArguments keywords that SFT and DPO share, from a typed `train` node."""
-    from omegaconf import OmegaConf
-
-    extra = OmegaConf.to_container(t.extra, resolve=True) if not isinstance(t.extra, dict) else dict(t.extra)
-    return dict(
-        output_dir=str(Path(out_dir) / "checkpoints"),
-        run_name=Path(out_dir).name,
-        seed=seed,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        learning_rate=t.lr,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optim,
-        per_device_train_batch_size=t.per_device_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        # model building already enabled checkpointing (peft needs it before wrapping)
-        gradient_checkpointing=False,
-        bf16=bf16_enabled(t),
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        eval_strategy="steps" if has_eval and t.eval_steps else "no",
-        eval_steps=t.eval_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        dataloader_num_workers=t.dataloader_num_workers,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        report_to=report_to,
-        ddp_find_unused_parameters=False,
-        use_cpu=not torch.cuda.is_available(),
-        **extra,  # train.extra: passed verbatim (escape hatch; a typo fails in TRL's config)
-    )
+from mistral_align.config import stage_max_length
+from mistral_align.data.load import LoadedData, load_sft_dataset
+from mistral_align.data.synthetic import write_sft_splits
+from mistral_align.model.build import apply_peft, build_model
+from mistral_align.train.args import training_arguments
+from mistral_align.train.precision import KeepsTrainableFloat32
+from mistral_align.train.report import generation_table
+from mistral_align.train.stage import Stage
+from mistral_align.train.trl_patches import ScoresLabelledPositionsOnly
 
 
-def make_sft_args(cfg: Any, run_dir: Path, report_to: list[str], has_eval: bool):
-    """trl.SFTConfig from our typed config."""
-    from trl import SFTConfig
+class MistralSFTTrainer(ScoresLabelledPositionsOnly, KeepsTrainableFloat32, SFTTrainer):
+    """TRL's SFTTrainer on our pre-tokenised rows: the LM head scores labelled positions only, and
+    `keep_float32` keeps the adapter float32 where 4-bit layers compute in float32."""
 
-    t = cfg.train
+
+def make_sft_args(stage_cfg: Any, seed: int, out_dir: Path, report_to: list[str], has_eval: bool):
+    """trl.SFTConfig from the typed `sft` node."""
+    t = stage_cfg.train
     return SFTConfig(
-        max_length=packed_length(cfg),
+        max_length=stage_max_length(stage_cfg),
         packing=t.packing,
         packing_strategy=t.packing_strategy,
-        # Rows are already tokenised with labels; let TRL not touch them beyond packing.
+        # Rows are already tokenised with labels; TRL does not touch them beyond packing.
         dataset_num_proc=None,
-        **trainer_arguments(t, cfg.run.seed, run_dir, report_to, has_eval),
+        **training_arguments(t, seed, out_dir, report_to, has_eval),
     )
 
 
-def trainer_tokenizer(version: str, out_dir: Path):
-    """Write the tokenizer directory (save_hf_tokenizer) and load it as the trainer's processing class."""
-    from mistral_align.chat.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
-
-    save_hf_tokenizer(version, out_dir)
-    return load_hf_tokenizer(out_dir)
-
-
-def score_trained_positions_only() -> None:
-    """Make TRL's fused LM head project only the positions that have a label on every device.
-
-    TRL 1.16's SFT loss (`add_fused_lm_head`) projects hidden states through the LM head in tiles
-    and, on Triton devices, only at positions whose next-token label is not -100. Elsewhere it
-    scores every position (to keep tile shapes static for compilers such as Neuron). On the CPU that
-    wastes most of the step: with a 32k vocabulary the head dominates a small model and prompt
-    tokens are often more than half of a chat row. The loss is the same either way (masked
-    positions contribute 0), tests/test_sft_packing.py checks it. trl is pinned <1.17 in pyproject.
-    """
-    import trl.trainer.utils as trl_utils
-
-    original = trl_utils._use_triton
-    if getattr(original, "_mistral_align", False):
-        return
-
-    def compact(device):
-        return device.type == "cpu" or original(device)
-
-    compact._mistral_align = True
-    trl_utils._use_triton = compact
-
-
-def build_sft_trainer(model, tokenizer, args, train_ds, eval_ds=None, callbacks=(), fp32_trainable: bool = False):
-    """SFTTrainer on already-tokenised rows. `fp32_trainable` undoes TRL's bf16 cast of the adapter
-    weights on quantised models (use it where 4-bit layers compute in float32, i.e. on the CPU)."""
-    from trl import SFTTrainer
-
-    from mistral_align.model.build import upcast_trainable
-
-    score_trained_positions_only()
-    trainer = SFTTrainer(
+def build_sft_trainer(model, tokenizer, args, train_ds, eval_ds=None, callbacks=(), keep_float32: bool = False):
+    """The SFT trainer on already-tokenised rows (input_ids + labels)."""
+    return MistralSFTTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         callbacks=list(callbacks),
+        keep_float32=keep_float32,
     )
-    if fp32_trainable:
-        upcast_trainable(trainer.model, torch.float32)
-    return trainer
 
 
-def save_adapter(trainer, out_dir: Path, tokenizer_version: str | None = None) -> Path:
-    """Final adapter (LoRA weights as adapter_model.safetensors + adapter_config.json), or the full
-    model with peft=none, plus the exact tokenizer so the directory loads (and pushes) on its own.
-    Collective under FSDP/DeepSpeed: call it on every rank."""
-    trainer.save_model(str(out_dir))
-    if tokenizer_version and trainer.accelerator.is_main_process:
-        from mistral_align.chat.hf_tokenizer import save_hf_tokenizer
+def keeps_float32(cfg: Any) -> bool:
+    """Trainable weights stay float32 where the 4-bit layers compute in float32 (train/precision.py)."""
+    return cfg.quant.mode != "none" and cfg.quant.compute_dtype == "float32"
 
-        save_hf_tokenizer(tokenizer_version, out_dir)
-    return Path(out_dir)
+
+class SFTStage(Stage):
+    """Supervised fine-tuning: a new LoRA adapter (or the whole model, peft=none) on chat data."""
+
+    name = "sft"
+
+    def write_synthetic_data(self, data_dir: Path):
+        s = self.node.synthetic
+        return write_sft_splits(data_dir, s.skills, s.n_train, s.n_eval, s.seed, noise=s.noise)
+
+    def load_data(self) -> LoadedData:
+        return load_sft_dataset(self.node.data, self.encoder)
+
+    def build_model(self):
+        c = self.cfg
+        model = build_model(c.model, c.quant, vocab_size=self.encoder.vocab_size, seed=c.run.seed,
+                            inline_base=self.inline_base())
+        return apply_peft(model, c.peft, quantized=c.quant.mode != "none",
+                          gradient_checkpointing=self.node.train.gradient_checkpointing)
+
+    def trainer_args(self, report_to: list[str], has_eval: bool):
+        return make_sft_args(self.node, self.cfg.run.seed, self.out_dir, report_to, has_eval)
+
+    def build_trainer(self, model, tokenizer, args, data: LoadedData, callbacks: list):
+        return build_sft_trainer(model, tokenizer, args, data.train, data.eval, callbacks, keeps_float32(self.cfg))
+
+    def held_out_metrics(self, trainer) -> dict[str, float]:
+        return {"loss": trainer.evaluate()["eval_loss"]}
+
+    def generation_rows(self, data: LoadedData):
+        return data.eval
+
+    def report(self, summary: dict, gen_before: dict | None, gen_after: dict | None) -> str | None:
+        s = summary["sft"]
+        if gen_after is None:
+            return None
+        table = generation_table(gen_before, gen_after, s.get("before", {}).get("loss"), s.get("after", {}).get("loss"))
+        return "SFT before / after (held-out prompts)\n" + table

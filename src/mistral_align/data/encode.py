@@ -12,8 +12,6 @@ from typing import Any
 from mistral_align.chat.encoder import IGNORE_INDEX, MistralEncoder
 from mistral_align.chat.schema import ConversationError, parse_preference, parse_sft_messages
 
-KINDS = ("sft", "dpo")
-LONG_POLICIES = ("skip", "error", "truncate")
 
 # Output columns of encode_batch besides the ids.
 ID_COLUMNS = {"sft": ("input_ids", "labels"), "dpo": ("prompt_ids", "chosen_ids", "rejected_ids")}

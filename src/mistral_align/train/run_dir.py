@@ -1,9 +1,7 @@
 """The run directory every rank shares, and what the main process writes into it.
 
-    state = PartialState()                         # starts torch.distributed under accelerate launch
-    setup_logging(state)                           # INFO on the main process, warnings only elsewhere
     run_dir = resolve_run_dir(cfg.run, state)      # decided on rank 0, broadcast to all ranks
-    write_resolved_config(run_dir, cfg)            # main process only (every writer here checks)
+    write_resolved_config(run_dir, cfg, stages)    # main process only (every writer here checks)
     write_manifest(run_dir, {...})                 # merges into manifest.json
 
 Hydra's own output directory is switched off in the primary configs (`hydra.run.dir: .`,
@@ -11,9 +9,11 @@ Hydra's own output directory is switched off in the primary configs (`hydra.run.
 Layout of a run directory:
 
     config.yaml  manifest.json  metrics.jsonl  loss.png  summary.json
+    base/        (an inline random-init base model, as a plain transformers folder the adapter names)
     adapter/     (final adapter, safetensors; or the full model with peft=none)
     tokenizer/   (save_hf_tokenizer)
     checkpoints/ (trainer checkpoints)    data/ (generated data, if any)    wandb/ tensorboard/
+    sft/ dpo/    (recipes/sft_dpo.py: one directory per stage, each with adapter/ tokenizer/ checkpoints/ ...)
 """
 
 from __future__ import annotations
@@ -35,49 +35,6 @@ log = logging.getLogger("mistral_align")
 RUN_DIR_ENV = "MISTRAL_ALIGN_RUN_DIR"
 # Keys whose values are credentials: token, hf_token, api_key, WANDB_API_KEY, secret, password (not tokenizer_*).
 _SECRET_KEY = re.compile(r"(^|[_-])(token|secret|password|passwd|api[_-]?key|auth)$", re.I)
-
-
-def init_state():
-    """accelerate's PartialState for this process (starts torch.distributed under `accelerate launch`).
-
-    `accelerate launch --multi_gpu` (configs/accelerate/cpu_ddp.yaml) on a machine without GPUs starts
-    N processes with torchrun, but accelerate only picks the CPU backend (MULTI_CPU over gloo) when told
-    the run is on the CPU; without that every process would train alone. So: no CUDA and a
-    WORLD_SIZE > 1 means CPU DDP.
-    """
-    import torch
-    from accelerate import PartialState
-
-    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if cpu:
-        os.environ["ACCELERATE_USE_CPU"] = "true"
-    return PartialState(cpu=cpu)
-
-
-def setup_logging(state=None, level: int = logging.INFO) -> None:
-    """Log once: the main process at `level`; other ranks only warnings (and silence HF libraries there)."""
-    from accelerate import PartialState
-
-    state = state or PartialState()
-    main = state.is_main_process
-    import warnings
-
-    # transformers 5 renamed gradient checkpointing to activation checkpointing; peft and TRL still
-    # call the old names on every step, which would bury the run's own messages.
-    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*gradient_checkpointing.*deprecated")
-    logging.basicConfig(
-        level=level if main else logging.WARNING,
-        format=f"%(asctime)s [rank {state.process_index}] %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
-    if not main:
-        import datasets
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        datasets.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
 
 
 def resolve_run_dir(run_cfg: Any, state=None) -> Path:
@@ -126,13 +83,19 @@ def _is_main() -> bool:
     return PartialState().is_main_process
 
 
-def write_resolved_config(run_dir: Path, cfg: Any) -> Path | None:
+def write_resolved_config(run_dir: Path, cfg: Any, stages: tuple[str, ...] = ("sft", "dpo")) -> Path | None:
+    """<run_dir>/config.yaml: the resolved config of the stages this run trains (credentials redacted)."""
     from omegaconf import OmegaConf
+
+    from mistral_align.config import STAGES
 
     if not _is_main():
         return None
     path = Path(run_dir) / "config.yaml"
     container = redact(OmegaConf.to_container(cfg, resolve=True))
+    for stage in STAGES:
+        if stage not in stages:
+            container.pop(stage, None)
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(container)))
     return path
 
@@ -195,54 +158,23 @@ def write_manifest(run_dir: Path, updates: dict[str, Any], section: str | None =
     return path
 
 
+def lift_stage_facts(run_dir: Path, section: str, keys: tuple[str, ...] = ("model", "tokenizer_version")) -> None:
+    """Copy shared facts from a pipeline stage's manifest section to the top level, where a
+    single-stage run keeps them (main process only)."""
+    if not _is_main():
+        return
+    manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
+    write_manifest(run_dir, {key: manifest[section][key] for key in keys if key in manifest.get(section, {})})
+
+
+def finished_stage(stage_dir: Path) -> dict | None:
+    """The summary of a stage that finished in `stage_dir` (its summary.json beside its adapter), else None."""
+    path = Path(stage_dir) / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() and (Path(stage_dir) / "adapter").is_dir() else None
+
+
 def write_json(path: Path, obj: Any) -> Path | None:
     if not _is_main():
         return None
     Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
     return Path(path)
-
-
-def setup_tracking(run_cfg: Any, run_dir: Path) -> list[str]:
-    """Environment for the chosen tracker; returns TrainingArguments.report_to.
-
-    wandb: online when WANDB_API_KEY is set (or run.wandb_mode=online), otherwise offline into
-    <run_dir>/wandb; run.wandb_mode=disabled or run.report_to=none turns it off. No key is ever
-    written anywhere by this code.
-    """
-    if run_cfg.report_to == "tensorboard":
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(run_dir) / "tensorboard")
-        return ["tensorboard"]
-    if run_cfg.report_to == "wandb" and run_cfg.wandb_mode != "disabled":
-        mode = run_cfg.wandb_mode
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        os.environ["WANDB_MODE"] = mode
-        os.environ["WANDB_PROJECT"] = run_cfg.wandb_project
-        os.environ["WANDB_DIR"] = str(run_dir)
-        os.environ.setdefault("WANDB_SILENT", "true")
-        if run_cfg.wandb_entity:
-            os.environ["WANDB_ENTITY"] = run_cfg.wandb_entity
-        return ["wandb"]
-    if run_cfg.report_to == "wandb":
-        os.environ["WANDB_MODE"] = "disabled"
-    return ["none"]
-
-
-def report_user_errors(fn):
-    """Recipe entry points: a mistake in the config, the data or `dpo.init_from` ends the run with
-    its one-line message (exit code 2), not a traceback. Place it under `@hydra.main`."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from mistral_align.config import ConfigError
-        from mistral_align.data.load import DataError
-        from mistral_align.train.dpo import InitError
-
-        try:
-            return fn(*args, **kwargs)
-        except (ConfigError, DataError, InitError) as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
-
-    return wrapper

@@ -1,0 +1,55 @@
+"""The mistakes a user can make, as one family of exceptions.
+
+Every layer raises these for anything the user can fix (a config value, a data row, a path, the
+run directory, the Hub); the recipes and the CLI turn them into one line, `error: ...`, and exit
+code 2 (`exit_on_user_error`). Anything else is a bug in mistral-align and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """Something the user can fix; `str(e)` is the whole message, starting with what is wrong."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value that cannot work; the message starts with the key (`sft.train.lr: ...`)."""
+
+
+class DataError(UserError):
+    """Bad training data; `problems` lists the bad rows as `FILE:LINE: reason`."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        self.problems = list(problems or [])
+        super().__init__(message)
+
+
+class RunDirError(UserError):
+    """The run directory cannot be used (held by another launch, made by a different config, ...)."""
+
+
+class HubError(UserError):
+    """The Hugging Face Hub refused or failed a request (login, permissions, network)."""
+
+
+def print_user_error(e: UserError, prefix: str = "error") -> None:
+    print(f"{prefix}: {e}", file=sys.stderr, flush=True)
+
+
+def exit_on_user_error(fn):
+    """Entry points: a UserError ends the process with its message and exit code 2, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            print_user_error(e)
+            sys.exit(EXIT_USER_ERROR)
+
+    return wrapper

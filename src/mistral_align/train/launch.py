@@ -1,0 +1,156 @@
+"""What every recipe does around its stages: open the run, then finish it.
+
+    run = open_run(cfg, "sft", stages=("sft",))   # check the config, start the process group,
+                                                   # log once, pick the run directory, write
+                                                   # config.yaml and the manifest's shared facts
+    summary = run_stage(SFTStage(cfg, run))         # train/stage.py
+    finish_run(run, summary, "SFT tiny-mistral")    # loss.png, summary.json, close the process group
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mistral_align.config import STAGES, check_config
+from mistral_align.errors import ConfigError
+from mistral_align.train.callbacks import plot_loss
+from mistral_align.train.run_dir import base_manifest, resolve_run_dir, write_json, write_manifest, write_resolved_config
+
+log = logging.getLogger("mistral_align")
+
+
+@dataclass
+class Run:
+    cfg: Any
+    dir: Path
+    state: Any  # accelerate.PartialState
+    recipe: str
+    stages: tuple[str, ...]
+    t0: float = field(default_factory=time.time)
+
+    def write_config(self) -> None:
+        """(Re)write config.yaml: the resolved config of the stages this run trains."""
+        write_resolved_config(self.dir, self.cfg, self.stages)
+
+    def record(self, facts: dict, section: str | None = None) -> None:
+        """Merge `facts` into manifest.json (main process only), under `section` for one stage of a pipeline."""
+        write_manifest(self.dir, facts, section)
+
+
+def init_state():
+    """accelerate's PartialState for this process (starts torch.distributed under `accelerate launch`).
+
+    `accelerate launch --multi_gpu` (configs/accelerate/cpu_ddp.yaml) on a machine without GPUs starts
+    N processes with torchrun, but accelerate only picks the CPU backend (MULTI_CPU over gloo) when told
+    the run is on the CPU; without that every process would train alone. So: no CUDA and a
+    WORLD_SIZE > 1 means CPU DDP.
+    """
+    import torch
+    from accelerate import PartialState
+
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if cpu:
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    return PartialState(cpu=cpu)
+
+
+def setup_logging(state, level: int = logging.INFO) -> None:
+    """Log once: the main process at `level`; other ranks only warnings (and silence HF libraries there)."""
+    import warnings
+
+    main = state.is_main_process
+    # transformers 5 renamed gradient checkpointing to activation checkpointing; peft and TRL still
+    # call the old names on every step, which would bury the run's own messages.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*gradient_checkpointing.*deprecated")
+    logging.basicConfig(
+        level=level if main else logging.WARNING,
+        format=f"%(asctime)s [rank {state.process_index}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    if not main:
+        import datasets
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+
+
+def refuse_overrides_of_other_stages(stages: tuple[str, ...], recipe: str) -> None:
+    """`dpo.beta=0.3` given to recipes/sft.py would silently do nothing: refuse it, naming the recipe."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):  # not launched through @hydra.main
+        return
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        package = key.split("@", 1)[1] if "@" in key else key  # data@dpo.data=... targets dpo.data
+        stage = package.split(".", 1)[0]
+        if stage in STAGES and stage not in stages:
+            runs = [f"recipes/{r}.py" for r in ("sft", "dpo", "sft_dpo") if stage in r.split("_")]
+            raise ConfigError(
+                f"{package}: recipes/{recipe}.py runs no {stage.upper()} stage; {' or '.join(runs)} does"
+            )
+
+
+def open_run(cfg, recipe: str, stages: tuple[str, ...]) -> Run:
+    """Check the config, start this process, and open the run directory every rank shares."""
+    refuse_overrides_of_other_stages(stages, recipe)
+    check_config(cfg, stages)
+    state = init_state()
+    setup_logging(state)
+    run_dir = resolve_run_dir(cfg.run, state)
+    log.info("run directory: %s (world size %d)", run_dir, state.num_processes)
+    run = Run(cfg, run_dir, state, recipe, stages)
+    run.write_config()
+    write_manifest(run_dir, base_manifest(recipe, state))
+    return run
+
+
+def finish_run(run: Run, summary: dict, title: str) -> dict:
+    """Loss plot and summary.json (main process), then close the process group cleanly."""
+    if run.state.is_main_process:
+        plot_loss(run.dir / "metrics.jsonl", run.dir / "loss.png", title=title)
+        summary["wall_seconds"] = round(time.time() - run.t0, 1)
+        write_json(run.dir / "summary.json", summary)
+    write_manifest(run.dir, {"summary": "summary.json", "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    log.info("done in %.0fs: %s", time.time() - run.t0, run.dir)
+    run.state.wait_for_everyone()
+    # Without this, a rank can abort at interpreter exit ("terminate called without an active
+    # exception") while gloo's threads are still up, and the launcher reports the run as failed.
+    run.state.destroy_process_group()
+    return summary
+
+
+def setup_tracking(run_cfg: Any, out_dir: Path) -> list[str]:
+    """Environment for the chosen tracker; returns TrainingArguments.report_to.
+
+    wandb: online when WANDB_API_KEY is set (or run.wandb_mode=online), otherwise offline into
+    <out_dir>/wandb; run.wandb_mode=disabled or run.report_to=none turns it off. No key is ever
+    written anywhere by this code.
+    """
+    if run_cfg.report_to == "tensorboard":
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(out_dir) / "tensorboard")
+        return ["tensorboard"]
+    if run_cfg.report_to == "wandb" and run_cfg.wandb_mode != "disabled":
+        mode = run_cfg.wandb_mode
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        os.environ["WANDB_MODE"] = mode
+        os.environ["WANDB_PROJECT"] = run_cfg.wandb_project
+        os.environ["WANDB_DIR"] = str(out_dir)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        if run_cfg.wandb_entity:
+            os.environ["WANDB_ENTITY"] = run_cfg.wandb_entity
+        return ["wandb"]
+    if run_cfg.report_to == "wandb":
+        os.environ["WANDB_MODE"] = "disabled"
+    return ["none"]

@@ -1,0 +1,186 @@
+"""One stage of training, in the one order every stage runs:
+
+    data -> tokenizer and model -> evaluate before -> train -> save -> evaluate after -> summary
+
+`run_stage(stage)` holds that order; `Stage` subclasses hold what differs (train/sft.py,
+train/dpo.py): how data is loaded, how the model and trainer are built, which held-out metrics are
+reported. A fix to the order is a fix to both stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from mistral_align.chat import get_encoder
+from mistral_align.data.config import SourceConfig
+from mistral_align.data.load import LoadedData
+from mistral_align.data.synthetic import skill_of
+from mistral_align.model.build import ensure_inline_base, model_facts
+from mistral_align.train.callbacks import MetricsJsonl
+from mistral_align.train.evaluate import generation_eval
+from mistral_align.train.launch import Run, setup_tracking
+from mistral_align.train.run_dir import write_json
+
+log = logging.getLogger("mistral_align")
+
+
+class Stage:
+    """What one stage (`cfg.<name>`) does differently; `run_stage` calls these in order."""
+
+    name = "stage"
+
+    def __init__(self, cfg: Any, run: Run, out_dir: Path | None = None, section: str | None = None):
+        self.cfg = cfg
+        self.run = run
+        self.node = cfg[self.name]
+        self.out_dir = Path(out_dir or run.dir)  # a pipeline gives each stage its own sub-directory
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.section = section  # ... and its own section of the run's one manifest
+        self.encoder = get_encoder(cfg.model.tokenizer_version)
+
+    # -- what each stage defines --------------------------------------------------------------
+
+    def write_synthetic_data(self, data_dir: Path) -> tuple[Path, Path]:
+        raise NotImplementedError
+
+    def load_data(self) -> LoadedData:
+        raise NotImplementedError
+
+    def build_model(self):
+        raise NotImplementedError
+
+    def trainer_args(self, report_to: list[str], has_eval: bool):
+        raise NotImplementedError
+
+    def build_trainer(self, model, tokenizer, args, data: LoadedData, callbacks: list):
+        raise NotImplementedError
+
+    def held_out_metrics(self, trainer) -> dict[str, float]:
+        raise NotImplementedError
+
+    def generation_rows(self, data: LoadedData):
+        """Held-out rows as (input_ids, labels) whose last trained run is the reference reply."""
+        raise NotImplementedError
+
+    def model_facts(self) -> dict[str, Any]:
+        """Facts about where the model came from, for the manifest (DPO: the SFT adapter it continues)."""
+        return {}
+
+    def trainer_facts(self, args) -> dict[str, Any]:
+        """The stage's own trainer settings, for the manifest (DPO: beta, loss types)."""
+        return {}
+
+    def report(self, summary: dict, gen_before: dict | None, gen_after: dict | None) -> str | None:
+        """The table printed at the end of a stage run on its own."""
+        return None
+
+    # -- shared by both ----------------------------------------------------------------------
+
+    def inline_base(self) -> Path | None:
+        """An inline (random-init) model's base folder in the run directory, made once by the main
+        process; None for a Hub model."""
+        if self.cfg.model.architecture is None:
+            return None
+        path = self.run.dir / "base"
+        with self.run.state.main_process_first():
+            if self.run.state.is_main_process:
+                ensure_inline_base(self.cfg.model, self.encoder.vocab_size, self.cfg.run.seed, path)
+        return path
+
+    def use_synthetic_data(self) -> None:
+        """Generate the demo data (main process) and point the stage's data at it; config.yaml follows."""
+        data_dir = self.out_dir / "data"
+        with self.run.state.main_process_first():
+            if self.run.state.is_main_process:
+                self.write_synthetic_data(data_dir)
+        self.node.data.train = [SourceConfig(path=str(data_dir / "train.jsonl"))]
+        self.node.data.eval = [SourceConfig(path=str(data_dir / "eval.jsonl"))]
+        self.run.write_config()
+
+
+def run_stage(stage: Stage, print_report: bool = True) -> dict:
+    """Train one stage into `stage.out_dir`; returns its summary (also written to summary.json there)."""
+    cfg, run, node, state = stage.cfg, stage.run, stage.node, stage.run.state
+    record = lambda facts: run.record(facts, stage.section)  # noqa: E731
+    if node.synthetic.enabled:
+        stage.use_synthetic_data()
+    report_to = setup_tracking(cfg.run, stage.out_dir)
+
+    # 1. Data: exact mistral-common ids and loss masks, every row checked before the model loads.
+    with state.main_process_first():
+        data = stage.load_data()
+    log.info("%s data: %d train rows, %d eval rows", stage.name.upper(), len(data.train),
+             len(data.eval) if data.eval is not None else 0)
+
+    # 2. Tokenizer and model (each rank's copy on its own device) with its adapter; the trainer.
+    from mistral_align.chat.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
+
+    save_hf_tokenizer(cfg.model.tokenizer_version, stage.out_dir / "tokenizer")
+    tokenizer = load_hf_tokenizer(stage.out_dir / "tokenizer")
+    model = stage.build_model()
+    facts = model_facts(model)
+    log.info("model: %s, %d trainable of %d params, %d linear layers in 4-bit", cfg.model.name,
+             facts["trainable_params"], facts["total_params"], facts["linear_4bit"])
+    record({"model": {"name": cfg.model.name, **facts}, "tokenizer_version": cfg.model.tokenizer_version,
+            "data": {"fingerprint": data.fingerprint, "report": data.report}, **stage.model_facts()})
+    args = stage.trainer_args(report_to, has_eval=data.eval is not None)
+    record({"trainer": {"world_size": args.world_size, "parallel_mode": str(args.parallel_mode),
+                        "global_batch_rows": args.world_size * args.per_device_train_batch_size
+                        * args.gradient_accumulation_steps, **stage.trainer_facts(args)}})
+    trainer = stage.build_trainer(model, tokenizer, args, data, [MetricsJsonl(run.dir / "metrics.jsonl", stage.name)])
+
+    # 3. Evaluate before training: held-out metrics; greedy exact match if asked (main process).
+    summary: dict = {stage.name: {}, "eval": {}}
+    if data.eval is not None and node.eval.loss_before:
+        summary[stage.name]["before"] = stage.held_out_metrics(trainer)
+    gen_rows = stage.generation_rows(data) if node.eval.generate and data.eval is not None else None
+    gen = dict(max_prompts=node.eval.max_prompts, max_new_tokens=node.eval.max_new_tokens,
+               batch_size=node.eval.batch_size, group=skill_of if node.synthetic.enabled else None)
+    on_main = state.is_main_process
+    gen_before = generation_eval(trainer.model, stage.encoder, gen_rows, **gen) if gen_rows is not None and on_main else None
+
+    # 4. Train, then save the adapter (safetensors) with the exact tokenizer beside it.
+    t_train = time.time()
+    result = trainer.train()
+    train_seconds = time.time() - t_train
+    save_adapter(trainer, stage.out_dir / "adapter", cfg.model.tokenizer_version)
+
+    # 5. Evaluate after, and report.
+    if data.eval is not None:
+        summary[stage.name]["after"] = stage.held_out_metrics(trainer)
+    summary[stage.name].update(train_loss=result.training_loss, steps=result.global_step,
+                               train_seconds=round(train_seconds, 1))
+    gen_after = generation_eval(trainer.model, stage.encoder, gen_rows, **gen) if gen_before is not None else None
+    if gen_after is not None:
+        summary["eval"] = {"exact_match": {"before": gen_before["exact_match"], "after": gen_after["exact_match"]},
+                           "n": gen_after["n"], "samples_after": gen_after["samples"][:16]}
+        if gen_after["by_group"]:
+            summary["eval"]["by_skill"] = {"before": gen_before["by_group"], "after": gen_after["by_group"]}
+    if on_main:
+        write_json(stage.out_dir / "summary.json", summary)
+        table = stage.report(summary, gen_before, gen_after) if print_report else None
+        if table:
+            print("\n" + table, flush=True)
+    record({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_seconds": round(train_seconds, 1),
+            "global_step": result.global_step, "adapter": str((stage.out_dir / "adapter").relative_to(run.dir))})
+    state.wait_for_everyone()
+    return summary
+
+
+def save_adapter(trainer, out_dir: Path, tokenizer_version: str | None = None) -> Path:
+    """The final adapter (adapter_model.safetensors + adapter_config.json naming its base), or the
+    full model with peft=none, plus the exact tokenizer so the folder loads (and pushes) on its own.
+    Collective under FSDP/DeepSpeed: call it on every rank."""
+    trainer.save_model(str(out_dir))
+    if trainer.accelerator.is_main_process:
+        # The trainer also pickles its arguments there; a folder meant to be shared holds no pickles
+        # (checkpoints keep theirs, for resuming).
+        (Path(out_dir) / "training_args.bin").unlink(missing_ok=True)
+    if tokenizer_version and trainer.accelerator.is_main_process:
+        from mistral_align.chat.hf_tokenizer import save_hf_tokenizer
+
+        save_hf_tokenizer(tokenizer_version, out_dir)
+    return Path(out_dir)
