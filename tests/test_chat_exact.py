@@ -291,6 +291,18 @@ def test_system_prompt_placement(version):
     assert enc.decode(ids) == EXPECTED_LAYOUT[version]
 
 
+@pytest.mark.parametrize("version", SYSTEM_BLOCK)
+def test_system_block_keeps_the_system_text_as_typed(version):
+    # Nothing around the system prompt is stripped or added: its block holds exactly its text.
+    enc = get_encoder(version)
+    system = "  Be brief.\n\n [INST] \t"
+    raw = [{"role": "system", "content": system}, {"role": "user", "content": " hi "}, {"role": "assistant", "content": "ok"}]
+    ids = enc.encode_sft(parse_sft_messages(raw)).input_ids
+    assert ids == reference_tokens(version, raw)
+    assert ids[: len(enc.text(system)) + 3] == [enc.bos_id, enc.begin_system, *enc.text(system), enc.end_system]
+    assert ids[len(enc.text(system)) + 3 :] == [enc.begin_inst, *enc.text(" hi "), enc.end_inst, *enc.text("ok"), enc.eos_id]
+
+
 @pytest.mark.parametrize("version", ["v2", "v3", "v3-tekken"])
 def test_system_prompt_moves_with_the_last_user_message(version):
     # Truncating a v2/v3 conversation moves its system prompt; a prefix of the ids is not the
