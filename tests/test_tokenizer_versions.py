@@ -94,6 +94,17 @@ def test_made_file_is_cached_and_follows_the_cache_setting(tmp_path, monkeypatch
         tokenizer_file("v15")
 
 
+def test_unwritable_cache_falls_back_to_the_temp_directory(tmp_path, monkeypatch):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")  # a file where the cache folder should be: mkdir fails even for root
+    monkeypatch.setenv("MISTRAL_ALIGN_CACHE", str(blocker))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    path = derived_tekken_file("v7-tekken")
+    assert path.parent == tmp_path / "tmp" / f"mistral_align-{os.getuid()}" / "tokenizers" and path.is_file()
+    assert derived_tekken_file("v7-tekken") == path
+
+
 # -- CLI ------------------------------------------------------------------------------------------
 
 

@@ -1,9 +1,10 @@
 """Tekken tokenizer files for the versions mistral-common knows but does not ship a file for.
 
-mistral-common 1.13 encodes v7, v11 and v13 conversations with tekken (the tokenizer of
-Mistral-Small-24B-2501/2503/2506, Magistral, Devstral, ...), but its `data/` folder holds only two
-tekken files, both version v3 (`tekken_240718.json`, Mistral-Nemo's; `tekken_240911.json`,
-Pixtral's). A file for a newer version is made here from `tekken_240718.json`: the same 150,000
+mistral-common 1.13 encodes v7, v11 and v13 conversations with tekken (the versions that the
+2025 tekken models declare in their own `tekken.json`, as far as we know: v7 for
+Mistral-Small-24B-Instruct-2501/2503, v11 for Mistral-Small-3.2-2506, v13 for Magistral-Small
+2507/2509; not checkable offline), but its `data/` folder holds only two tekken files, both
+version v3 (`tekken_240718.json`, Mistral-Nemo's; `tekken_240911.json`, Pixtral's). A file for a newer version is made here from `tekken_240718.json`: the same 150,000
 vocabulary entries, the same pattern and sizes (131,072 ids, the first 1,000 reserved for special
 tokens), `config.version` set to the new version and an explicit `special_tokens` list:
 
@@ -89,9 +90,21 @@ def derived_tekken_file(version: str) -> Path:
         [mistral_common.__version__, SOURCE_FILE, source.stat().st_size, DERIVED_VERSIONS[version][0], special_tokens(version)]
     )
     digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
-    out = _cache_dir() / f"tekken_{version}_{digest}.json"
-    if out.is_file():
-        return out
+    name = f"tekken_{version}_{digest}.json"
+    # An unwritable home (some clusters) falls back to a private folder in the temp directory.
+    fallback = Path(tempfile.gettempdir()) / f"mistral_align-{os.getuid()}" / "tokenizers"
+    for folder in (_cache_dir(), fallback):
+        if (folder / name).is_file():
+            return folder / name
+        try:
+            return _write_atomically(version, folder / name)
+        except OSError:
+            if folder == fallback:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _write_atomically(version: str, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tekken_", suffix=".json.tmp")
     os.close(fd)
