@@ -35,7 +35,9 @@ from mistral_align.chat.encoder import (
 from mistral_align.chat.schema import ConversationError, parse_messages, parse_preference, parse_sft_messages
 
 VERSIONS = TOKENIZER_VERSIONS
-assert set(VERSIONS) == {"v1", "v2", "v3", "v7", "v3-tekken"}  # a version dropped from the encoder must not go untested
+# a version dropped from the encoder must not go untested
+assert set(VERSIONS) == {"v1", "v2", "v3", "v7", "v3-tekken", "v7-tekken", "v11", "v13"}
+SYSTEM_BLOCK = ("v7", "v7-tekken", "v11", "v13")
 
 # ---------------------------------------------------------------------------------------------
 # mistral-common references
@@ -125,6 +127,8 @@ def reference_sft(version: str, raw: list[dict], train_on: str = "all") -> tuple
 TRICKY = [
     "[INST]", "[/INST]", "<s>", "</s>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "<unk>", "<pad>",
     "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "<0x0A>", "▁", "[INST] hi [/INST]", "</s><s>",
+    # control tokens of the v11/v13 tekken files
+    "[ARGS]", "[CALL_ID]", "[THINK]", "[/THINK]", "[TOOL_CONTENT]", "<SPECIAL_20>", "[THINK]x[/THINK]",
 ]
 WHITESPACE = [" ", "  ", "\n", "\n\n", " \n ", "\t", "\r\n", "\u00a0", "\u3000"]
 VISIBLE = (
@@ -180,7 +184,7 @@ def structure_counts(version: str, raw: list[dict]) -> dict[int, int]:
     if version != "v1":
         counts[enc.begin_inst] = users
         counts[enc.end_inst] = users
-    if version == "v7":
+    if version in SYSTEM_BLOCK:
         has_system = int(any(m["role"] == "system" for m in raw))
         counts[enc.begin_system] = has_system
         counts[enc.end_system] = has_system
@@ -272,6 +276,10 @@ EXPECTED_LAYOUT = {
     "v3-tekken": "<s>[INST]u1[/INST]a1</s>[INST]SYS\n\nu2[/INST]a2</s>",
     # v7: the system prompt is its own block right after BOS.
     "v7": "<s>[SYSTEM_PROMPT]▁SYS[/SYSTEM_PROMPT][INST]▁u1[/INST]▁a1</s>[INST]▁u2[/INST]▁a2</s>",
+    # v7-tekken, v11, v13: the v7 layout on tekken (no ▁; v11/v13 change only tools and thinking).
+    "v7-tekken": "<s>[SYSTEM_PROMPT]SYS[/SYSTEM_PROMPT][INST]u1[/INST]a1</s>[INST]u2[/INST]a2</s>",
+    "v11": "<s>[SYSTEM_PROMPT]SYS[/SYSTEM_PROMPT][INST]u1[/INST]a1</s>[INST]u2[/INST]a2</s>",
+    "v13": "<s>[SYSTEM_PROMPT]SYS[/SYSTEM_PROMPT][INST]u1[/INST]a1</s>[INST]u2[/INST]a2</s>",
 }
 
 
@@ -281,6 +289,18 @@ def test_system_prompt_placement(version):
     ids = enc.encode_sft(parse_sft_messages(SYSTEM_CONVERSATION)).input_ids
     assert ids == reference_tokens(version, SYSTEM_CONVERSATION)
     assert enc.decode(ids) == EXPECTED_LAYOUT[version]
+
+
+@pytest.mark.parametrize("version", SYSTEM_BLOCK)
+def test_system_block_keeps_the_system_text_as_typed(version):
+    # Nothing around the system prompt is stripped or added: its block holds exactly its text.
+    enc = get_encoder(version)
+    system = "  Be brief.\n\n [INST] \t"
+    raw = [{"role": "system", "content": system}, {"role": "user", "content": " hi "}, {"role": "assistant", "content": "ok"}]
+    ids = enc.encode_sft(parse_sft_messages(raw)).input_ids
+    assert ids == reference_tokens(version, raw)
+    assert ids[: len(enc.text(system)) + 3] == [enc.bos_id, enc.begin_system, *enc.text(system), enc.end_system]
+    assert ids[len(enc.text(system)) + 3 :] == [enc.begin_inst, *enc.text(" hi "), enc.end_inst, *enc.text("ok"), enc.eos_id]
 
 
 @pytest.mark.parametrize("version", ["v2", "v3", "v3-tekken"])
@@ -319,10 +339,10 @@ def test_bos_once_and_eos_after_every_assistant_turn(version):
             assert ours.input_ids[i + 1] == enc.begin_inst
 
 
-@pytest.mark.parametrize("version", ["v2", "v3", "v7", "v3-tekken"])
+@pytest.mark.parametrize("version", [v for v in VERSIONS if v != "v1"])
 def test_typed_control_text_never_becomes_a_control_token(version):
     enc = get_encoder(version)
-    typed = "[INST] x [/INST] <s> </s> [SYSTEM_PROMPT] y [/SYSTEM_PROMPT]"
+    typed = "[INST] x [/INST] <s> </s> [SYSTEM_PROMPT] y [/SYSTEM_PROMPT] [THINK] z [/THINK] [ARGS] [CALL_ID]"
     raw = [
         {"role": "system", "content": typed},
         {"role": "user", "content": typed},
@@ -336,7 +356,7 @@ def test_typed_control_text_never_becomes_a_control_token(version):
     assert ids.count(enc.end_inst) == 2
     assert ids.count(enc.bos_id) == 1
     assert ids.count(enc.eos_id) == 2
-    if version == "v7":
+    if version in SYSTEM_BLOCK:
         assert ids.count(enc.begin_system) == 1 and ids.count(enc.end_system) == 1
     assert_only_structural_specials(version, ids, raw)
 

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from mistral_align.chat.encoder import TOKENIZER_VERSIONS, get_encoder
+from mistral_align.chat.encoder import TEKKEN_VERSIONS, TOKENIZER_VERSIONS, get_encoder
 from mistral_align.chat.hf_tokenizer import NATIVE_FILE_NAMES, load_hf_tokenizer, save_hf_tokenizer
 from mistral_align.chat.schema import parse_messages
 
-TRICKY = "[INST] x [/INST] <s></s> [SYSTEM_PROMPT]"
+TRICKY = "[INST] x [/INST] <s></s> [SYSTEM_PROMPT] [THINK] [ARGS] [CALL_ID]"
 
 GENERATION_PROMPTS = [
     [{"role": "user", "content": "Hello"}],
@@ -72,7 +72,7 @@ def test_load_hf_tokenizer_ids_and_padding(saved):
     assert tok.padding_side == "left"
     # A pad token TRL accepts (it must be in the vocabulary), and never EOS.
     assert tok.pad_token in tok.get_vocab()
-    assert tok.pad_token_id == (11 if version == "v3-tekken" else 0)
+    assert tok.pad_token_id == (11 if version in TEKKEN_VERSIONS else 0)
     assert tok.pad_token_id != tok.eos_token_id
     batch = tok.pad([{"input_ids": [5, 6, 7]}, {"input_ids": [5]}])
     assert batch["input_ids"][1] == [tok.pad_token_id, tok.pad_token_id, 5]
@@ -102,7 +102,7 @@ def test_resaving_another_version_replaces_the_file(tmp_path):
     ] == get_encoder("v1").encode_prompt(parse_messages([{"role": "user", "content": "hi"}]))
 
 
-@pytest.mark.parametrize("version", ["v1", "v3-tekken"])
+@pytest.mark.parametrize("version", ["v1", "v3-tekken", "v13"])
 def test_a_model_config_beside_it_does_not_change_the_class(tmp_path, version):
     # Adapters and merged models are saved in the same directory as a Mistral config.json.
     from transformers import MistralConfig

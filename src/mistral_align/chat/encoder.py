@@ -8,6 +8,8 @@ ids. The layout per tokenizer version mirrors mistral-common's instruct tokenize
     v2, v3     <s>[INST]{user}[/INST]{assistant}</s>...   ([INST] is a control token; the system
     v3-tekken  prompt joins the *last* user message; trailing spaces of a reply are dropped)
     v7         <s>[SYSTEM_PROMPT]{system}[/SYSTEM_PROMPT][INST]{user}[/INST]{assistant}</s>...
+    v7-tekken  (the system prompt is its own block right after BOS; v11 and v13 differ from v7
+    v11, v13   only in how tools, tool calls and thinking are encoded, which our schema has none of)
 
 Text is encoded with the raw tokenizer (sentencepiece or tekken) with no special-token parsing,
 so a user who types "[INST]" or "</s>" gets those characters, never a control token. The test
@@ -33,7 +35,14 @@ TOKENIZER_FILES = {
     "v7": "mistral_instruct_tokenizer_241114.model.v7",
     "v3-tekken": "tekken_240718.json",
 }
-TOKENIZER_VERSIONS = tuple(TOKENIZER_FILES)
+# Versions mistral-common encodes but ships no file for: a tekken file is made from the shipped
+# Nemo one with the version's special tokens (see chat/tekken_files.py).
+DERIVED_TOKENIZER_VERSIONS = ("v7-tekken", "v11", "v13")
+TOKENIZER_VERSIONS = (*TOKENIZER_FILES, *DERIVED_TOKENIZER_VERSIONS)
+# The system prompt is its own [SYSTEM_PROMPT] block after BOS (v7 and later); before v7 it is
+# written into a user message.
+SYSTEM_BLOCK_VERSIONS = frozenset({"v7", "v7-tekken", "v11", "v13"})
+TEKKEN_VERSIONS = frozenset({"v3-tekken", *DERIVED_TOKENIZER_VERSIONS})
 
 TrainOn = Literal["all", "last"]
 
@@ -52,9 +61,13 @@ class DpoEncoding:
 
 
 def tokenizer_file(version: str) -> Path:
-    """The tokenizer file that mistral-common ships for `version`."""
-    if version not in TOKENIZER_FILES:
+    """The tokenizer file for `version`: the one mistral-common ships, or one made from it."""
+    if version not in TOKENIZER_VERSIONS:
         raise ValueError(f"unknown tokenizer version {version!r}; expected one of {', '.join(TOKENIZER_VERSIONS)}")
+    if version in DERIVED_TOKENIZER_VERSIONS:
+        from mistral_align.chat.tekken_files import derived_tekken_file
+
+        return derived_tekken_file(version)
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
     return MistralTokenizer._data_path() / TOKENIZER_FILES[version]
@@ -83,7 +96,8 @@ class MistralEncoder:
         if self.control_tokens:
             self.begin_inst = self.raw.get_special_token("[INST]")
             self.end_inst = self.raw.get_special_token("[/INST]")
-        if version == "v7":
+        self.system_block = version in SYSTEM_BLOCK_VERSIONS
+        if self.system_block:
             self.begin_system = self.raw.get_special_token("[SYSTEM_PROMPT]")
             self.end_system = self.raw.get_special_token("[/SYSTEM_PROMPT]")
 
@@ -123,11 +137,11 @@ class MistralEncoder:
         out: list[tuple[Message, list[int]]] = []
         for i, m in enumerate(messages):
             if m.role == "system":
-                if self.version == "v7":
+                if self.system_block:
                     out.append((m, self._system(m.content)))
                 continue
             if m.role == "user":
-                host = system if (self.version != "v7" and i == system_host) else None
+                host = system if (not self.system_block and i == system_host) else None
                 out.append((m, self._user(m.content, host)))
             else:
                 out.append((m, self._assistant(m.content)))

@@ -1,7 +1,8 @@
 """A Hugging Face tokenizer directory that is byte-exact with mistral-common.
 
 `save_hf_tokenizer(version, dir)` writes the native tokenizer file that mistral-common ships
-(`tokenizer.model.v1|v2|v3|v7`, or `tekken.json` for v3-tekken) and a `tokenizer_config.json`
+(`tokenizer.model.v1|v2|v3|v7`, or `tekken.json` for v3-tekken; for v7-tekken, v11 and v13 the
+tekken file made from the shipped one, see `tekken_files.py`) and a `tokenizer_config.json`
 naming `MistralCommonBackend`, so `AutoTokenizer.from_pretrained(dir)` loads transformers'
 wrapper around mistral-common itself. A fast tokenizer converted from the sentencepiece file is
 not used because it is not exact in transformers 5 (leading and double spaces, and a user typing
@@ -16,7 +17,7 @@ What the loaded tokenizer exposes (transformers 5.23, mistral-common 1.13):
   batched generation) and has an unbounded `model_max_length`. `load_hf_tokenizer` reads the
   `padding_side` / `model_max_length` written here and passes them on; the default written is
   "left" so both ways of loading agree.
-- Pad token: tekken has a real `<pad>` (id 11). The sentencepiece versions (v1, v2, v3, v7) have
+- Pad token: tekken (every tekken version) has a real `<pad>` (id 11). The sentencepiece versions (v1, v2, v3, v7) have
   none: the backend names `<pad>`, which is not in their vocabulary and silently maps to id 0,
   the `<unk>` piece. TRL's trainers reject a pad token that is not in the vocabulary, so
   `load_hf_tokenizer` renames it `<unk>`: the same id 0, now a real token. It is deliberately
@@ -54,6 +55,9 @@ NATIVE_FILE_NAMES = {
     "v3": "tokenizer.model.v3",
     "v7": "tokenizer.model.v7",
     "v3-tekken": "tekken.json",
+    "v7-tekken": "tekken.json",
+    "v11": "tekken.json",
+    "v13": "tekken.json",
 }
 CONFIG_NAME = "tokenizer_config.json"
 BACKEND_CLASS = "MistralCommonBackend"
