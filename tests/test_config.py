@@ -259,6 +259,7 @@ def _recipe(*args: str, recipe: str = "sft.py") -> subprocess.CompletedProcess:
                           timeout=120, cwd=ROOT)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_recipe_fails_at_start_on_a_mistake_with_one_line(tmp_path):
     """A misspelt key or a bad value stops the recipe before any data or model is loaded: one line, exit 2."""
     for args, message in [

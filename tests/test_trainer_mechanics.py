@@ -73,6 +73,7 @@ def trainable(trainer) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [sft_trainer, dpo_trainer], ids=["sft", "dpo"])
 def test_keep_float32_restores_the_exact_adapter_in_both_stages(parts, make):
     # Canary: TRL still casts a quantised model's adapter to bf16 (if this fails, the mechanism may go).
@@ -100,6 +101,7 @@ class RecordUseTriton(TrainerCallback):
         self.seen.append(trl_utils._use_triton(CPU))
 
 
+@pytest.mark.slow
 def test_the_patch_holds_only_while_our_trainer_runs(parts):
     record = RecordUseTriton()
     trainer, _ = sft_trainer(parts, keep_float32=True, callbacks=[record])
