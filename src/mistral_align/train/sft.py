@@ -65,8 +65,10 @@ def build_sft_trainer(model, tokenizer, args, train_ds, eval_ds=None, callbacks=
 
 
 def keeps_float32(cfg: Any) -> bool:
-    """Trainable weights stay float32 where the 4-bit layers compute in float32 (train/precision.py)."""
-    return cfg.quant.mode != "none" and cfg.quant.compute_dtype == "float32"
+    """Trainable weights stay float32 where the 4-bit layers compute in float32, or where the rest of
+    the model is float32 (a bf16 adapter beside float32 layers fails outside autocast, e.g. when
+    generating); train/precision.py."""
+    return cfg.quant.mode != "none" and "float32" in (cfg.quant.compute_dtype, cfg.model.dtype)
 
 
 class SFTStage(Stage):
