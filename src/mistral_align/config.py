@@ -70,7 +70,7 @@ class ModelConfig:
     hub_id: Optional[str] = None
     revision: Optional[str] = None
     architecture: Optional[ArchitectureConfig] = None
-    # The Mistral tokenizer this model was trained with (v1, v2, v3, v7, v3-tekken): the chat format follows.
+    # The Mistral tokenizer this model was trained with (v1, v2, v3, v7, v3-tekken, v7-tekken, v11, v13): the chat format follows.
     tokenizer_version: str = "???"
     # Weights dtype for the layers that are not quantised.
     dtype: str = "bfloat16"
