@@ -20,7 +20,7 @@ from mistral_align.model.build import apply_peft, build_model, prepare_for_adapt
 from mistral_align.train.args import training_arguments
 from mistral_align.train.report import generation_table, preference_table
 from mistral_align.train.sft import keeps_float32
-from mistral_align.train.stage import Stage
+from mistral_align.train.stage import Stage, build_trainer
 
 log = logging.getLogger("mistral_align.dpo")
 
@@ -125,17 +125,10 @@ def make_dpo_args(stage_cfg: Any, seed: int, out_dir: Path, report_to: list[str]
 
 
 def build_dpo_trainer(model, tokenizer, args, train_ds, eval_ds=None, callbacks=(), keep_float32: bool = False):
+    """The DPO trainer on pre-tokenised preference rows (prompt_ids, chosen_ids, rejected_ids)."""
     from mistral_align.train.dpo_trainer import PretokenizedDPOTrainer
 
-    return PretokenizedDPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        callbacks=list(callbacks),
-        keep_float32=keep_float32,
-    )
+    return build_trainer(PretokenizedDPOTrainer, model, tokenizer, args, train_ds, eval_ds, callbacks, keep_float32)
 
 
 def adapter_base(adapter: str) -> Path | None:

@@ -29,7 +29,7 @@ from mistral_align.model.build import apply_peft, build_model
 from mistral_align.train.args import training_arguments
 from mistral_align.train.precision import KeepsTrainableFloat32
 from mistral_align.train.report import generation_table
-from mistral_align.train.stage import Stage
+from mistral_align.train.stage import Stage, build_trainer
 from mistral_align.train.trl_patches import ScoresLabelledPositionsOnly
 
 
@@ -53,15 +53,7 @@ def make_sft_args(stage_cfg: Any, seed: int, out_dir: Path, report_to: list[str]
 
 def build_sft_trainer(model, tokenizer, args, train_ds, eval_ds=None, callbacks=(), keep_float32: bool = False):
     """The SFT trainer on already-tokenised rows (input_ids + labels)."""
-    return MistralSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        callbacks=list(callbacks),
-        keep_float32=keep_float32,
-    )
+    return build_trainer(MistralSFTTrainer, model, tokenizer, args, train_ds, eval_ds, callbacks, keep_float32)
 
 
 def keeps_float32(cfg: Any) -> bool:

@@ -170,6 +170,12 @@ def run_stage(stage: Stage, print_report: bool = True) -> dict:
     return summary
 
 
+def build_trainer(trainer_class, model, tokenizer, args, train_ds, eval_ds=None, callbacks=(), keep_float32=False):
+    """One of our TRL trainers on already-tokenised rows (train/sft.py, train/dpo_trainer.py)."""
+    return trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, callbacks=list(callbacks), keep_float32=keep_float32)
+
+
 def save_adapter(trainer, out_dir: Path, tokenizer_version: str | None = None) -> Path:
     """The final adapter (adapter_model.safetensors + adapter_config.json naming its base), or the
     full model with peft=none, plus the exact tokenizer so the folder loads (and pushes) on its own.
