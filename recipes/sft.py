@@ -11,7 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from mistral_align.config import register_configs
-from mistral_align.errors import exit_on_user_error
+from mistral_align.errors import exit_on_user_error, run_hydra_recipe
 from mistral_align.train.launch import finish_run, open_run
 from mistral_align.train.sft import SFTStage
 from mistral_align.train.stage import run_stage
@@ -32,4 +32,4 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_recipe(main)

@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from mistral_align.config import register_configs
-from mistral_align.errors import exit_on_user_error
+from mistral_align.errors import exit_on_user_error, run_hydra_recipe
 from mistral_align.train.dpo import DPOStage
 from mistral_align.train.launch import finish_run, open_run
 from mistral_align.train.report import pipeline_summary, pipeline_table
@@ -65,4 +65,4 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_recipe(main)

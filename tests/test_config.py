@@ -272,6 +272,10 @@ def test_recipe_fails_at_start_on_a_mistake_with_one_line(tmp_path):
         assert out.returncode == 2, out.stderr[-2000:]
         assert out.stderr.strip() == message or out.stderr.strip().startswith(message), out.stderr[-2000:]
         assert "Traceback" not in out.stderr
+    # Hydra's own composition errors (it prints its message) exit 2 too: one code for user mistakes.
+    for args in (["sft.train.lrr=1"], ["model=no-such-model"]):
+        out = _recipe("experiment=test_tiny", f"run.output_dir={tmp_path}", *args)
+        assert out.returncode == 2 and args[0].split("=")[1 if "model" in args[0] else 0].split(".")[-1] in out.stderr
     out = _recipe("experiment=test_tiny", f"run.output_dir={tmp_path}", "sft.train.lr=1", recipe="dpo.py")
     assert out.returncode == 2 and "recipes/dpo.py runs no SFT stage" in out.stderr
     assert not any(tmp_path.iterdir())  # no run directory was made for a run that never started

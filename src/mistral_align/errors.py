@@ -41,11 +41,16 @@ def print_user_error(e: UserError, prefix: str = "error") -> None:
     print(f"{prefix}: {e}", file=sys.stderr, flush=True)
 
 
+_task_started = False
+
+
 def exit_on_user_error(fn):
     """Entry points: a UserError ends the process with its message and exit code 2, not a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        global _task_started
+        _task_started = True
         try:
             return fn(*args, **kwargs)
         except UserError as e:
@@ -53,3 +58,15 @@ def exit_on_user_error(fn):
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper
+
+
+def run_hydra_recipe(main) -> None:
+    """Call a `@hydra.main` entry point so that Hydra's own user errors (an unknown key or group
+    option on the command line, a bad override) exit 2 like ours. Hydra ends those with exit code 1
+    before our task function starts; once it has started, an exit code 1 is a real failure and stays."""
+    try:
+        main()
+    except SystemExit as e:
+        if e.code == 1 and not _task_started:
+            sys.exit(EXIT_USER_ERROR)
+        raise
