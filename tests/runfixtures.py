@@ -30,6 +30,11 @@ ARCH = {
         num_key_value_heads=2, head_dim=64, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5,
         tie_word_embeddings=False, initializer_range=0.05,
     ),
+    "mistral-small": dict(
+        type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, initializer_range=0.05,
+    ),
     "mixtral": dict(
         type="mixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5,
@@ -48,7 +53,7 @@ def model_config(arch: str):
     from mistral_align.model.build import inline_config
 
     a = dict(ARCH[arch])
-    if arch == "mistral":
+    if a["type"] == "mistral":
         a.update(num_local_experts=0, num_experts_per_tok=0, router_aux_loss_coef=0.0)
     return inline_config(SimpleNamespace(architecture=SimpleNamespace(**a)), VOCAB)
 
@@ -102,7 +107,7 @@ def _train(model, encoder, steps: int, lr: float, seed: int):
         out.loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
     model.eval()
     return losses
 
@@ -154,7 +159,7 @@ def make_run(run_dir: Path, arch: str = "mistral", quant: str = "nf4", pipeline:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets = linear_module_names(model)
     lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
-                      target_parameters=MIXTRAL_EXPERT_PARAMETERS if arch == "mixtral" else None, task_type="CAUSAL_LM")
+                      target_parameters=MIXTRAL_EXPERT_PARAMETERS if ARCH[arch]["type"] == "mixtral" else None, task_type="CAUSAL_LM")
     model = get_peft_model(model, lcfg)
     stages = ["sft", "dpo"] if pipeline else ["sft"]
     summary: dict = {}
