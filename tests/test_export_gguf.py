@@ -144,3 +144,27 @@ def test_tekken_and_bad_targets_are_one_line_errors(exported, tmp_path, capsys):
     assert err.count("\n") == 1 and "v3-tekken" in err and "sentencepiece" in err
     assert main(["export-gguf", str(merged), "--out", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+@needs_llama
+def test_gguf_chat_template_rendered_by_llama_cpp_python_gives_our_ids(exported):
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from mistral_align.chat.schema import Message
+
+    _, _, f16 = exported
+    enc, _ = _prompts()
+    r = gguf.GGUFReader(str(f16))
+    f = r.fields["tokenizer.chat_template"]
+    template = bytes(f.parts[f.data[0]]).decode()
+    llm = Llama(model_path=str(f16), n_ctx=64, vocab_only=True, verbose=False)
+    fmt = Jinja2ChatFormatter(template, eos_token="</s>", bos_token="<s>")
+    convs = [[("user", "Hi")], [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye")],
+             [("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d"), ("user", "e")]]
+    for c in convs:
+        prompt = fmt(messages=[{"role": a, "content": b} for a, b in c]).prompt
+        ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        assert ids == enc.encode_prompt([Message(a, b) for a, b in c]), prompt
+    # A typed "[INST]" cannot stay text through any text template (llama.cpp parses specials in the
+    # rendered prompt); only our own encoder (mistral-align chat) keeps it text.
