@@ -168,3 +168,31 @@ def test_gguf_chat_template_rendered_by_llama_cpp_python_gives_our_ids(exported)
         assert ids == enc.encode_prompt([Message(a, b) for a, b in c]), prompt
     # A typed "[INST]" cannot stay text through any text template (llama.cpp parses specials in the
     # rendered prompt); only our own encoder (mistral-align chat) keeps it text.
+
+
+@needs_llama
+def test_mixtral_gguf_logits_match_transformers(tmp_path):
+    import numpy as np
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM
+
+    from mistral_align.cli import main
+
+    run = make_run(tmp_path / "mix", arch="mixtral", quant="none", steps=8)
+    assert main(["merge", str(run), "--out", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+    out = tmp_path / "mix.f16.gguf"
+    assert main(["export-gguf", str(tmp_path / "merged"), "--out", str(out)]) == 0
+    r = gguf.GGUFReader(str(out))
+    assert {"blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight", "blk.0.ffn_down_exps.weight",
+            "blk.0.ffn_gate_inp.weight"} <= {t.name for t in r.tensors}
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    llm = Llama(model_path=str(out), n_ctx=128, logits_all=True, verbose=False)
+    _, prompts = _prompts()
+    for p in prompts:
+        with torch.no_grad():
+            want = ref(torch.tensor([p])).logits[0].numpy()
+        llm.reset()
+        llm.eval(p)
+        got = np.array(llm.scores[: len(p)])
+        # f16 weights: differences of a few 1e-4 on logits of about 1; a layout error gives O(1).
+        assert np.abs(got - want).max() < 0.02 * np.abs(want).max()

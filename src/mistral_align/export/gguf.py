@@ -178,12 +178,21 @@ def write_f16(model_dir: Path, out: Path, version: str, name: str = "mistral-ali
         put(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
         put(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"], True)
         if mtype == "mixtral":
-            gate_up = sd[p + "mlp.experts.gate_up_proj"]  # [experts, 2*ff, hidden]: gate rows then up rows
-            ff = gate_up.shape[1] // 2
-            put(f"blk.{i}.ffn_gate_inp.weight", sd[p + "mlp.gate.weight"], True)
-            put(f"blk.{i}.ffn_gate_exps.weight", gate_up[:, :ff, :])
-            put(f"blk.{i}.ffn_up_exps.weight", gate_up[:, ff:, :])
-            put(f"blk.{i}.ffn_down_exps.weight", sd[p + "mlp.experts.down_proj"])
+            if p + "mlp.experts.gate_up_proj" in sd:  # fused layout: [experts, 2*ff, hidden], gate rows then up rows
+                gate_up = sd[p + "mlp.experts.gate_up_proj"]
+                ff = gate_up.shape[1] // 2
+                router, gate, up, down = sd[p + "mlp.gate.weight"], gate_up[:, :ff, :], gate_up[:, ff:, :], sd[p + "mlp.experts.down_proj"]
+            else:  # the Hub layout transformers 5 saves: block_sparse_moe.experts.E.w1 (gate) / w3 (up) / w2 (down)
+                n_exp = cfg["num_local_experts"]
+                e = p + "block_sparse_moe.experts."
+                router = sd[p + "block_sparse_moe.gate.weight"]
+                gate = torch.stack([sd[f"{e}{j}.w1.weight"] for j in range(n_exp)])
+                up = torch.stack([sd[f"{e}{j}.w3.weight"] for j in range(n_exp)])
+                down = torch.stack([sd[f"{e}{j}.w2.weight"] for j in range(n_exp)])
+            put(f"blk.{i}.ffn_gate_inp.weight", router, True)
+            put(f"blk.{i}.ffn_gate_exps.weight", gate)
+            put(f"blk.{i}.ffn_up_exps.weight", up)
+            put(f"blk.{i}.ffn_down_exps.weight", down)
         else:
             put(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
             put(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"])
