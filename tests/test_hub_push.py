@@ -196,3 +196,22 @@ def test_pipeline_push_stage_choice(pipeline, tmp_path):
     assert a == (pipeline / "dpo" / "adapter" / "adapter_model.safetensors").read_bytes()
     assert (tmp_path / "sft" / "adapter_model.safetensors").read_bytes() == (pipeline / "sft" / "adapter" / "adapter_model.safetensors").read_bytes()
     assert dpo.files == sft.files
+
+
+def test_hub_base_is_named_by_its_id(run, tmp_path):
+    import shutil
+
+    from mistral_align.hub.push import push_run
+
+    hub_run = tmp_path / "hubrun"
+    shutil.copytree(run, hub_run, ignore=shutil.ignore_patterns("base"))
+    acfg = json.loads((hub_run / "adapter" / "adapter_config.json").read_text())
+    acfg["base_model_name_or_path"] = "mistralai/Mistral-7B-v0.3"
+    (hub_run / "adapter" / "adapter_config.json").write_text(json.dumps(acfg))
+    cfg = (hub_run / "config.yaml").read_text().replace("hub_id: null", "hub_id: mistralai/Mistral-7B-v0.3")
+    (hub_run / "config.yaml").write_text(cfg)
+    push_run(hub_run, "me/m7", dry_run=tmp_path / "dry")
+    assert json.loads((tmp_path / "dry" / "adapter_config.json").read_text())["base_model_name_or_path"] == "mistralai/Mistral-7B-v0.3"
+    readme = (tmp_path / "dry" / "README.md").read_text()
+    assert _front_matter(readme)["base_model"] == "mistralai/Mistral-7B-v0.3"
+    assert "from_pretrained('mistralai/Mistral-7B-v0.3'" in readme and "inline" not in readme
