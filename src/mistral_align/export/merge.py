@@ -53,7 +53,7 @@ def _dequantized_weights(src: RunSource) -> dict[str, torch.Tensor]:
     model_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         (src.config.get("model") or {}).get("dtype", "bfloat16"), torch.bfloat16
     )
-    qmodel = AutoModelForCausalLM.from_pretrained(src.base, revision=src.revision, dtype=model_dtype, quantization_config=qcfg, device_map={"": "cpu"} if not torch.cuda.is_available() else None)
+    qmodel = AutoModelForCausalLM.from_pretrained(src.base, revision=src.revision, dtype=model_dtype, quantization_config=qcfg, device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"})
     out: dict[str, torch.Tensor] = {}
     for name, module in qmodel.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
