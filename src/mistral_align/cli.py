@@ -230,9 +230,168 @@ def _render_row(where: str, kind: str, r, encoder, color: bool) -> str:
     )
 
 
+# -- push / merge / export-gguf / chat ----------------------------------------------------------
+
+
+def _user_errors():
+    """The error types of the run-directory, Hub and export layers, reported as one line, exit 2."""
+    from mistral_align.export.rundir import RunDirError
+    from mistral_align.hub.push import HubError
+
+    errors: tuple = (RunDirError, HubError)
+    try:
+        from mistral_align.export.gguf import GGUFExportError
+
+        errors += (GGUFExportError,)
+    except ImportError:  # pragma: no cover
+        pass
+    return errors
+
+
+def _add_push(sub) -> None:
+    p = sub.add_parser(
+        "push",
+        help="push a run's adapter, tokenizer and model card to the Hugging Face Hub",
+        description="Upload the adapter (safetensors), adapter_config.json naming the base, the exact tokenizer, "
+        "config.yaml, loss.png, summary.json and a model card. Token: HF_TOKEN or the stored login "
+        "(`hf auth login`); it is written nowhere. A second push of the same run makes a new commit.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--repo-id", required=True, metavar="OWNER/NAME")
+    p.add_argument("--stage", choices=("sft", "dpo"), default=None, help="pipeline runs: which adapter (default: the last, dpo)")
+    p.add_argument("--private", action="store_true", help="create the repository private (an existing one is left as it is)")
+    p.add_argument("--revision", default=None, metavar="BRANCH", help="push to this branch (created if missing)")
+    p.add_argument("--license", default="apache-2.0", help="model card licence (default apache-2.0)")
+    p.add_argument("--dry-run", default=None, metavar="DIR", help="write exactly the folder that would be uploaded, upload nothing")
+    p.set_defaults(func=_cmd_push)
+
+
+def _cmd_push(args) -> int:
+    from mistral_align.hub.push import push_run
+
+    try:
+        r = push_run(args.run_dir, args.repo_id, stage=args.stage, private=args.private, revision=args.revision,
+                     dry_run=args.dry_run, license=args.license)
+    except _user_errors() as e:
+        raise UsageError(str(e)) from None
+    if r.dry_run:
+        print(f"dry run: wrote {len(r.files)} files to {r.folder} (nothing uploaded)")
+        for f in r.files:
+            print(f"  {f}")
+    else:
+        print(f"pushed {len(r.files)} files to https://huggingface.co/{r.repo_id}" + (f" ({r.commit_url})" if r.commit_url else ""))
+    return EXIT_OK
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="merge the adapter into its base: a plain transformers model folder",
+        description="Write safetensors shards, config.json, generation_config.json and the exact tokenizer. "
+        "QLoRA runs: --base dequantized (default) merges into the NF4-dequantized base the adapter was "
+        "trained against; --base original into the full-precision base. Never merges into 4-bit weights.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--base", choices=("dequantized", "original"), default="dequantized")
+    p.add_argument("--stage", choices=("sft", "dpo"), default=None)
+    p.set_defaults(func=_cmd_merge)
+
+
+def _cmd_merge(args) -> int:
+    from mistral_align.export.rundir import resolve_source
+
+    try:
+        resolve_source(args.run_dir, args.stage)  # user mistakes before any model loads
+        if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+            raise UsageError(f"--out {args.out}: exists and is not an empty directory")
+        from mistral_align.export.merge import merge_run
+
+        out = merge_run(args.run_dir, args.out, dtype=args.dtype, base=args.base, stage=args.stage)
+    except _user_errors() as e:
+        raise UsageError(str(e)) from None
+    print(f"merged model written to {out}")
+    return EXIT_OK
+
+
+def _add_export_gguf(sub) -> None:
+    p = sub.add_parser(
+        "export-gguf",
+        help="write a GGUF file for llama.cpp (f16, q8_0, q4_k_m)",
+        description="Export a run (merged on the fly, --base dequantized) or a merged folder to GGUF: llama "
+        "architecture metadata, the sentencepiece vocabulary with scores and token types, BOS/EOS/UNK, the chat "
+        "template. q8_0 and q4_k_m need llama-cpp-python (pip install 'mistral-align[gguf]').",
+    )
+    p.add_argument("source", metavar="RUN_DIR|MERGED_DIR")
+    p.add_argument("--out", required=True, metavar="FILE.gguf")
+    p.add_argument("--type", choices=("f16", "q8_0", "q4_k_m"), default="f16", dest="gguf_type")
+    p.add_argument("--stage", choices=("sft", "dpo"), default=None)
+    p.add_argument("--base", choices=("dequantized", "original"), default="dequantized", help="runs only: the merge base")
+    p.set_defaults(func=_cmd_export_gguf)
+
+
+def _cmd_export_gguf(args) -> int:
+    try:
+        from mistral_align.export.gguf import export_gguf
+
+        path = export_gguf(args.source, args.out, gguf_type=args.gguf_type, stage=args.stage, base=args.base)
+    except _user_errors() as e:
+        raise UsageError(str(e)) from None
+    print(f"{path}: {os.path.getsize(path)} bytes ({args.gguf_type})")
+    return EXIT_OK
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser(
+        "chat",
+        help="talk to a run (base + adapter) or a merged model",
+        description="Interactive (history kept; /reset, /system TEXT, /exit) or one-shot with --prompt. Prompts are "
+        "built by the exact Mistral encoder: typing [INST] gives the text, never the control token.",
+    )
+    p.add_argument("source", metavar="RUN_DIR|MERGED_DIR")
+    p.add_argument("--prompt", default=None, metavar="TEXT", help="one-shot: print the reply and exit")
+    p.add_argument("--system", default=None, metavar="TEXT")
+    p.add_argument("--stage", choices=("sft", "dpo"), default=None)
+    p.add_argument("--quant", choices=("auto", "none", "nf4", "fp4", "int8"), default="auto",
+                   help="load the base quantised (auto: as the run was trained; merged folders: none)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-stream", action="store_true", help="print each reply when it is complete")
+    p.set_defaults(func=_cmd_chat)
+
+
+def _cmd_chat(args) -> int:
+    from mistral_align.chat.session import ChatSession, Sampling, interactive, load_for_chat
+    from mistral_align.export.rundir import resolve_source
+
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.max_new_tokens, args.seed)
+    try:
+        sampling.check()
+        resolve_source(args.source, args.stage)
+        model, encoder = load_for_chat(args.source, quant=args.quant, stage=args.stage, dtype=args.dtype)
+    except ValueError as e:  # RunDirError is a ValueError too
+        raise UsageError(str(e)) from None
+    session = ChatSession(model, encoder, sampling, system=args.system)
+    if args.prompt is not None:
+        if args.no_stream:
+            print(session.say(args.prompt), flush=True)
+        else:
+            session.say(args.prompt, stream=lambda s: print(s, end="", flush=True))
+            print(flush=True)
+        return EXIT_OK
+    interactive(session, stream=not args.no_stream)
+    return EXIT_OK
+
+
 # -- entry point --------------------------------------------------------------------------------
 
-SUBCOMMANDS = (_add_validate, _add_preview)
+SUBCOMMANDS = (_add_validate, _add_preview, _add_chat, _add_merge, _add_export_gguf, _add_push)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,135 @@
+"""Merge a run's LoRA adapter into its base and write a plain transformers model folder.
+
+    merge_run("runs/demo", "merged/", dtype="bf16", base="dequantized")
+
+Two bases for a QLoRA adapter (never merged into 4-bit weights):
+
+- `dequantized`: the base the adapter was trained against: the weights quantised exactly as the
+  run's `quant` node says, then dequantised back to full precision. The merged model is then the
+  trained QLoRA model up to float rounding.
+- `original`: the full-precision base as published. The adapter was never trained against it;
+  the NF4 rounding error of every frozen weight is put back, so the model differs from the one
+  that was trained and evaluated.
+
+The default is `dequantized` (measured in `scripts/measure_merge.py`; figures in the README). For
+a run without quantisation both are the same model.
+
+The folder holds safetensors shards, `config.json`, `generation_config.json` and the exact
+tokenizer (`save_hf_tokenizer`); `AutoModelForCausalLM` / `AutoTokenizer` load it without
+this package.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from mistral_align.export.rundir import RunDirError, RunSource, quantization_config, resolve_source
+
+log = logging.getLogger("mistral_align")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BASES = ("dequantized", "original")
+DEFAULT_BASE = "dequantized"
+
+
+def _load_full(src: RunSource, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src.base, revision=src.revision, dtype=dtype)
+    return model
+
+
+def _dequantized_weights(src: RunSource) -> dict[str, torch.Tensor]:
+    """Every quantised linear weight of the base as training saw it, dequantised (module name -> W)."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    qcfg = quantization_config(src.quant)
+    compute = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[src.quant.get("compute_dtype", "bfloat16")]
+    model_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        (src.config.get("model") or {}).get("dtype", "bfloat16"), torch.bfloat16
+    )
+    qmodel = AutoModelForCausalLM.from_pretrained(src.base, revision=src.revision, dtype=model_dtype, quantization_config=qcfg, device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"})
+    out: dict[str, torch.Tensor] = {}
+    for name, module in qmodel.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            w = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            w = bnb.functional.int8_vectorwise_dequant(module.weight.data, module.weight.SCB)
+        else:
+            continue
+        out[name] = w.to(compute).to("cpu")
+    del qmodel
+    return out
+
+
+def load_merged(src: RunSource, dtype: torch.dtype = torch.float32, base: str = DEFAULT_BASE):
+    """The merged model in memory (base as asked, adapter merged in), eval mode."""
+    from peft import PeftModel
+
+    if base not in BASES:
+        raise RunDirError(f"--base must be one of {', '.join(BASES)}, got {base!r}")
+    if src.kind != "run":
+        raise RunDirError(f"{src.path}: already a merged model folder; merge takes a run directory")
+    model = _load_full(src, dtype)
+    if base == "dequantized" and src.quant_mode != "none":
+        weights = _dequantized_weights(src)
+        modules = dict(model.named_modules())
+        for name, w in weights.items():
+            lin = modules[name]
+            if tuple(lin.weight.shape) != tuple(w.shape):
+                raise RunDirError(f"dequantized {name}: shape {tuple(w.shape)} != base {tuple(lin.weight.shape)}")
+            with torch.no_grad():
+                lin.weight.copy_(w.to(lin.weight.dtype))
+        log.info("merge: %d quantised weights replaced by their %s dequantisation", len(weights), src.quant_mode)
+    peft_model = PeftModel.from_pretrained(model, str(src.adapter_dir))
+    merged = peft_model.merge_and_unload()
+    return merged.eval()
+
+
+def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", base: str = DEFAULT_BASE,
+              stage: str | None = None, max_shard_size: str = "5GB") -> Path:
+    """Write the merged model folder; returns it."""
+    from transformers import GenerationConfig
+
+    from mistral_align.chat.hf_tokenizer import save_hf_tokenizer
+
+    if dtype not in DTYPES:
+        raise RunDirError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    src = resolve_source(run_dir, stage)
+    if src.kind != "run":
+        raise RunDirError(f"{src.path}: already a merged model folder; merge takes a run directory")
+    if not src.tokenizer_version:
+        raise RunDirError(f"{src.path}: cannot tell the tokenizer version (config.yaml model.tokenizer_version)")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise RunDirError(f"{out}: exists and is not empty")
+    # Merge in float32 (the LoRA delta is small next to the weights), then cast once.
+    model = load_merged(src, torch.float32, base)
+    model = model.to(DTYPES[dtype])
+    cfg = model.config
+    cfg.use_cache = True
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(cfg, attr):
+            delattr(cfg, attr)
+    cfg.name_or_path = ""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=None, do_sample=False).save_pretrained(str(out))
+    save_hf_tokenizer(src.tokenizer_version, out)
+    info = {
+        "merged_from": {"run_dir": str(src.path), "stage": src.stage, "adapter": str(src.adapter_dir),
+                        "base": src.base if not src.is_inline else "base/ (inline, in the run directory)"},
+        "base_kind": base if src.quant_mode != "none" else "original (the run was not quantised)",
+        "quant": src.quant_mode,
+        "dtype": dtype,
+        "tokenizer_version": src.tokenizer_version,
+    }
+    (out / "mistral_align_merge.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    for stray in out.glob("*.bin"):
+        stray.unlink()
+    return out

@@ -1,0 +1,144 @@
+"""The model card (README.md) pushed with an adapter: YAML front matter and a body a person reads."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from mistral_align.export.rundir import RunSource
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_LOCAL_SUFFIX = (".jsonl", ".json", ".parquet", ".csv", ".txt")
+
+
+def hub_datasets(config: dict, stage: str | None) -> list[str]:
+    """Data sources of the run's stages that are Hub dataset ids (local files left out)."""
+    out: list[str] = []
+    stages = [s for s in ("sft", "dpo") if s in config] or []
+    if stage == "sft":
+        stages = [s for s in stages if s == "sft"]
+    for s in stages:
+        data = (config.get(s) or {}).get("data") or {}
+        for src in list(data.get("train") or []) + list(data.get("eval") or []):
+            path = str((src or {}).get("path", ""))
+            if _HUB_ID.match(path) and not path.endswith(_LOCAL_SUFFIX) and not Path(path).exists() and path not in out:
+                out.append(path)
+    return out
+
+
+def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(d, dict):
+        rows = []
+        for k, v in d.items():
+            rows += _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+        return rows
+    if isinstance(d, (int, float)) and not isinstance(d, bool):
+        return [(prefix, d)]
+    return []
+
+
+def metrics_table(summary: dict) -> str:
+    rows = _flatten(summary)
+    if not rows:
+        return "_No final metrics were recorded (summary.json missing or empty)._\n"
+    lines = ["| metric | value |", "|---|---|"]
+    for k, v in rows:
+        lines.append(f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |")
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_list(items: list[str]) -> str:
+    return "".join(f"\n  - {json.dumps(i)}" for i in items) if items else " []"
+
+
+def prompt_format_section(version: str) -> str:
+    from mistral_align.chat.encoder import get_encoder
+    from mistral_align.chat.schema import Message
+
+    enc = get_encoder(version)
+    conv = [Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello!"), Message("user", "Bye")]
+    ids = enc.encode_prompt(conv)
+    pieces = " ".join(enc.piece(i).replace(" ", "▁").replace("\n", "\\n") for i in ids)
+    return (
+        f"Tokenizer `{version}` (mistral-common). Training and the shipped tokenizer build prompts exactly as "
+        "mistral-common does; text a user types as `[INST]` stays text, never a control token. A conversation "
+        "with a system prompt, one finished exchange and a new user turn, ready for generation:\n\n"
+        "```python\n"
+        f"{[{'role': m.role, 'content': m.content} for m in conv]!r}\n"
+        "```\n\n"
+        f"ids (BOS={enc.bos_id}, EOS={enc.eos_id}):\n\n```\n{ids}\n```\n\npieces:\n\n```\n{pieces}\n```\n\n"
+        "Every assistant reply ends with EOS; BOS appears once. `tokenizer.apply_chat_template(messages, "
+        "add_generation_prompt=True)` with the tokenizer in this repository gives these ids.\n"
+    )
+
+
+def render_card(src: RunSource, repo_id: str, base_id: str, license: str = "apache-2.0") -> str:
+    config = src.config
+    stage = src.stage or "sft"
+    quant = src.quant_mode
+    peft = config.get("peft") or {}
+    method = "qlora" if quant in ("nf4", "fp4") else "lora"
+    tags = ["trl", stage, method, "mistral-align", "peft"]
+    if stage == "dpo" and "sft" in config:
+        tags.insert(1, "sft")
+    datasets = hub_datasets(config, stage)
+    summary_path = (src.stage_dir or src.path) / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    if not summary and (src.path / "summary.json").is_file():
+        summary = json.loads((src.path / "summary.json").read_text(encoding="utf-8"))
+    model = config.get("model") or {}
+    front = (
+        "---\n"
+        f"base_model: {json.dumps(base_id)}\n"
+        "library_name: peft\n"
+        f"license: {license}\n"
+        f"datasets:{_yaml_list(datasets)}\n"
+        "pipeline_tag: text-generation\n"
+        f"tags:{_yaml_list(tags)}\n"
+        "---\n"
+    )
+    setup = [
+        f"- base model: `{base_id}`" + (" (an inline random-init model kept with the run)" if src.is_inline else ""),
+        f"- stage: `{stage}`" + (" (after SFT)" if stage == "dpo" and "sft" in config else ""),
+        f"- adapter: LoRA r={peft.get('r')}, alpha={peft.get('alpha')}, dropout={peft.get('dropout')}, "
+        f"targets {peft.get('target_modules')}",
+        f"- quantisation during training: `{quant}`"
+        + (f" (double quant {src.quant.get('double_quant')}, compute dtype {src.quant.get('compute_dtype')})" if quant != "none" else ""),
+        f"- tokenizer: mistral-common `{src.tokenizer_version}`",
+    ]
+    st = config.get(stage) or {}
+    train = st.get("train") or {}
+    if train:
+        keys = ("lr", "epochs", "max_steps", "per_device_batch_size", "grad_accum", "packing")
+        setup.append("- training: " + ", ".join(f"{k}={train[k]}" for k in keys if k in train))
+    if stage == "dpo":
+        setup.append(f"- DPO: beta={st.get('beta')}, loss_type={st.get('loss_type')}")
+    if datasets:
+        setup.append("- datasets: " + ", ".join(f"`{d}`" for d in datasets))
+    usage = (
+        "```python\n"
+        "import torch\n"
+        "from peft import PeftModel\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f"base = AutoModelForCausalLM.from_pretrained({base_id!r}, dtype=torch.bfloat16)\n"
+        f"model = PeftModel.from_pretrained(base, {repo_id!r})\n"
+        f"tokenizer = AutoTokenizer.from_pretrained({repo_id!r})  # mistral-common backend, exact ids\n"
+        'ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,\n'
+        '                                    return_tensors="pt")\n'
+        "out = model.generate(ids, max_new_tokens=64, do_sample=False)\n"
+        "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))\n"
+        "```\n"
+    )
+    return (
+        front
+        + f"\n# {repo_id}\n\nA LoRA adapter for `{base_id}` trained with "
+        f"mistral-align ({stage.upper()} stage, {method.upper()}).\n\n"
+        "## Training set-up\n\n" + "\n".join(setup) + "\n\n"
+        "## Final metrics\n\n" + metrics_table(summary) + "\n"
+        "## Prompt format\n\n" + prompt_format_section(src.tokenizer_version) + "\n"
+        "## Usage (plain peft + transformers)\n\n" + usage + "\n"
+        "Files: `adapter_model.safetensors`, `adapter_config.json`, the tokenizer, the resolved training "
+        "config (`config.yaml`), the loss plot (`loss.png`) and `summary.json`.\n"
+    )

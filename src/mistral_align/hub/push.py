@@ -1,0 +1,210 @@
+"""Push a run's adapter to the Hugging Face Hub (or write exactly that folder: dry run).
+
+    push_run("runs/demo", "me/demo-adapter")                      # create_repo(exist_ok) + upload_folder
+    push_run("runs/demo", "me/demo-adapter", dry_run="out/")      # the folder only, no network
+
+The folder: adapter_model.safetensors, adapter_config.json (base_model_name_or_path = the base's
+Hub id), the exact tokenizer (save_hf_tokenizer), config.yaml (credentials scrubbed), loss.png,
+summary.json, README.md (model card). Nothing pickled is ever included, and the token (HF_TOKEN
+or the stored login, read by huggingface_hub itself) is written nowhere; the folder is checked
+for its value before anything is uploaded.
+
+Re-running a push makes a new commit in the same repository (create_repo(exist_ok=True)); a
+transient failure is retried, and a final failure names the step that failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from mistral_align.export.rundir import RunDirError, RunSource, resolve_source
+from mistral_align.hub.card import render_card
+
+log = logging.getLogger("mistral_align")
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+_SECRET_KEY = re.compile(r"(^|[_-])(token|secret|password|passwd|api[_-]?key|auth)$", re.I)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class HubError(RuntimeError):
+    """A push that could not be done (one line for the user); rerunning the command is safe."""
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    folder: Path
+    files: list[str]
+    commit_url: Optional[str] = None
+    dry_run: bool = False
+
+
+def _scrub(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: ("***" if _SECRET_KEY.search(str(k)) and v not in (None, "") else _scrub(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_scrub(v) for v in obj]
+    return obj
+
+
+def hub_base_id(src: RunSource) -> str:
+    """What adapter_config.json should name: the Hub id of the base (a local folder for an inline model)."""
+    hub_id = (src.config.get("model") or {}).get("hub_id")
+    if src.base and not Path(src.base).is_absolute():
+        return src.base
+    if hub_id:
+        return hub_id
+    return str(src.base)
+
+
+def build_folder(src: RunSource, repo_id: str, out: Path, license: str = "apache-2.0") -> list[str]:
+    """Write the upload folder into `out` (created, must be empty); returns its files, sorted."""
+    from omegaconf import OmegaConf
+
+    from mistral_align.chat.hf_tokenizer import save_hf_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.iterdir()):
+        raise RunDirError(f"{out}: exists and is not empty")
+    adapter = src.adapter_dir
+    assert adapter is not None
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (adapter / "adapter_model.bin").is_file():
+            raise RunDirError(f"{adapter}: only a pickled adapter_model.bin; re-save it as safetensors")
+        raise RunDirError(f"{weights}: missing")
+    shutil.copyfile(weights, out / "adapter_model.safetensors")
+    acfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    base_id = hub_base_id(src)
+    acfg["base_model_name_or_path"] = base_id
+    if src.revision:
+        acfg["revision"] = src.revision
+    (out / "adapter_config.json").write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    save_hf_tokenizer(src.tokenizer_version, out)
+    if src.config:
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(_scrub(src.config))), encoding="utf-8")
+    for name in ("loss.png",):
+        if (src.path / name).is_file():
+            shutil.copyfile(src.path / name, out / name)
+    summary = (src.stage_dir or src.path) / "summary.json"
+    if not summary.is_file():
+        summary = src.path / "summary.json"
+    if summary.is_file():
+        shutil.copyfile(summary, out / "summary.json")
+    (out / "README.md").write_text(render_card(src, repo_id, base_id, license), encoding="utf-8")
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    bad = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if bad:
+        raise RunDirError(f"refusing to upload pickled files: {', '.join(bad)}")
+    return files
+
+
+def _token_value() -> Optional[str]:
+    try:
+        from huggingface_hub import get_token
+
+        return get_token()
+    except Exception:  # pragma: no cover - an old huggingface_hub
+        return None
+
+
+def check_no_token(folder: Path, token: Optional[str]) -> None:
+    if not token:
+        return
+    needle = token.encode()
+    for p in folder.rglob("*"):
+        if p.is_file() and needle in p.read_bytes():
+            raise HubError(f"{p.name} contains the Hub token; refusing to upload")
+
+
+def _with_retries(what: str, fn: Callable[[], Any], tries: int, wait_s: float) -> Any:
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    last: Exception | None = None
+    for attempt in range(1, tries + 1):
+        try:
+            return fn()
+        except RepositoryNotFoundError as e:  # wrong owner / no access: retrying will not help
+            raise HubError(f"{what} failed: {_one_line(e)}") from None
+        except HfHubHTTPError as e:
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            if status in (401, 403):
+                raise HubError(f"{what} failed: not authorised ({status}); check HF_TOKEN or `hf auth login`") from None
+            last = e
+        except (OSError, TimeoutError) as e:  # connection errors (requests/httpx derive from OSError or not: both caught below)
+            last = e
+        except Exception as e:  # httpx.ConnectError etc.
+            if type(e).__module__.split(".")[0] not in ("httpx", "requests", "urllib3"):
+                raise
+            last = e
+        if attempt < tries:
+            log.warning("%s failed (try %d of %d): %s; retrying", what, attempt, tries, _one_line(last))
+            time.sleep(wait_s * attempt)
+    raise HubError(f"{what} failed after {tries} tries: {_one_line(last)}; nothing partial is kept, rerun the same command")
+
+
+def _one_line(e: Exception | None) -> str:
+    return " ".join(str(e).split())[:300] if e else "unknown error"
+
+
+def push_run(
+    run_dir: str | Path,
+    repo_id: str,
+    *,
+    stage: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    dry_run: str | Path | None = None,
+    license: str = "apache-2.0",
+    commit_message: str | None = None,
+    api: Any = None,
+    tries: int = 3,
+    retry_wait_s: float = 2.0,
+) -> PushResult:
+    """Push (or, with dry_run=DIR, only write) a run's adapter folder. Main process only."""
+    if not _REPO_ID.match(repo_id or ""):
+        raise RunDirError(f"--repo-id must look like OWNER/NAME, got {repo_id!r}")
+    src = resolve_source(run_dir, stage)
+    if src.kind != "run":
+        raise RunDirError(f"{src.path}: a merged model folder; push takes a run directory")
+    if not src.tokenizer_version:
+        raise RunDirError(f"{src.path}: cannot tell the tokenizer version (config.yaml model.tokenizer_version)")
+    if dry_run is not None:
+        folder = Path(dry_run)
+        files = build_folder(src, repo_id, folder, license)
+        return PushResult(repo_id, folder, files, dry_run=True)
+
+    from huggingface_hub import HfApi
+
+    token = _token_value()
+    if api is None:
+        if not token:
+            raise HubError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+        api = HfApi()  # reads HF_TOKEN / the stored login itself; the value is never passed around here
+    tmp = Path(tempfile.mkdtemp(prefix="mistral_align_push_"))
+    try:
+        folder = tmp / "upload"
+        files = build_folder(src, repo_id, folder, license)
+        check_no_token(folder, token)
+        _with_retries(f"create_repo {repo_id}", lambda: api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True), tries, retry_wait_s)
+        if revision:
+            _with_retries(f"create_branch {revision} of {repo_id}", lambda: api.create_branch(repo_id=repo_id, branch=revision, repo_type="model", exist_ok=True), tries, retry_wait_s)
+        message = commit_message or f"mistral-align: {src.stage or 'adapter'} adapter from {src.path.name}"
+        info = _with_retries(
+            f"upload_folder to {repo_id}" + (f"@{revision}" if revision else ""),
+            lambda: api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=revision, commit_message=message),
+            tries, retry_wait_s,
+        )
+        url = getattr(info, "commit_url", None) or (str(info) if info is not None else None)
+        return PushResult(repo_id, folder, files, commit_url=url)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

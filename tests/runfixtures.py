@@ -1,0 +1,200 @@
+"""Run directories built in code to the run-directory contract (no recipe is run).
+
+    run = make_run(tmp_path / "run", arch="mistral", quant="nf4")
+
+writes, like a finished single-stage run of an inline model:
+
+    base/                 plain transformers model (config.json + model.safetensors, float32)
+    adapter/              peft LoRA trained a few steps against the (NF4-)quantised base, safetensors,
+                          base_model_name_or_path = absolute path of base/; tokenizer files
+    tokenizer/            save_hf_tokenizer(version)
+    config.yaml manifest.json metrics.jsonl loss.png summary.json
+
+`pipeline=True` writes sft/adapter and dpo/adapter (the dpo adapter trained a few steps more).
+The LoRA is trained on a tiny copy task so that it changes the model's greedy outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+VERSION = "v3"
+VOCAB = 32768  # tokenizer v3
+
+ARCH = {
+    "mistral": dict(
+        type="mistral", hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, initializer_range=0.05,
+    ),
+    "mistral-small": dict(
+        type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, initializer_range=0.05,
+    ),
+    "mixtral": dict(
+        type="mixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, initializer_range=0.05, num_local_experts=4, num_experts_per_tok=2,
+        router_aux_loss_coef=0.02,
+    ),
+}
+
+PROMPTS = ["copy: red green blue", "copy: one two three four", "copy: the cat sat", "copy: alpha beta", "copy: seven nine"]
+HELD_OUT = ["copy: sun moon star", "copy: left right", "copy: apple pear plum", "copy: up down"]
+
+
+def model_config(arch: str):
+    from types import SimpleNamespace
+
+    from mistral_align.model.build import inline_config
+
+    a = dict(ARCH[arch])
+    if a["type"] == "mistral":
+        a.update(num_local_experts=0, num_experts_per_tok=0, router_aux_loss_coef=0.0)
+    return inline_config(SimpleNamespace(architecture=SimpleNamespace(**a)), VOCAB)
+
+
+def _bnb(quant: str):
+    from transformers import BitsAndBytesConfig
+
+    if quant == "none":
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["lm_head"],
+    )
+
+
+def load_trained(base_dir: Path, adapter_dir: Path, quant: str):
+    """The model as training left it: the (quantised) base with the adapter, eval mode."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mistral_align.model.bnb_cpu import disable_cpu_inference_repacking
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, quantization_config=_bnb(quant))
+    disable_cpu_inference_repacking(base)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def _examples(encoder, prompts):
+    from mistral_align.chat.schema import Message
+
+    rows = []
+    for p in prompts:
+        reply = p.split(": ", 1)[1]
+        enc = encoder.encode_sft([Message("user", p), Message("assistant", reply)])
+        rows.append(enc)
+    return rows
+
+
+def _train(model, encoder, steps: int, lr: float, seed: int):
+    torch.manual_seed(seed)
+    rows = _examples(encoder, PROMPTS)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    losses = []
+    for step in range(steps):
+        enc = rows[step % len(rows)]
+        ids = torch.tensor([enc.input_ids])
+        labels = torch.tensor([enc.labels])
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(out.loss.detach()))
+    model.eval()
+    return losses
+
+
+def _config_yaml(arch: str, quant: str, stages: list[str], run_dir: Path) -> str:
+    from omegaconf import OmegaConf
+
+    a = dict(ARCH[arch])
+    cfg = {
+        "model": {"name": f"tiny-{arch}", "hub_id": None, "revision": None, "architecture": a,
+                  "tokenizer_version": VERSION, "dtype": "float32", "attn_implementation": "sdpa"},
+        "quant": {"mode": quant, "double_quant": True, "compute_dtype": "float32", "storage_dtype": "uint8",
+                  "skip_modules": ["lm_head"]},
+        "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["all-linear"]},
+        "run": {"dir": str(run_dir), "seed": 0, "report_to": "none"},
+    }
+    for s in stages:
+        cfg[s] = {"data": {"train": [{"path": "HuggingFaceH4/ultrachat_200k" if s == "sft" else "data/prefs.jsonl",
+                                      "split": "train_sft"}], "max_length": 512},
+                  "train": {"lr": 2e-3, "max_steps": 40}}
+    if "dpo" in cfg:
+        cfg["dpo"]["beta"] = 0.1
+    return OmegaConf.to_yaml(OmegaConf.create(cfg))
+
+
+def make_run(run_dir: Path, arch: str = "mistral", quant: str = "nf4", pipeline: bool = False,
+             steps: int = 40, lr: float = 2e-3, seed: int = 0) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from mistral_align.chat.encoder import get_encoder
+    from mistral_align.chat.hf_tokenizer import save_hf_tokenizer
+    from mistral_align.model.bnb_cpu import disable_cpu_inference_repacking
+    from mistral_align.model.build import MIXTRAL_EXPERT_PARAMETERS, linear_module_names
+
+    run_dir = Path(run_dir).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    encoder = get_encoder(VERSION)
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_config(model_config(arch), dtype=torch.float32)
+    base.save_pretrained(run_dir / "base")
+    base_dir = run_dir / "base"
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, quantization_config=_bnb(quant))
+    disable_cpu_inference_repacking(model)
+    if quant != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    targets = linear_module_names(model)
+    lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
+                      target_parameters=MIXTRAL_EXPERT_PARAMETERS if ARCH[arch]["type"] == "mixtral" else None, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lcfg)
+    stages = ["sft", "dpo"] if pipeline else ["sft"]
+    summary: dict = {}
+    metrics = []
+    for i, stage in enumerate(stages):
+        losses = _train(model, encoder, steps if i == 0 else steps // 4, lr, seed + i)
+        out = run_dir / stage / "adapter" if pipeline else run_dir / "adapter"
+        model.save_pretrained(str(out), safe_serialization=True)
+        cfg_file = out / "adapter_config.json"
+        c = json.loads(cfg_file.read_text())
+        c["base_model_name_or_path"] = str(base_dir)
+        cfg_file.write_text(json.dumps(c, indent=2))
+        save_hf_tokenizer(VERSION, out)
+        save_hf_tokenizer(VERSION, out.parent / "tokenizer")
+        stage_summary = {"train_loss": sum(losses) / len(losses), "steps": len(losses), "final_loss": losses[-1]}
+        summary[stage] = stage_summary
+        if pipeline:
+            (run_dir / stage / "summary.json").write_text(json.dumps({stage: stage_summary}, indent=2))
+        metrics += [{"stage": stage, "step": j + 1, "loss": l} for j, l in enumerate(losses)]
+    summary["eval"] = {"exact_match": {"before": 0.0, "after": 0.5}}
+    (run_dir / "config.yaml").write_text(_config_yaml(arch, quant, stages, run_dir))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (run_dir / "manifest.json").write_text(json.dumps({"versions": {"torch": torch.__version__}, "world_size": 1}))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    _tiny_png(run_dir / "loss.png")
+    return run_dir
+
+
+def _tiny_png(path: Path) -> None:
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    raw = b"\x00\xff\xff\xff"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
