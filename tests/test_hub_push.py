@@ -59,7 +59,7 @@ def test_dry_run_folder_and_card(run, tmp_path, capsys):
     assert "| `sft.final_loss` |" in readme and "[1, 3, " in readme and "PeftModel.from_pretrained" in readme
     for p in out.rglob("*"):
         assert TOKEN.encode() not in p.read_bytes(), p
-    assert "hf_token: '***'" in (out / "config.yaml").read_text()
+    assert "hf_token: <redacted>" in (out / "config.yaml").read_text()
 
 
 def test_dry_run_folder_loads_with_plain_peft_in_a_fresh_process(run, tmp_path):
@@ -215,3 +215,25 @@ def test_hub_base_is_named_by_its_id(run, tmp_path):
     readme = (tmp_path / "dry" / "README.md").read_text()
     assert _front_matter(readme)["base_model"] == "mistralai/Mistral-7B-v0.3"
     assert "from_pretrained('mistralai/Mistral-7B-v0.3'" in readme and "inline" not in readme
+
+
+def test_hub_push_at_the_end_of_a_run_sends_what_the_cli_sends(run, fake_hub, monkeypatch):
+    """hub.push=true: finish_run pushes the final adapter (main process), the same files as the CLI."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from mistral_align.config import RecipeConfig
+    from mistral_align.errors import HubError
+    from mistral_align.train.launch import Run, push_finished_run
+
+    cfg = OmegaConf.structured(RecipeConfig)
+    cfg.hub.push, cfg.hub.repo_id = True, "me/from-recipe"
+    done = Run(cfg, run, SimpleNamespace(is_main_process=True), "sft", ("sft",))
+    push_finished_run(done)
+    assert [c[0] for c in fake_hub.calls] == ["create_repo", "upload_folder"]
+    assert sorted(fake_hub.calls[-1][1]["files"]) == EXPECTED
+    fake_hub.calls.clear()
+    fake_hub.fail_uploads = 5
+    with pytest.raises(HubError, match=r"training finished in .*push again with: mistral-align push .* --repo-id me/from-recipe"):
+        push_finished_run(done)

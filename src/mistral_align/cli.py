@@ -233,21 +233,6 @@ def _render_row(where: str, kind: str, r, encoder, color: bool) -> str:
 # -- push / merge / export-gguf / chat ----------------------------------------------------------
 
 
-def _user_errors():
-    """The error types of the run-directory, Hub and export layers, reported as one line, exit 2."""
-    from mistral_align.export.rundir import RunDirError
-    from mistral_align.hub.push import HubError
-
-    errors: tuple = (RunDirError, HubError)
-    try:
-        from mistral_align.export.gguf import GGUFExportError
-
-        errors += (GGUFExportError,)
-    except ImportError:  # pragma: no cover
-        pass
-    return errors
-
-
 def _add_push(sub) -> None:
     p = sub.add_parser(
         "push",
@@ -269,11 +254,8 @@ def _add_push(sub) -> None:
 def _cmd_push(args) -> int:
     from mistral_align.hub.push import push_run
 
-    try:
-        r = push_run(args.run_dir, args.repo_id, stage=args.stage, private=args.private, revision=args.revision,
-                     dry_run=args.dry_run, license=args.license)
-    except _user_errors() as e:
-        raise UsageError(str(e)) from None
+    r = push_run(args.run_dir, args.repo_id, stage=args.stage, private=args.private, revision=args.revision,
+                 dry_run=args.dry_run, license=args.license)
     if r.dry_run:
         print(f"dry run: wrote {len(r.files)} files to {r.folder} (nothing uploaded)")
         for f in r.files:
@@ -302,15 +284,12 @@ def _add_merge(sub) -> None:
 def _cmd_merge(args) -> int:
     from mistral_align.export.rundir import resolve_source
 
-    try:
-        resolve_source(args.run_dir, args.stage)  # user mistakes before any model loads
-        if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
-            raise UsageError(f"--out {args.out}: exists and is not an empty directory")
-        from mistral_align.export.merge import merge_run
+    resolve_source(args.run_dir, args.stage)  # user mistakes before any model loads
+    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+        raise UsageError(f"--out {args.out}: exists and is not an empty directory")
+    from mistral_align.export.merge import merge_run
 
-        out = merge_run(args.run_dir, args.out, dtype=args.dtype, base=args.base, stage=args.stage)
-    except _user_errors() as e:
-        raise UsageError(str(e)) from None
+    out = merge_run(args.run_dir, args.out, dtype=args.dtype, base=args.base, stage=args.stage)
     print(f"merged model written to {out}")
     return EXIT_OK
 
@@ -332,12 +311,9 @@ def _add_export_gguf(sub) -> None:
 
 
 def _cmd_export_gguf(args) -> int:
-    try:
-        from mistral_align.export.gguf import export_gguf
+    from mistral_align.export.gguf import export_gguf
 
-        path = export_gguf(args.source, args.out, gguf_type=args.gguf_type, stage=args.stage, base=args.base)
-    except _user_errors() as e:
-        raise UsageError(str(e)) from None
+    path = export_gguf(args.source, args.out, gguf_type=args.gguf_type, stage=args.stage, base=args.base)
     print(f"{path}: {os.path.getsize(path)} bytes ({args.gguf_type})")
     return EXIT_OK
 
@@ -371,12 +347,9 @@ def _cmd_chat(args) -> int:
     from mistral_align.export.rundir import resolve_source
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.max_new_tokens, args.seed)
-    try:
-        sampling.check()
-        resolve_source(args.source, args.stage)
-        model, encoder = load_for_chat(args.source, quant=args.quant, stage=args.stage, dtype=args.dtype)
-    except ValueError as e:  # RunDirError is a ValueError too
-        raise UsageError(str(e)) from None
+    sampling.check()
+    resolve_source(args.source, args.stage)
+    model, encoder = load_for_chat(args.source, quant=args.quant, stage=args.stage, dtype=args.dtype)
     session = ChatSession(model, encoder, sampling, system=args.system)
     if args.prompt is not None:
         if args.no_stream:

@@ -126,6 +126,19 @@ class RunConfig:
     wandb_mode: str = "auto"
 
 
+@dataclass
+class HubConfig:
+    """Push the final adapter to the Hugging Face Hub when the run finishes (main process only).
+    The token comes from HF_TOKEN or the stored login and is written nowhere. The same push, by hand:
+    `mistral-align push RUN_DIR --repo-id OWNER/NAME`."""
+
+    push: bool = False
+    repo_id: Optional[str] = None  # OWNER/NAME
+    private: bool = False
+    revision: Optional[str] = None  # a branch, created if missing
+    license: str = "apache-2.0"
+
+
 # -- stage nodes ---------------------------------------------------------------------------------
 
 
@@ -239,6 +252,7 @@ class RecipeConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
     dpo: DPOStageConfig = field(default_factory=DPOStageConfig)
 
@@ -324,6 +338,11 @@ def check_config(cfg: Any, stages: tuple[str, ...] = STAGES) -> None:
     if q.mode != "none" and p.method == "none":
         raise ConfigError("peft.method: 'none' (full fine-tune) cannot train quantised weights; use quant=none or peft=lora")
 
+    if cfg.hub.push:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", cfg.hub.repo_id or ""):
+            raise ConfigError(f"hub.repo_id: hub.push=true needs OWNER/NAME, got {cfg.hub.repo_id!r}")
     _choice(cfg.run.report_to, "run.report_to", REPORT_TO)
     _choice(cfg.run.wandb_mode, "run.wandb_mode", WANDB_MODES)
 

@@ -18,6 +18,7 @@ from typing import Callable, Optional, TextIO
 
 import torch
 
+from mistral_align.errors import UserError
 from mistral_align.chat.schema import Message
 
 
@@ -32,15 +33,15 @@ class Sampling:
 
     def check(self) -> None:
         if self.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"--top-k must be >= 0 (0: off), got {self.top_k}")
+            raise UserError(f"--top-k must be >= 0 (0: off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
+            raise UserError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
         if self.max_new_tokens <= 0:
-            raise ValueError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
+            raise UserError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
 
     def generate_kwargs(self) -> dict:
         kw: dict = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}

@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mistral_align.errors import UserError
 from mistral_align.export.rundir import RunDirError, resolve_source
 
 TYPES = ("f16", "q8_0", "q4_k_m")
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(UserError):
     """An export that cannot be done as asked (one line for the user)."""
 
 

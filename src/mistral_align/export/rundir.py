@@ -15,11 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from mistral_align.errors import RunDirError
+
 STAGES = ("sft", "dpo")
-
-
-class RunDirError(ValueError):
-    """A run directory or model folder that cannot be used as asked (one line for the user)."""
 
 
 @dataclass
@@ -117,24 +115,12 @@ def resolve_source(path: str | Path, stage: str | None = None) -> RunSource:
 
 
 def quantization_config(quant: dict, mode: str | None = None):
-    """transformers' BitsAndBytesConfig for a run's quant node (mode overrides its mode)."""
-    import torch
+    """transformers' BitsAndBytesConfig for a run's quant node (mode overrides its mode): the same
+    settings the run was trained with (model/build.py)."""
+    from types import SimpleNamespace
 
-    mode = mode or quant.get("mode", "none")
-    if mode == "none":
-        return None
-    from transformers import BitsAndBytesConfig
+    from mistral_align.config import QuantConfig
+    from mistral_align.model.build import quantization_config as build_quantization_config
 
-    skip = list(quant.get("skip_modules") or ["lm_head"])
-    if mode == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    storage = quant.get("storage_dtype", "uint8")
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=mode,
-        bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
-        bnb_4bit_compute_dtype=dtypes[quant.get("compute_dtype", "bfloat16")],
-        bnb_4bit_quant_storage=torch.uint8 if storage == "uint8" else dtypes[storage],
-        llm_int8_skip_modules=skip,
-    )
+    node = {**vars(QuantConfig()), **quant, "mode": mode or quant.get("mode", "none")}
+    return build_quantization_config(SimpleNamespace(**node))

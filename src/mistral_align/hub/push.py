@@ -25,18 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from mistral_align.errors import HubError
 from mistral_align.export.rundir import RunDirError, RunSource, resolve_source
 from mistral_align.hub.card import render_card
+from mistral_align.train.run_dir import redact
 
 log = logging.getLogger("mistral_align")
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-_SECRET_KEY = re.compile(r"(^|[_-])(token|secret|password|passwd|api[_-]?key|auth)$", re.I)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
-class HubError(RuntimeError):
-    """A push that could not be done (one line for the user); rerunning the command is safe."""
 
 
 @dataclass
@@ -46,14 +45,6 @@ class PushResult:
     files: list[str]
     commit_url: Optional[str] = None
     dry_run: bool = False
-
-
-def _scrub(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: ("***" if _SECRET_KEY.search(str(k)) and v not in (None, "") else _scrub(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_scrub(v) for v in obj]
-    return obj
 
 
 def hub_base_id(src: RunSource) -> str:
@@ -91,7 +82,7 @@ def build_folder(src: RunSource, repo_id: str, out: Path, license: str = "apache
     (out / "adapter_config.json").write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     save_hf_tokenizer(src.tokenizer_version, out)
     if src.config:
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(_scrub(src.config))), encoding="utf-8")
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(redact(src.config))), encoding="utf-8")
     for name in ("loss.png",):
         if (src.path / name).is_file():
             shutil.copyfile(src.path / name, out / name)

@@ -123,11 +123,27 @@ def finish_run(run: Run, summary: dict, title: str) -> dict:
         write_json(run.dir / "summary.json", summary)
     write_manifest(run.dir, {"summary": "summary.json", "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     log.info("done in %.0fs: %s", time.time() - run.t0, run.dir)
+    if run.cfg.hub.push and run.state.is_main_process:
+        push_finished_run(run)
     run.state.wait_for_everyone()
     # Without this, a rank can abort at interpreter exit ("terminate called without an active
     # exception") while gloo's threads are still up, and the launcher reports the run as failed.
     run.state.destroy_process_group()
     return summary
+
+
+def push_finished_run(run: Run) -> None:
+    """hub.push=true: the final adapter of the last stage, as `mistral-align push` would send it."""
+    from mistral_align.errors import HubError, UserError
+    from mistral_align.hub.push import push_run
+
+    h = run.cfg.hub
+    try:
+        result = push_run(run.dir, h.repo_id, private=h.private, revision=h.revision, license=h.license)
+    except UserError as e:
+        raise HubError(f"training finished in {run.dir}, but the push failed: {e} (push again with: "
+                       f"mistral-align push {run.dir} --repo-id {h.repo_id})") from None
+    log.info("pushed %d files to %s", len(result.files), result.commit_url or h.repo_id)
 
 
 def setup_tracking(run_cfg: Any, out_dir: Path) -> list[str]:
