@@ -22,8 +22,8 @@ from mistral_align.config import ConfigError
 log = logging.getLogger(__name__)
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Where the fused expert weights of transformers 5's MoE blocks live (peft `target_parameters`).
-MIXTRAL_EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+# Leaf names of the per-expert linears of model/mixtral_unfused.py (the Hub's w1 / w3 / w2).
+EXPERT_LINEAR_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
 def default_device_map() -> dict[str, Any] | None:
@@ -93,12 +93,10 @@ def inline_config(model_cfg: Any, vocab_size: int):
 def _inline_checkpoint(model_cfg: Any, vocab_size: int, seed: int) -> str:
     """Random-init the inline architecture (same weights on every rank: seeded) and save it, so
     quantisation goes through the same `from_pretrained` path as a Hub model."""
-    from transformers import AutoModelForCausalLM
-
     config = inline_config(model_cfg, vocab_size)
     path = tempfile.mkdtemp(prefix="mistral_align_inline_")  # per process; removed once loaded
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = model_class(config)._from_config(config, dtype=torch.float32)
     # Not model.save_pretrained: under torch.distributed it writes on rank 0 only, and every rank
     # needs its own copy here.
     from safetensors.torch import save_model
@@ -106,6 +104,18 @@ def _inline_checkpoint(model_cfg: Any, vocab_size: int, seed: int) -> str:
     model.config.to_json_file(os.path.join(path, "config.json"))
     save_model(model, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     return path
+
+
+def model_class(config):
+    """The class a config loads into: Mixtral -> our per-expert-linear Mixtral (model/mixtral_unfused.py),
+    so quantisation reaches every expert; anything else -> transformers' AutoModelForCausalLM."""
+    if getattr(config, "model_type", None) == "mixtral":
+        from mistral_align.model.mixtral_unfused import UnfusedMixtralForCausalLM
+
+        return UnfusedMixtralForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
 
 
 def build_model(
@@ -116,7 +126,7 @@ def build_model(
     device_map: dict[str, Any] | str | None = "auto-rank",
 ):
     """The base causal LM: Hub id or inline architecture, quantised as `quant` says, on this rank's device."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     if device_map == "auto-rank":
         device_map = default_device_map()
@@ -132,7 +142,7 @@ def build_model(
         )
     if model_cfg.sliding_window is not None:
         config.sliding_window = model_cfg.sliding_window or None
-    model = AutoModelForCausalLM.from_pretrained(
+    model = model_class(config).from_pretrained(
         source,
         revision=revision,
         config=config,
@@ -173,23 +183,24 @@ def linear_module_names(model) -> list[str]:
 
 
 def lora_config(peft_cfg: Any, model) -> Any:
-    """peft LoraConfig: all linear layers (or the named ones); for MoE models the experts too."""
+    """peft LoraConfig: all linear layers (or the named ones); for MoE models the experts too.
+
+    Mixtral loads as model/mixtral_unfused.py's class, whose experts are ordinary linears
+    (`mlp.experts.N.gate_proj/up_proj/down_proj`): "all-linear" covers them like any other layer.
+    The router (`mlp.gate`, a plain parameter) is not a linear and is left alone unless
+    peft.train_router (then through peft `target_parameters`)."""
     from peft import LoraConfig
 
     targets = list(peft_cfg.target_modules)
-    # "all-linear" is resolved here rather than by peft: for transformers-5 MoE models peft 0.21's
-    # own "all-linear" also wraps the router (`mlp.gate`), which we leave alone by default.
     target_modules = linear_module_names(model) if targets == ["all-linear"] else targets
+    if is_moe(model) and not peft_cfg.experts and targets == ["all-linear"]:
+        target_modules = [n for n in target_modules if n not in EXPERT_LINEAR_NAMES]
     target_parameters = []
     dropout = peft_cfg.dropout
-    if is_moe(model) and peft_cfg.experts:
-        # transformers 5 stores each MoE block's experts as two fused 3D parameters, not nn.Linear;
-        # peft reaches them through target_parameters.
-        target_parameters += MIXTRAL_EXPERT_PARAMETERS
     if is_moe(model) and peft_cfg.train_router:
         target_parameters.append("mlp.gate.weight")
     if target_parameters and dropout:
-        log.warning("peft.dropout=%s: LoRA on fused expert/router weights supports no dropout; using 0", dropout)
+        log.warning("peft.dropout=%s: LoRA on the router weight (a parameter) supports no dropout; using 0", dropout)
         dropout = 0.0
     return LoraConfig(
         r=peft_cfg.r,
