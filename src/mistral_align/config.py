@@ -56,6 +56,26 @@ class ArchitectureConfig:
 
 
 @dataclass
+class ShapeConfig:
+    """A Hub model's architecture numbers (its config.json), so `estimate` needs no download.
+
+    Issue 9 (model/estimate.py). Informational for Hub models: the weights still come from the Hub."""
+
+    type: str = "mistral"  # mistral | mixtral
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: Optional[int] = None
+    vocab_size: int = 32000
+    tie_word_embeddings: bool = False
+    # Mixtral only (0 = dense)
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 2
+
+
+@dataclass
 class ModelConfig:
     name: str = "???"
     # Exactly one of hub_id / architecture.
@@ -70,6 +90,8 @@ class ModelConfig:
     # None keeps the model's own setting; an int sets the sliding-window size; 0 disables it.
     sliding_window: Optional[int] = None
     trust_remote_code: bool = False
+    # Issue 9: architecture numbers of a Hub model for `mistral-align estimate` (None: unknown).
+    shape: Optional[ShapeConfig] = None
 
 
 @dataclass

@@ -96,7 +96,8 @@ def _inline_checkpoint(model_cfg: Any, vocab_size: int, seed: int) -> str:
     config = inline_config(model_cfg, vocab_size)
     path = tempfile.mkdtemp(prefix="mistral_align_inline_")  # per process; removed once loaded
     torch.manual_seed(seed)
-    model = model_class(config)._from_config(config, dtype=torch.float32)
+    cls = model_class(config)
+    model = (cls.from_config if cls.__name__.startswith("Auto") else cls._from_config)(config, dtype=torch.float32)
     # Not model.save_pretrained: under torch.distributed it writes on rank 0 only, and every rank
     # needs its own copy here.
     from safetensors.torch import save_model
@@ -261,6 +262,67 @@ def count_linear_layers(model) -> dict[str, int]:
     return counts
 
 
+def module_kind(name: str) -> str:
+    """attention | experts | router | mlp | embeddings | norms | lora | other, from a parameter's name."""
+    if ".lora_" in name or "modules_to_save" in name:
+        return "lora"
+    if "embed_tokens" in name or "lm_head" in name:
+        return "embeddings"
+    if ".self_attn." in name:
+        return "attention"
+    if ".experts." in name:
+        return "experts"
+    if ".mlp.gate." in name or name.endswith(".mlp.gate.weight"):
+        return "router"
+    if ".mlp." in name:
+        return "mlp"
+    if "norm" in name:
+        return "norms"
+    return "other"
+
+
+def _tensor_bytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def parameter_bytes(model) -> dict[str, Any]:
+    """Bytes the parameters hold, measured from the tensors, by dtype and by module kind.
+
+    A bitsandbytes 4-bit weight counts its packed bytes (dtype "nf4 (packed)") and its quant state
+    (absmax, code table, and with double quant the nested absmax, offset and code: "quant_state");
+    an 8-bit weight its int8 bytes and its per-row fp32 scales (SCB, "quant_state"). Tensors
+    shared between parameters (tied weights) are counted once."""
+    by_dtype: dict[str, int] = {}
+    by_kind: dict[str, int] = {}
+    seen: set[int] = set()
+
+    def add(kind: str, dtype: str, b: int) -> None:
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + b
+        by_kind[kind] = by_kind.get(kind, 0) + b
+
+    for name, p in model.named_parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        kind = module_kind(name)
+        cls = p.__class__.__name__
+        if cls == "Params4bit" and getattr(p, "quant_state", None) is not None:
+            qs = p.quant_state
+            add(kind, f"{qs.quant_type} (packed)", _tensor_bytes(p.data))
+            state = [qs.absmax, qs.code]
+            if qs.nested:
+                state += [qs.offset, qs.state2.absmax, qs.state2.code]
+            add(kind, "quant_state", sum(_tensor_bytes(t) for t in state))
+        elif cls == "Int8Params":
+            add(kind, "int8" if p.dtype == torch.int8 else str(p.dtype).replace("torch.", ""), _tensor_bytes(p.data))
+            scb = getattr(p, "SCB", None)
+            if scb is not None:
+                add(kind, "quant_state", _tensor_bytes(scb))
+        else:
+            add(kind, str(p.dtype).replace("torch.", ""), _tensor_bytes(p.data))
+    return {"total": sum(by_dtype.values()), "by_dtype": by_dtype, "by_kind": by_kind}
+
+
 def model_facts(model) -> dict[str, Any]:
     """Model facts for the manifest: parameter counts, quantised layers, architecture."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -282,6 +344,7 @@ def model_facts(model) -> dict[str, Any]:
         "total_params": total,
         "trainable_fraction": trainable / max(total, 1),
         **count_linear_layers(model),
+        "parameter_bytes": parameter_bytes(model),
     }
 
 

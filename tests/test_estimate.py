@@ -1,0 +1,113 @@
+"""`estimate_memory`: weight and LoRA bytes equal the bytes measured on real tiny bitsandbytes models;
+the real-shape figures match the issue's arithmetic; activations against measured memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from mistral_align.chat import get_encoder
+from mistral_align.config import check_config, register_configs
+from mistral_align.model.build import apply_peft, build_model, parameter_bytes
+from mistral_align.model.estimate import (
+    GiB,
+    activation_bytes,
+    estimate_memory,
+    lora_params,
+    model_shape,
+    nf4_layer_bytes,
+    weight_bytes,
+)
+
+from test_config import CONFIGS, ROOT
+
+register_configs()
+
+
+def cfg_of(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("sft", overrides=list(overrides))
+
+
+TINY = {
+    "tiny-mistral": ["model.architecture.hidden_size=64", "model.architecture.intermediate_size=192",
+                     "model.architecture.num_hidden_layers=2"],
+    "tiny-mixtral": ["model.architecture.intermediate_size=96"],
+}
+
+
+@pytest.mark.parametrize("model", ["tiny-mistral", "tiny-mixtral"])
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_weight_and_lora_bytes_equal_measured(model, quant):
+    # bfloat16 base so that peft's k-bit preparation (upcast of the non-quantised weights) shows
+    cfg = cfg_of(f"model={model}", f"quant={quant}", "model.dtype=bfloat16", "peft.r=4",
+                 "peft.modules_to_save=[lm_head]", *TINY[model])
+    if quant == "nf4":
+        cfg.quant.compute_dtype = "float32"
+    check_config(cfg)
+    enc = get_encoder(cfg.model.tokenizer_version)
+    m = build_model(cfg.model, cfg.quant, vocab_size=enc.vocab_size, seed=0, device_map={"": "cpu"})
+    shape = model_shape(cfg.model)
+    loaded = parameter_bytes(m)
+    est = weight_bytes(shape, cfg.quant, cfg.model.dtype, kbit_prepared=False)
+    assert loaded["by_kind"] == est["by_kind"]
+    assert loaded["by_dtype"] == est["by_dtype"]
+    m = apply_peft(m, cfg.peft, quantized=True, gradient_checkpointing=False)
+    trained = parameter_bytes(m)
+    lora = trained["by_kind"].pop("lora")
+    prepared = weight_bytes(shape, cfg.quant, cfg.model.dtype, kbit_prepared=True)
+    assert trained["by_kind"] == prepared["by_kind"]
+    assert lora == 4 * lora_params(shape, cfg.peft)
+    assert sum(p.numel() for p in m.parameters() if p.requires_grad) == lora_params(shape, cfg.peft)
+    if model == "tiny-mixtral":
+        assert "experts" in est["by_kind"] and est["by_dtype"].get("bfloat16", 0) < est["total"]
+
+
+def test_nf4_layer_bytes_by_hand():
+    # 4096 x 4096: 8 MiB packed, 262144 uint8 absmax, 1024 fp32 nested absmax, offset, two code tables
+    n = 4096 * 4096
+    assert nf4_layer_bytes(n) == n // 2 + n // 64 + 4 * (n // 64 // 256) + 4 + 1024 + 64
+
+
+def test_real_shapes_match_the_issue_arithmetic():
+    mixtral = estimate_memory(cfg_of("model=mixtral-8x7b-v0.1", "quant=nf4"))
+    assert mixtral["params"] == 46_702_792_704
+    assert 24e9 <= mixtral["weights_as_loaded"] <= 25e9
+    assert 24e9 <= mixtral["per_gpu"]["weights"] <= 25.1e9  # after k-bit preparation (fp32 embeddings)
+    quantised = mixtral["params_quantised"]
+    assert abs(mixtral["weights_by_kind"]["experts"] + mixtral["weights_by_kind"]["attention"] - 0.5159 * quantised) < 0.001 * quantised
+    # the alignment handbook's QLoRA length and batch (2048 x 4, gradient checkpointing on)
+    handbook = estimate_memory(cfg_of("model=mixtral-8x7b-v0.1", "quant=nf4", "train.max_length=2048",
+                                      "train.per_device_batch_size=4", "train.gradient_checkpointing=true"))
+    assert handbook["fits"]["80GB"] and not handbook["fits"]["24GB"]
+    mistral = estimate_memory(cfg_of("model=mistral-7b-v0.3", "quant=nf4"))
+    assert 3.8e9 <= mistral["weights_as_loaded"] <= 4.3e9
+    bf16 = estimate_memory(cfg_of("model=mixtral-8x7b-v0.1", "quant=none"))
+    assert 93e9 <= bf16["weights_as_loaded"] <= 94e9 and not bf16["fits"]["80GB"]
+
+
+def test_sharding_divides_weights_and_state():
+    one = estimate_memory(cfg_of("model=mixtral-8x7b-v0.1", "quant=none"), num_gpus=8, parallel="ddp")
+    fsdp = estimate_memory(cfg_of("model=mixtral-8x7b-v0.1", "quant=none"), num_gpus=8, parallel="fsdp")
+    assert fsdp["per_gpu"]["weights"] * 8 >= one["per_gpu"]["weights"] > fsdp["per_gpu"]["weights"] * 7
+    assert fsdp["per_gpu"]["activations"] == one["per_gpu"]["activations"]
+    eight = estimate_memory(cfg_of("model=mixtral-8x7b-v0.1", "quant=nf4", "train.optim=paged_adamw_8bit"))
+    adam = estimate_memory(cfg_of("model=mixtral-8x7b-v0.1", "quant=nf4"))
+    assert eight["per_gpu"]["optimizer"] < adam["per_gpu"]["optimizer"] / 3
+
+
+def test_cli_estimate_json_and_table():
+    cmd = [sys.executable, "-m", "mistral_align.cli", "estimate", "model=mixtral-8x7b-v0.1", "quant=nf4"]
+    out = subprocess.run([*cmd, "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["fits"]["80GB"] is True and 24e9 <= r["weights_as_loaded"] <= 25e9
+    table = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert table.returncode == 0 and "fits on 24GB: no" in table.stdout and "80GB: yes" in table.stdout
+    bad = subprocess.run([*cmd[:-1], "quant=nf5"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "quant.mode" in bad.stderr
