@@ -109,5 +109,5 @@ def test_cli_estimate_json_and_table():
     assert r["fits"]["80GB"] is True and 24e9 <= r["weights_as_loaded"] <= 25e9
     table = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert table.returncode == 0 and "fits on 24GB: no" in table.stdout and "80GB: yes" in table.stdout
-    bad = subprocess.run([*cmd[:-1], "quant=nf5"], capture_output=True, text=True, cwd=ROOT)
+    bad = subprocess.run([*cmd, "quant.mode=nf5"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "quant.mode" in bad.stderr
