@@ -1,0 +1,82 @@
+"""Mixtral really 4-bit (model/mixtral_unfused.py): same logits as stock transformers on the same
+weights, every expert linear quantised by bitsandbytes (nf4 and int8), router full precision and
+frozen, LoRA on every expert trains."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM
+
+from mistral_align.model.build import build_model, count_linear_layers, model_facts, parameter_bytes
+from mistral_align.model.mixtral_unfused import UnfusedMixtralForCausalLM
+
+from test_model_build import batch, build, cfg_for, train_a_few_steps
+
+SMALL = MixtralConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                      num_experts_per_tok=2, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def stock_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    stock = MixtralForCausalLM(SMALL)
+    path = tmp_path_factory.mktemp("stock")
+    stock.save_pretrained(path)  # transformers 5 writes the Hub's block_sparse_moe.experts.N.w1/w2/w3
+    return path
+
+
+def test_logits_equal_stock_mixtral_on_the_same_weights(stock_dir):
+    stock = MixtralForCausalLM.from_pretrained(stock_dir, dtype=torch.float32).eval()
+    ours = UnfusedMixtralForCausalLM.from_pretrained(stock_dir, dtype=torch.float32).eval()
+    assert isinstance(ours.model.layers[0].mlp.experts[3].down_proj, torch.nn.Linear)
+    ids = torch.randint(0, 512, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = stock(ids).logits, ours(ids).logits
+    assert (a - b).abs().max().item() <= 1e-5
+    # and back: our save_pretrained writes the Hub names, which stock transformers loads
+    out = stock_dir.parent / "ours"
+    ours.save_pretrained(out)
+    again = MixtralForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (again(ids).logits - a).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("quant,cls,expected", [("nf4", bnb.nn.Linear4bit, "linear_4bit"), ("int8", bnb.nn.Linear8bitLt, "linear_8bit")])
+def test_every_expert_linear_is_quantised(quant, cls, expected):
+    cfg = cfg_for("tiny-mixtral", f"quant={quant}")
+    m = build_model(cfg.model, cfg.quant, vocab_size=32000, seed=0, device_map={"": "cpu"})
+    experts = {n: mod for n, mod in m.named_modules() if ".experts." in n and n.rsplit(".", 1)[-1].endswith("_proj")}
+    assert len(experts) == 2 * 4 * 3
+    assert all(isinstance(mod, cls) for mod in experts.values()), {n: type(x) for n, x in experts.items()}
+    # router: a plain full-precision parameter
+    assert m.model.layers[0].mlp.gate.weight.dtype == torch.float32
+    counts = count_linear_layers(m)
+    assert counts[expected] == 2 * (4 + 12) and counts["linear_full"] == 1  # lm_head skipped
+    pb = parameter_bytes(m)
+    assert set(pb["by_kind"]) == {"attention", "experts", "router", "embeddings", "norms"}
+    assert pb["by_dtype"]["float32"] < pb["total"]
+
+
+def test_qlora_on_every_expert_trains_with_dropout_router_frozen():
+    cfg = cfg_for("tiny-mixtral", "peft.r=4", "peft.alpha=8", "peft.dropout=0.05")
+    model = build(cfg)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    for e in range(4):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            assert any(f"experts.{e}.{proj}.lora_A" in n for n in trainable), (e, proj)
+    assert not any(".mlp.gate." in n for n in trainable), "router must stay frozen"
+    facts = model_facts(model)
+    assert facts["parameter_bytes"]["by_kind"]["lora"] == 4 * facts["trainable_params"]
+    losses = train_a_few_steps(model, batch("v1"))
+    assert losses[-1] < losses[0] - 0.5, losses
+    print("losses", losses)
+
+
+def test_train_router_puts_lora_on_the_router():
+    cfg = cfg_for("tiny-mixtral", "peft.r=4", "peft.dropout=0", "peft.train_router=true")
+    model = build(cfg)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(".mlp.gate." in n and "lora" in n for n in trainable), trainable
