@@ -80,3 +80,36 @@ def test_train_router_puts_lora_on_the_router():
     model = build(cfg)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any(".mlp.gate." in n and "lora" in n for n in trainable), trainable
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_adapter_loads_onto_stock_transformers_mixtral_with_plain_peft(stock_dir, tmp_path, rslora):
+    from omegaconf import OmegaConf
+    from peft import PeftModel, get_peft_model
+
+    from mistral_align.config import PeftConfig
+    from mistral_align.model.build import lora_config
+    from mistral_align.model.mixtral_unfused import write_stock_adapter
+
+    ours = UnfusedMixtralForCausalLM.from_pretrained(stock_dir, dtype=torch.float32)
+    peft_cfg = OmegaConf.structured(PeftConfig(r=4, alpha=8, dropout=0.0, use_rslora=rslora,
+                                               modules_to_save=["lm_head"]))
+    ours = get_peft_model(ours, lora_config(peft_cfg, ours))
+    torch.manual_seed(2)
+    with torch.no_grad():  # a trained-looking adapter: B is zero at init
+        for n, p in ours.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.05)
+    ours.save_pretrained(tmp_path / "ours")
+    write_stock_adapter(tmp_path / "ours", tmp_path / "stock")
+
+    stock = MixtralForCausalLM.from_pretrained(stock_dir, dtype=torch.float32)
+    stock = PeftModel.from_pretrained(stock, tmp_path / "stock").eval()
+    ours.eval()
+    ids = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = ours(ids).logits, stock(ids).logits
+        base = MixtralForCausalLM.from_pretrained(stock_dir, dtype=torch.float32)(ids).logits
+    assert (a - base).abs().max() > 1e-2  # the adapter changes the output
+    assert (a - b).abs().max().item() <= 1e-5, (a - b).abs().max().item()
+    print("adapter logit diff", (a - b).abs().max().item())

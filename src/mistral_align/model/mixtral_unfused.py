@@ -24,6 +24,13 @@ has no such modules. `stock_adapter_state_dict` converts them (see its docstring
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import MixtralConfig
@@ -107,3 +114,92 @@ def register() -> None:
 
 
 register()
+
+
+# -- adapters for stock transformers ------------------------------------------------------------
+
+EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
+_EXPERT_KEY = re.compile(r"^(?P<pre>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.lora_(?P<ab>[AB])\.weight$")
+
+
+def stock_adapter_state_dict(state: dict[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
+    """Convert a LoRA state dict of `UnfusedMixtralForCausalLM` (per-expert `gate_proj/up_proj/
+    down_proj` LoRA, rank r) into one for stock transformers-5 `MixtralForCausalLM` with peft
+    `target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]`, rank 2r, exactly.
+
+    Stock Mixtral fuses gate and up into one (E, 2I, h) parameter: per expert the fused delta is
+    [B_gate A_gate; B_up A_up], rank 2r with A' = [A_gate; A_up] and B' = blockdiag(B_gate, B_up).
+    Every other adapted weight is zero-padded from rank r to 2r (A' = [A; 0], B' = [B, 0]), so one
+    rank serves the whole adapter; with lora_alpha doubled (x sqrt(2) under rslora) every
+    scaling, and so every output, is unchanged. peft's ParamWrapper layout: lora_A (E*r', in),
+    row e*r' + k; lora_B (out, r'*E), column k*E + e."""
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for key, t in state.items():
+        m = _EXPERT_KEY.match(key)
+        if m:
+            experts.setdefault(m["pre"], {}).setdefault(int(m["e"]), {})[f"{m['proj']}.{m['ab']}"] = t
+        elif ".lora_A." in key:
+            out[key] = torch.cat([t, t.new_zeros(r, t.shape[1])], dim=0)
+        elif ".lora_B." in key:
+            out[key] = torch.cat([t, t.new_zeros(t.shape[0], r)], dim=1)
+        else:
+            out[key] = t
+    r2 = 2 * r
+    for pre, by_e in experts.items():
+        n = len(by_e)
+        g0 = by_e[0]
+        h, inter = g0["gate_proj.A"].shape[1], g0["gate_proj.B"].shape[0]
+        dt = g0["gate_proj.A"].dtype
+        a_gu, b_gu = torch.zeros(n * r2, h, dtype=dt), torch.zeros(2 * inter, r2 * n, dtype=dt)
+        a_d, b_d = torch.zeros(n * r2, inter, dtype=dt), torch.zeros(h, r2 * n, dtype=dt)
+        for e, w in by_e.items():
+            a_gu[e * r2 : e * r2 + r] = w["gate_proj.A"]
+            a_gu[e * r2 + r : e * r2 + r2] = w["up_proj.A"]
+            a_d[e * r2 : e * r2 + r] = w["down_proj.A"]
+            for k in range(r):
+                b_gu[:inter, k * n + e] = w["gate_proj.B"][:, k]
+                b_gu[inter:, (k + r) * n + e] = w["up_proj.B"][:, k]
+                b_d[:, k * n + e] = w["down_proj.B"][:, k]
+        # peft nests the second ParamWrapper on a module around the first: gate_up_proj (first in
+        # target_parameters) sits at experts.base_layer, down_proj at experts.
+        out[f"{pre}.base_layer.lora_A.weight"] = a_gu
+        out[f"{pre}.base_layer.lora_B.weight"] = b_gu
+        out[f"{pre}.lora_A.weight"] = a_d
+        out[f"{pre}.lora_B.weight"] = b_d
+    return out
+
+
+def write_stock_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write to `out_dir` a copy of the peft adapter in `adapter_dir` (trained on this module's
+    Mixtral) that plain `peft.PeftModel.from_pretrained` loads onto stock transformers-5
+    `MixtralForCausalLM` (see `stock_adapter_state_dict`). Adapters of other models are copied as
+    they are."""
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(adapter_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((src / "adapter_config.json").read_text())
+    state = load_file(str(src / "adapter_model.safetensors"))
+    if not any(_EXPERT_KEY.match(k) for k in state):
+        shutil.copytree(src, out, dirs_exist_ok=True)
+        return out
+    r = int(config["r"])
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError("adapters with rank_pattern/alpha_pattern are not converted")
+    converted = stock_adapter_state_dict(state, r)
+    config["r"] = 2 * r
+    config["lora_alpha"] = config["lora_alpha"] * (math.sqrt(2) if config.get("use_rslora") else 2)
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):
+        raise ValueError("adapters with a regex target_modules are not converted")
+    config["target_modules"] = sorted(t for t in targets if t not in EXPERT_NAMES)
+    params = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    config["target_parameters"] = params + [p for p in (config.get("target_parameters") or []) if p not in params]
+    config["lora_dropout"] = 0.0  # peft's parameter LoRA has no dropout (inference: none anyway)
+    for f in src.iterdir():
+        if f.name not in ("adapter_config.json", "adapter_model.safetensors") and f.is_file():
+            shutil.copy2(f, out / f.name)
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(converted, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
