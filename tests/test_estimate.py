@@ -111,3 +111,35 @@ def test_cli_estimate_json_and_table():
     assert table.returncode == 0 and "fits on 24GB: no" in table.stdout and "80GB: yes" in table.stdout
     bad = subprocess.run([*cmd, "quant.mode=nf5"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "quant.mode" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "model,overrides",
+    [
+        ("tiny-mistral", ["model.architecture.hidden_size=512", "model.architecture.intermediate_size=1024",
+                          "model.architecture.num_hidden_layers=6"]),
+        ("tiny-mixtral", ["model.architecture.hidden_size=256", "model.architecture.intermediate_size=512",
+                          "model.architecture.num_hidden_layers=6"]),
+    ],
+)
+def test_activation_estimate_against_measured_peak(model, overrides):
+    """Measured: peak RSS of forward + backward over the RSS before it (tests/measure_activation_peak.py).
+    Tolerance: total within 10%; the part gradient checkpointing saves within 25%."""
+    import os
+
+    batch, length = 2, 512
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    measured = {}
+    for mode in ("gc", "nogc"):
+        run = subprocess.run([sys.executable, str(ROOT / "tests/measure_activation_peak.py"), model, mode, str(batch),
+                              str(length), *overrides], capture_output=True, text=True, env=env, cwd=ROOT)
+        assert run.returncode == 0, run.stderr[-2000:]
+        measured[mode] = json.loads(run.stdout.strip().splitlines()[-1])["peak"]
+    cfg = cfg_of(f"model={model}", *overrides)
+    shape = model_shape(cfg.model)
+    est = {mode: activation_bytes(shape, batch, length, 4, mode == "gc", lora_r=4)["total"] for mode in ("gc", "nogc")}
+    print(model, "measured", measured, "estimated", est)
+    for mode in ("gc", "nogc"):
+        assert abs(est[mode] - measured[mode]) <= 0.10 * measured[mode], (mode, est, measured)
+    saved_est, saved_measured = est["nogc"] - est["gc"], measured["nogc"] - measured["gc"]
+    assert abs(saved_est - saved_measured) <= 0.25 * saved_measured, (saved_est, saved_measured)
