@@ -113,3 +113,25 @@ def test_adapter_loads_onto_stock_transformers_mixtral_with_plain_peft(stock_dir
     assert (a - base).abs().max() > 1e-2  # the adapter changes the output
     assert (a - b).abs().max().item() <= 1e-5, (a - b).abs().max().item()
     print("adapter logit diff", (a - b).abs().max().item())
+
+
+def test_real_mixtral_8x7b_shape_every_linear_becomes_4bit_on_meta():
+    """The real Mixtral-8x7B shape, built on the meta device (no weights), through transformers'
+    own replace_with_bnb_linear: stock transformers 5 gets 128 4-bit layers (attention only),
+    ours every attention and expert linear."""
+    from transformers import BitsAndBytesConfig
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+    real = MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    counts = {}
+    for cls in (MixtralForCausalLM, UnfusedMixtralForCausalLM):
+        with torch.device("meta"):
+            m = cls(real)
+        m = replace_with_bnb_linear(m, modules_to_not_convert=["lm_head"], quantization_config=q)
+        layers = [mod for mod in m.modules() if isinstance(mod, bnb.nn.Linear4bit)]
+        covered = sum(mod.in_features * mod.out_features for mod in layers)
+        counts[cls.__name__] = (len(layers), covered)
+    assert counts["MixtralForCausalLM"] == (128, 1_342_177_280)
+    assert counts["UnfusedMixtralForCausalLM"] == (32 * (4 + 8 * 3), 46_439_333_888)

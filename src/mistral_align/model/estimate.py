@@ -156,9 +156,12 @@ def _skipped(name: str, skip: list[str]) -> bool:
     return any(name == k or name.endswith("." + k) or name.split(".")[-1] == k for k in skip)
 
 
-def weight_bytes(s: Shape, quant_cfg: Any, dtype: str, kbit_prepared: bool = True) -> dict[str, Any]:
+def weight_bytes(s: Shape, quant_cfg: Any, dtype: str, kbit_prepared: bool = True,
+                 fused_experts: bool = False) -> dict[str, Any]:
     """Weight bytes by module kind and by dtype. `kbit_prepared`: after peft's k-bit preparation
-    (non-quantised half-precision weights upcast to fp32), as during QLoRA training."""
+    (non-quantised half-precision weights upcast to fp32), as during QLoRA training.
+    `fused_experts`: stock transformers 5's Mixtral, whose fused 3-D experts bitsandbytes skips
+    (the "before" of issue 9; mistral-align quantises every expert)."""
     mode = quant_cfg.mode
     skip = list(quant_cfg.get("skip_modules") or [])
     full = DTYPE_BYTES[dtype]
@@ -175,7 +178,9 @@ def weight_bytes(s: Shape, quant_cfg: Any, dtype: str, kbit_prepared: bool = Tru
 
     for name, kind, i, o in linear_layers(s):
         n = i * o
-        if mode in ("nf4", "fp4") and not _skipped(name, skip):
+        if fused_experts and kind == "experts":
+            add(kind, full_dtype, n * full)
+        elif mode in ("nf4", "fp4") and not _skipped(name, skip):
             storage = 1 if quant_cfg.get("storage_dtype", "uint8") == "uint8" else DTYPE_BYTES[quant_cfg.storage_dtype]
             packed = math.ceil(math.ceil(n / 2) / storage) * storage
             total = nf4_layer_bytes(n, quant_cfg.get("double_quant", True), storage)
