@@ -175,3 +175,28 @@ def test_every_hub_model_config_names_its_shape():
         content = yaml.safe_load(path.read_text()) or {}
         if content.get("hub_id"):
             assert content.get("shape"), f"{path.name}: no shape (mistral-align estimate needs one)"
+
+
+def test_warn_if_wont_fit_warns_before_loading(caplog):
+    import logging
+
+    from mistral_align.model.estimate import warn_if_wont_fit
+
+    cfg = cfg_of("model=mixtral-8x7b-v0.1", "quant=nf4")
+    with caplog.at_level(logging.WARNING, logger="mistral_align.model.estimate"):
+        r = warn_if_wont_fit(cfg, gpu_bytes=24 * GiB)
+    assert r is not None and "this GPU has 24.0 GiB" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mistral_align.model.estimate"):
+        warn_if_wont_fit(cfg, gpu_bytes=80 * GiB)
+    assert caplog.text == ""
+    assert warn_if_wont_fit(cfg) is None  # no CUDA device here: nothing to compare with
+
+
+def test_dpo_stage_counts_both_halves_of_each_pair():
+    cfg = cfg_of("model=mistral-7b-v0.3", "quant=nf4", "dpo.train.per_device_batch_size=4", "dpo.train.max_length=1024")
+    dpo = estimate_memory(cfg, stage="dpo")
+    assert dpo["batch"] == 4 and dpo["length"] == 1024
+    sft = estimate_memory(cfg_of("model=mistral-7b-v0.3", "quant=nf4", "train.per_device_batch_size=8",
+                                 "train.max_length=1024"))
+    assert dpo["per_gpu"]["activations"] == sft["per_gpu"]["activations"]
