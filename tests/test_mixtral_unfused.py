@@ -122,11 +122,11 @@ def test_real_mixtral_8x7b_shape_every_linear_becomes_4bit_on_meta():
     from transformers import BitsAndBytesConfig
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
-    real = MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2)
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
     counts = {}
     for cls in (MixtralForCausalLM, UnfusedMixtralForCausalLM):
+        real = MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2)
         with torch.device("meta"):
             m = cls(real)
         m = replace_with_bnb_linear(m, modules_to_not_convert=["lm_head"], quantization_config=q)

@@ -78,6 +78,10 @@ class UnfusedMixtralExperts(nn.ModuleList):
 
 
 class UnfusedMixtralModel(MixtralModel):
+    # Our experts run their own loop: transformers' experts kernels (grouped_mm, ...) do not apply.
+    # Set explicitly: the class would otherwise inherit whatever MixtralModel's check cached.
+    _can_set_experts_implementation_cached_value = False
+
     def __init__(self, config: MixtralConfig):
         super().__init__(config)
         for layer in self.layers:
@@ -86,6 +90,8 @@ class UnfusedMixtralModel(MixtralModel):
 
 
 class UnfusedMixtralForCausalLM(MixtralForCausalLM):
+    _can_set_experts_implementation_cached_value = False
+
     def __init__(self, config: MixtralConfig):
         super().__init__(config)
         self.model = UnfusedMixtralModel(config)
