@@ -135,3 +135,38 @@ def test_real_mixtral_8x7b_shape_every_linear_becomes_4bit_on_meta():
         counts[cls.__name__] = (len(layers), covered)
     assert counts["MixtralForCausalLM"] == (128, 1_342_177_280)
     assert counts["UnfusedMixtralForCausalLM"] == (32 * (4 + 8 * 3), 46_439_333_888)
+
+
+def test_inline_mixtral_is_written_with_hub_names_and_loads_in_stock_transformers():
+    """An inline Mixtral goes through the same Hub-name conversion as a Hub checkpoint."""
+    import os
+
+    from safetensors import safe_open
+
+    from mistral_align.model.build import _inline_checkpoint
+
+    cfg = cfg_for("tiny-mixtral", "quant=none")
+    path = _inline_checkpoint(cfg.model, 32000, seed=0)
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in keys
+    assert "model.layers.0.block_sparse_moe.gate.weight" in keys
+    stock = MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = build_model(cfg.model, cfg.quant, vocab_size=32000, seed=0, device_map={"": "cpu"}).eval()
+    ids = torch.randint(0, 32000, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (stock(ids).logits - ours(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_peft_experts_false_leaves_experts_alone(stock_dir):
+    from omegaconf import OmegaConf
+
+    from mistral_align.config import PeftConfig
+    from mistral_align.model.build import lora_config
+
+    ours = UnfusedMixtralForCausalLM.from_pretrained(stock_dir, dtype=torch.float32)
+    on = lora_config(OmegaConf.structured(PeftConfig()), ours)
+    off = lora_config(OmegaConf.structured(PeftConfig(experts=False)), ours)
+    assert {"gate_proj", "up_proj", "down_proj"} <= set(on.target_modules)
+    assert set(off.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert not on.target_parameters

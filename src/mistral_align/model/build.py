@@ -100,10 +100,22 @@ def _inline_checkpoint(model_cfg: Any, vocab_size: int, seed: int) -> str:
     model = (cls.from_config if cls.__name__.startswith("Auto") else cls._from_config)(config, dtype=torch.float32)
     # Not model.save_pretrained: under torch.distributed it writes on rank 0 only, and every rank
     # needs its own copy here.
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     model.config.to_json_file(os.path.join(path, "config.json"))
-    save_model(model, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if v.data_ptr() in seen:  # tied weights (lm_head = embed_tokens) are stored once
+            continue
+        seen.add(v.data_ptr())
+        state[k] = v.contiguous()
+    if getattr(config, "model_type", None) == "mixtral":
+        # The Hub's names (block_sparse_moe.experts.N.w1/w3/w2), so an inline Mixtral loads through
+        # the same checkpoint conversion as a Hub one, and the folder loads in stock transformers.
+        from mistral_align.model.mixtral_unfused import hub_names
+
+        state = hub_names(state)
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     return path
 
 

@@ -98,6 +98,24 @@ class UnfusedMixtralForCausalLM(MixtralForCausalLM):
         self.post_init()
 
 
+_HUB_NAMES = [
+    (re.compile(r"\.mlp\.experts\.(\d+)\.gate_proj\."), r".block_sparse_moe.experts.\1.w1."),
+    (re.compile(r"\.mlp\.experts\.(\d+)\.up_proj\."), r".block_sparse_moe.experts.\1.w3."),
+    (re.compile(r"\.mlp\.experts\.(\d+)\.down_proj\."), r".block_sparse_moe.experts.\1.w2."),
+    (re.compile(r"\.mlp\.gate\."), r".block_sparse_moe.gate."),
+]
+
+
+def hub_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict of this class under the Hub checkpoint's names (what `save_pretrained` writes)."""
+    out = {}
+    for key, t in state.items():
+        for pattern, repl in _HUB_NAMES:
+            key = pattern.sub(repl, key)
+        out[key] = t
+    return out
+
+
 def register() -> None:
     """Register the Hub-name <-> per-expert-linear checkpoint conversion (idempotent)."""
     global _REGISTERED
