@@ -170,3 +170,18 @@ def test_peft_experts_false_leaves_experts_alone(stock_dir):
     assert {"gate_proj", "up_proj", "down_proj"} <= set(on.target_modules)
     assert set(off.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert not on.target_parameters
+
+
+def test_an_expert_without_tokens_still_gets_a_gradient_for_ddp():
+    """DDP (find_unused_parameters=False) needs a gradient for every trainable parameter on every
+    rank: an expert no token was routed to gets a zero one."""
+    cfg = cfg_for("tiny-mixtral", "peft.r=4", "peft.dropout=0", "model.architecture.num_local_experts=8",
+                  "model.architecture.num_experts_per_tok=1")
+    model = build(cfg)
+    model.train()
+    ids = torch.randint(0, 32000, (1, 3), generator=torch.Generator().manual_seed(0))  # 3 tokens, 8 experts, top-1
+    model(input_ids=ids, labels=ids).loss.backward()
+    expert_lora = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and ".experts." in n}
+    assert len(expert_lora) == 2 * 8 * 3 * 2
+    assert all(g is not None for g in expert_lora.values())
+    assert sum(bool(g.abs().sum() == 0) for g in expert_lora.values()) >= 2 * 5 * 3 * 2  # >= 5 idle experts a layer

@@ -66,10 +66,14 @@ class UnfusedMixtralExperts(nn.ModuleList):
         with torch.no_grad():
             expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
             expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-        for expert_idx in expert_hit:
-            expert_idx = int(expert_idx[0])
-            if expert_idx == self.num_experts:
-                continue
+        if self.training and torch.is_grad_enabled():
+            # Every expert joins the graph, an expert that got no token with an empty batch: its
+            # (LoRA) parameters then get a zero gradient instead of none, which DDP needs (it
+            # runs with find_unused_parameters=False) and which keeps ranks in step.
+            experts = range(self.num_experts)
+        else:
+            experts = [int(e[0]) for e in expert_hit if int(e[0]) != self.num_experts]
+        for expert_idx in experts:
             top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
             out = self[expert_idx](hidden_states[token_idx])
             out = out * top_k_weights[token_idx, top_k_pos, None]
