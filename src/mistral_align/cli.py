@@ -362,9 +362,61 @@ def _cmd_chat(args) -> int:
     return EXIT_OK
 
 
+# -- estimate -----------------------------------------------------------------------------------
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+
+
+def _add_estimate(sub) -> None:
+    p = sub.add_parser(
+        "estimate",
+        help="GPU memory of a training run, before anything loads",
+        description="Estimate per-GPU memory (weights, LoRA, gradients, optimizer, activations) from the "
+        "same Hydra config and overrides the recipes take; no download, no model built.",
+    )
+    p.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra overrides, e.g. model=mixtral-8x7b-v0.1 quant=nf4")
+    p.add_argument("--config-name", default="sft_dpo", help="primary config under configs/ (sft, dpo, sft_dpo)")
+    p.add_argument("--stage", choices=("sft", "dpo"), default=None, help="which stage's train node (default: sft)")
+    p.add_argument("--num-gpus", type=int, default=1, metavar="N")
+    p.add_argument("--parallel", choices=("ddp", "fsdp", "zero3"), default="ddp")
+    p.add_argument("--json", action="store_true", help="print the estimate as one JSON object")
+    p.set_defaults(func=_cmd_estimate)
+
+
+def compose_config(config_name: str, overrides: list[str]):
+    """The recipes' resolved config, composed from configs/ with `overrides` (no Hydra app, no run)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from mistral_align.config import register_configs
+
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return compose(config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        cause = e.__cause__ or e
+        raise UsageError(" ".join(str(cause).split())) from None
+
+
+def _cmd_estimate(args) -> int:
+    from mistral_align.config import check_config
+    from mistral_align.model.estimate import estimate_memory, format_estimate
+
+    if args.num_gpus < 1:
+        raise UsageError(f"--num-gpus must be >= 1, got {args.num_gpus}")
+    cfg = compose_config(args.config_name, list(args.overrides))
+    stage = args.stage or "sft"
+    check_config(cfg, stages=(stage,), need_data=False)
+    report = estimate_memory(cfg, num_gpus=args.num_gpus, parallel=args.parallel, stage=stage)
+    print(json.dumps(report) if args.json else format_estimate(report))
+    return EXIT_OK
+
+
 # -- entry point --------------------------------------------------------------------------------
 
-SUBCOMMANDS = (_add_validate, _add_preview, _add_chat, _add_merge, _add_export_gguf, _add_push)
+SUBCOMMANDS = (_add_validate, _add_preview, _add_estimate, _add_chat, _add_merge, _add_export_gguf, _add_push)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -64,6 +64,25 @@ class ArchitectureConfig:
 
 
 @dataclass
+class ShapeConfig:
+    """A Hub model's architecture numbers (its config.json), so `mistral-align estimate` needs no
+    download. Informational: the weights and the real config still come from the Hub."""
+
+    type: str = "mistral"  # mistral | mixtral
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: Optional[int] = None
+    vocab_size: int = 32000
+    tie_word_embeddings: bool = False
+    # Mixtral only (0 = dense)
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 2
+
+
+@dataclass
 class ModelConfig:
     name: str = "???"
     # Exactly one of hub_id / architecture.
@@ -78,6 +97,8 @@ class ModelConfig:
     # None keeps the model's own setting; an int sets the sliding-window size; 0 disables it.
     sliding_window: Optional[int] = None
     trust_remote_code: bool = False
+    # A Hub model's architecture numbers, for `mistral-align estimate` (None: unknown).
+    shape: Optional[ShapeConfig] = None
 
 
 @dataclass
@@ -100,7 +121,8 @@ class PeftConfig:
     dropout: float = 0.05
     # "all-linear" = every nn.Linear except the output head; or explicit module names.
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    # MoE models (Mixtral): put LoRA on the experts' fused weights too (peft target_parameters).
+    # MoE models (Mixtral): LoRA on every expert's gate/up/down projections too (per-expert linears,
+    # model/mixtral_unfused.py); false leaves the experts alone.
     experts: bool = True
     # MoE models: the router (`mlp.gate`) is left alone unless this is true.
     train_router: bool = False
@@ -296,9 +318,10 @@ def bf16_setting(value: Any) -> str:
     return str(value).lower()
 
 
-def check_config(cfg: Any, stages: tuple[str, ...] = STAGES) -> None:
+def check_config(cfg: Any, stages: tuple[str, ...] = STAGES, need_data: bool = True) -> None:
     """Everything types alone cannot check, for the shared nodes and the `stages` a recipe runs.
-    Raises ConfigError naming the key. Call it before anything loads."""
+    Raises ConfigError naming the key. Call it before anything loads. `need_data=False` (estimate)
+    accepts a stage with no data source."""
     from mistral_align.chat.encoder import TOKENIZER_VERSIONS
 
     check_closed(cfg)
@@ -351,7 +374,7 @@ def check_config(cfg: Any, stages: tuple[str, ...] = STAGES) -> None:
         _check_train(s.train, "sft.train")
         _choice(s.train.packing_strategy, "sft.train.packing_strategy", PACKING_STRATEGIES)
         _check_eval(s.eval, "sft.eval")
-        _check_stage_data(s, "sft")
+        _check_stage_data(s, "sft", need_data)
         for skill, fraction in s.synthetic.noise.items():
             if not 0.0 <= fraction <= 1.0:
                 raise ConfigError(f"sft.synthetic.noise.{skill}: must be in [0, 1], got {fraction}")
@@ -368,7 +391,7 @@ def check_config(cfg: Any, stages: tuple[str, ...] = STAGES) -> None:
             raise ConfigError(f"dpo.label_smoothing: must be in [0, 0.5), got {d.label_smoothing}")
         _check_train(d.train, "dpo.train")
         _check_eval(d.eval, "dpo.eval")
-        _check_stage_data(d, "dpo")
+        _check_stage_data(d, "dpo", need_data)
 
 
 def _check_train(t: Any, key: str) -> None:
@@ -399,7 +422,7 @@ def _check_eval(e: Any, key: str) -> None:
         _at_least(e[name], f"{key}.{name}", 1)
 
 
-def _check_stage_data(stage: Any, name: str) -> None:
+def _check_stage_data(stage: Any, name: str, need_data: bool = True) -> None:
     """The stage's data (or its synthetic data), never both: a user's own data is never silently replaced."""
     s = stage.synthetic
     if s.enabled:
@@ -415,7 +438,7 @@ def _check_stage_data(stage: Any, name: str) -> None:
         _at_least(s.n_train, f"{name}.synthetic.n_train", 1)
         _at_least(s.n_eval, f"{name}.synthetic.n_eval", 0)
     check_data_config(stage.data, name, f"{name}.data", need_train=False)
-    if not s.enabled and not stage.data.train:
+    if need_data and not s.enabled and not stage.data.train:
         raise ConfigError(
             f"{name}.data.train: no training source (pick data@{name}.data=... or set {name}.synthetic.enabled=true)"
         )

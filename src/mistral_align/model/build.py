@@ -22,8 +22,8 @@ from mistral_align.errors import ConfigError, RunDirError
 log = logging.getLogger(__name__)
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Where the fused expert weights of transformers 5's MoE blocks live (peft `target_parameters`).
-MIXTRAL_EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+# Leaf names of the per-expert linears of model/mixtral_unfused.py (the Hub's w1 / w3 / w2).
+EXPERT_LINEAR_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
 def default_device_map() -> dict[str, Any] | None:
@@ -98,19 +98,30 @@ def save_inline_base(model_cfg: Any, vocab_size: int, seed: int, path: str | os.
     and save it as a plain transformers folder (config.json, model.safetensors, float32), so that
     quantisation goes through the same `from_pretrained` path as a Hub model and every adapter
     trained on it names a base that loads."""
-    from transformers import AutoModelForCausalLM
-
     config = inline_config(model_cfg, vocab_size)
     path = str(path)
     os.makedirs(path, exist_ok=True)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    cls = model_class(config)
+    model = (cls.from_config if cls.__name__.startswith("Auto") else cls._from_config)(config, dtype=torch.float32)
     # Not model.save_pretrained: under torch.distributed it writes on rank 0 only, and every rank
     # needs its own copy here.
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     model.config.to_json_file(os.path.join(path, "config.json"))
-    save_model(model, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if v.data_ptr() in seen:  # tied weights (lm_head = embed_tokens) are stored once
+            continue
+        seen.add(v.data_ptr())
+        state[k] = v.contiguous()
+    if getattr(config, "model_type", None) == "mixtral":
+        # The Hub's names (block_sparse_moe.experts.N.w1/w3/w2), so an inline Mixtral loads through
+        # the same checkpoint conversion as a Hub one, and the folder loads in stock transformers.
+        from mistral_align.model.mixtral_unfused import hub_names
+
+        state = hub_names(state)
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     model.generation_config.to_json_file(os.path.join(path, "generation_config.json"))
     return path
 
@@ -145,6 +156,18 @@ def ensure_inline_base(model_cfg: Any, vocab_size: int, seed: int, path: str | o
     return str(path)
 
 
+def model_class(config):
+    """The class a config loads into: Mixtral -> our per-expert-linear Mixtral (model/mixtral_unfused.py),
+    so quantisation reaches every expert; anything else -> transformers' AutoModelForCausalLM."""
+    if getattr(config, "model_type", None) == "mixtral":
+        from mistral_align.model.mixtral_unfused import UnfusedMixtralForCausalLM
+
+        return UnfusedMixtralForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
+
+
 def build_model(
     model_cfg: Any,
     quant_cfg: Any,
@@ -158,7 +181,7 @@ def build_model(
     An inline model loads from `inline_base` (a folder made by `ensure_inline_base`), whose path the
     model then carries as its name, so adapters record it as their base; without one it is made in
     a temporary folder and named "" (tests and benchmarks that keep no run directory)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     if device_map == "auto-rank":
         device_map = default_device_map()
@@ -178,7 +201,7 @@ def build_model(
         )
     if model_cfg.sliding_window is not None:
         config.sliding_window = model_cfg.sliding_window or None
-    model = AutoModelForCausalLM.from_pretrained(
+    model = model_class(config).from_pretrained(
         source,
         revision=revision,
         config=config,
@@ -219,23 +242,24 @@ def linear_module_names(model) -> list[str]:
 
 
 def lora_config(peft_cfg: Any, model) -> Any:
-    """peft LoraConfig: all linear layers (or the named ones); for MoE models the experts too."""
+    """peft LoraConfig: all linear layers (or the named ones); for MoE models the experts too.
+
+    Mixtral loads as model/mixtral_unfused.py's class, whose experts are ordinary linears
+    (`mlp.experts.N.gate_proj/up_proj/down_proj`): "all-linear" covers them like any other layer.
+    The router (`mlp.gate`, a plain parameter) is not a linear and is left alone unless
+    peft.train_router (then through peft `target_parameters`)."""
     from peft import LoraConfig
 
     targets = list(peft_cfg.target_modules)
-    # "all-linear" is resolved here rather than by peft: for transformers-5 MoE models peft 0.21's
-    # own "all-linear" also wraps the router (`mlp.gate`), which we leave alone by default.
     target_modules = linear_module_names(model) if targets == ["all-linear"] else targets
+    if is_moe(model) and not peft_cfg.experts and targets == ["all-linear"]:
+        target_modules = [n for n in target_modules if n not in EXPERT_LINEAR_NAMES]
     target_parameters = []
     dropout = peft_cfg.dropout
-    if is_moe(model) and peft_cfg.experts:
-        # transformers 5 stores each MoE block's experts as two fused 3D parameters, not nn.Linear;
-        # peft reaches them through target_parameters.
-        target_parameters += MIXTRAL_EXPERT_PARAMETERS
     if is_moe(model) and peft_cfg.train_router:
         target_parameters.append("mlp.gate.weight")
     if target_parameters and dropout:
-        log.warning("peft.dropout=%s: LoRA on fused expert/router weights supports no dropout; using 0", dropout)
+        log.warning("peft.dropout=%s: LoRA on the router weight (a parameter) supports no dropout; using 0", dropout)
         dropout = 0.0
     return LoraConfig(
         r=peft_cfg.r,
@@ -296,6 +320,67 @@ def count_linear_layers(model) -> dict[str, int]:
     return counts
 
 
+def module_kind(name: str) -> str:
+    """attention | experts | router | mlp | embeddings | norms | lora | other, from a parameter's name."""
+    if ".lora_" in name or "modules_to_save" in name:
+        return "lora"
+    if "embed_tokens" in name or "lm_head" in name:
+        return "embeddings"
+    if ".self_attn." in name:
+        return "attention"
+    if ".experts." in name:
+        return "experts"
+    if ".mlp.gate." in name or name.endswith(".mlp.gate.weight"):
+        return "router"
+    if ".mlp." in name:
+        return "mlp"
+    if "norm" in name:
+        return "norms"
+    return "other"
+
+
+def _tensor_bytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def parameter_bytes(model) -> dict[str, Any]:
+    """Bytes the parameters hold, measured from the tensors, by dtype and by module kind.
+
+    A bitsandbytes 4-bit weight counts its packed bytes (dtype "nf4 (packed)") and its quant state
+    (absmax, code table, and with double quant the nested absmax, offset and code: "quant_state");
+    an 8-bit weight its int8 bytes and its per-row fp32 scales (SCB, "quant_state"). Tensors
+    shared between parameters (tied weights) are counted once."""
+    by_dtype: dict[str, int] = {}
+    by_kind: dict[str, int] = {}
+    seen: set[int] = set()
+
+    def add(kind: str, dtype: str, b: int) -> None:
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + b
+        by_kind[kind] = by_kind.get(kind, 0) + b
+
+    for name, p in model.named_parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        kind = module_kind(name)
+        cls = p.__class__.__name__
+        if cls == "Params4bit" and getattr(p, "quant_state", None) is not None:
+            qs = p.quant_state
+            add(kind, f"{qs.quant_type} (packed)", _tensor_bytes(p.data))
+            state = [qs.absmax, qs.code]
+            if qs.nested:
+                state += [qs.offset, qs.state2.absmax, qs.state2.code]
+            add(kind, "quant_state", sum(_tensor_bytes(t) for t in state))
+        elif cls == "Int8Params":
+            add(kind, "int8" if p.dtype == torch.int8 else str(p.dtype).replace("torch.", ""), _tensor_bytes(p.data))
+            scb = getattr(p, "SCB", None)
+            if scb is not None:
+                add(kind, "quant_state", _tensor_bytes(scb))
+        else:
+            add(kind, str(p.dtype).replace("torch.", ""), _tensor_bytes(p.data))
+    return {"total": sum(by_dtype.values()), "by_dtype": by_dtype, "by_kind": by_kind}
+
+
 def model_facts(model) -> dict[str, Any]:
     """Model facts for the manifest: parameter counts, quantised layers, architecture."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -317,4 +402,5 @@ def model_facts(model) -> dict[str, Any]:
         "total_params": total,
         "trainable_fraction": trainable / max(total, 1),
         **count_linear_layers(model),
+        "parameter_bytes": parameter_bytes(model),
     }
