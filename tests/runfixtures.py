@@ -72,11 +72,11 @@ def _bnb(quant: str):
 def load_trained(base_dir: Path, adapter_dir: Path, quant: str):
     """The model as training left it: the (quantised) base with the adapter, eval mode."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from mistral_align.model.bnb_cpu import disable_cpu_inference_repacking
+    from mistral_align.model.build import load_pretrained
 
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, quantization_config=_bnb(quant))
+    base = load_pretrained(str(base_dir), dtype=torch.float32, quantization_config=_bnb(quant))
     disable_cpu_inference_repacking(base)
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
@@ -141,25 +141,26 @@ def make_run(run_dir: Path, arch: str = "mistral", quant: str = "nf4", pipeline:
     from mistral_align.chat.encoder import get_encoder
     from mistral_align.chat.hf_tokenizer import save_hf_tokenizer
     from mistral_align.model.bnb_cpu import disable_cpu_inference_repacking
-    from mistral_align.model.build import MIXTRAL_EXPERT_PARAMETERS, linear_module_names
+    from mistral_align.model.build import linear_module_names, load_pretrained, model_class
 
     run_dir = Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     encoder = get_encoder(VERSION)
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_config(model_config(arch), dtype=torch.float32)
+    config = model_config(arch)
+    cls = model_class(config)  # what training uses: Mixtral with per-expert linears
+    base = (cls.from_config if cls is AutoModelForCausalLM else cls._from_config)(config, dtype=torch.float32)
     base.save_pretrained(run_dir / "base")
     base_dir = run_dir / "base"
 
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, quantization_config=_bnb(quant))
+    model = load_pretrained(str(base_dir), dtype=torch.float32, quantization_config=_bnb(quant))
     disable_cpu_inference_repacking(model)
     if quant != "none":
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets = linear_module_names(model)
-    lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
-                      target_parameters=MIXTRAL_EXPERT_PARAMETERS if ARCH[arch]["type"] == "mixtral" else None, task_type="CAUSAL_LM")
+    lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
     model = get_peft_model(model, lcfg)
     stages = ["sft", "dpo"] if pipeline else ["sft"]
     summary: dict = {}

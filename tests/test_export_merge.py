@@ -105,9 +105,12 @@ def test_mixtral_merge_equals_the_adapter_model(tmp_path):
     out = tmp_path / "merged"
     assert main(["merge", str(run), "--out", str(out), "--dtype", "fp32"]) == 0
     _, rows = _rows()
-    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(run / "base")), str(run / "adapter")).eval()
-    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    from mistral_align.model.build import load_pretrained
+
+    ref = PeftModel.from_pretrained(load_pretrained(str(run / "base")), str(run / "adapter")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()  # stock transformers, fused experts
     assert type(merged).__name__ == "MixtralForCausalLM"
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
     for a, b in zip(_logits(merged, rows), _logits(ref, rows)):
         assert float((a - b).abs().max()) < 1e-4
 

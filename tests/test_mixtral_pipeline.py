@@ -23,5 +23,5 @@ def test_sft_then_dpo_on_tiny_mixtral_every_expert_4bit(tmp_path):
         assert {"attention", "experts", "router", "embeddings", "norms", "lora"} <= set(by_kind)
         assert "nf4 (packed)" in facts["parameter_bytes"]["by_dtype"]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["sft"]["eval_loss_after"] < summary["sft"]["eval_loss_before"]
+    assert summary["sft"]["after"]["loss"] < summary["sft"]["before"]["loss"]
     assert summary["dpo"]["steps"] == 4

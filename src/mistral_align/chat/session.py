@@ -154,8 +154,9 @@ def load_for_chat(path, quant: str = "auto", stage: Optional[str] = None, dtype:
         q = dict(src.quant or {})
         if not torch.cuda.is_available():
             q["compute_dtype"] = "float32"
-        base = AutoModelForCausalLM.from_pretrained(src.base, revision=src.revision, dtype=torch_dtype,
-                                                    quantization_config=quantization_config(q, mode))
+        from mistral_align.model.build import load_pretrained
+
+        base = load_pretrained(src.base, revision=src.revision, dtype=torch_dtype, quantization_config=quantization_config(q, mode))
         model = PeftModel.from_pretrained(base, str(src.adapter_dir))
     from mistral_align.model.bnb_cpu import disable_cpu_inference_repacking
 

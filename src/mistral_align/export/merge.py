@@ -37,23 +37,24 @@ DEFAULT_BASE = "dequantized"
 
 
 def _load_full(src: RunSource, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
+    from mistral_align.model.build import load_pretrained
 
-    model = AutoModelForCausalLM.from_pretrained(src.base, revision=src.revision, dtype=dtype)
-    return model
+    return load_pretrained(src.base, revision=src.revision, dtype=dtype)
 
 
 def _dequantized_weights(src: RunSource) -> dict[str, torch.Tensor]:
     """Every quantised linear weight of the base as training saw it, dequantised (module name -> W)."""
     import bitsandbytes as bnb
-    from transformers import AutoModelForCausalLM
+
+    from mistral_align.model.build import load_pretrained
 
     qcfg = quantization_config(src.quant)
     compute = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[src.quant.get("compute_dtype", "bfloat16")]
     model_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         (src.config.get("model") or {}).get("dtype", "bfloat16"), torch.bfloat16
     )
-    qmodel = AutoModelForCausalLM.from_pretrained(src.base, revision=src.revision, dtype=model_dtype, quantization_config=qcfg, device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"})
+    qmodel = load_pretrained(src.base, revision=src.revision, dtype=model_dtype, quantization_config=qcfg,
+                             device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"})
     out: dict[str, torch.Tensor] = {}
     for name, module in qmodel.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -119,6 +120,10 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
     cfg.name_or_path = ""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
+    if cfg.model_type == "mixtral":  # our per-expert class saves the Hub's layout: name the stock class
+        stock = json.loads((out / "config.json").read_text())
+        stock["architectures"] = ["MixtralForCausalLM"]
+        (out / "config.json").write_text(json.dumps(stock, indent=2) + "\n")
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=None, do_sample=False).save_pretrained(str(out))
     save_hf_tokenizer(src.tokenizer_version, out)
     info = {

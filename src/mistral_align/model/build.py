@@ -108,6 +108,8 @@ def save_inline_base(model_cfg: Any, vocab_size: int, seed: int, path: str | os.
     # needs its own copy here.
     from safetensors.torch import save_file
 
+    # The stock class name: the folder loads in stock transformers, TGI and vLLM (Mixtral: Hub layout).
+    model.config.architectures = ["MixtralForCausalLM" if config.model_type == "mixtral" else "MistralForCausalLM"]
     model.config.to_json_file(os.path.join(path, "config.json"))
     state, seen = {}, set()
     for k, v in model.state_dict().items():
@@ -166,6 +168,15 @@ def model_class(config):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM
+
+
+def load_pretrained(source: str, revision: str | None = None, **kwargs):
+    """`from_pretrained` through the class training used (`model_class`): for Mixtral our per-expert
+    class, so adapters trained on it load (merge, chat); anything else as transformers loads it."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source, revision=revision)
+    return model_class(config).from_pretrained(source, revision=revision, config=config, **kwargs)
 
 
 def build_model(

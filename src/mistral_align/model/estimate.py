@@ -365,6 +365,17 @@ def format_estimate(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def parallel_kind() -> str:
+    """How `accelerate launch` shards this run: fsdp, zero3 (DeepSpeed) or ddp (whole copies)."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "zero3"
+    return "ddp"
+
+
 def warn_if_wont_fit(cfg: Any, gpu_bytes: int | None = None, num_gpus: int = 1, parallel: str = "ddp",
                      stage: str | None = None) -> dict[str, Any] | None:
     """Log a warning before loading when the estimate exceeds `gpu_bytes` (default: this process's
@@ -386,8 +397,9 @@ def warn_if_wont_fit(cfg: Any, gpu_bytes: int | None = None, num_gpus: int = 1, 
     if r["total_per_gpu"] > FIT_FRACTION * gpu_bytes:
         log.warning(
             "memory estimate: %.1f GiB per GPU (weights %.1f, LoRA %.1f, gradients %.1f, optimizer %.1f, "
-            "activations %.1f) but this GPU has %.1f GiB; lower train.per_device_batch_size or the length, "
-            "turn on train.gradient_checkpointing, or use quant=nf4 (see `mistral-align estimate`)",
+            "activations %.1f) but this GPU has %.1f GiB; lower %s.train.per_device_batch_size or the length, "
+            "turn on %s.train.gradient_checkpointing, or use quant=nf4 (see `mistral-align estimate`)",
             r["total_per_gpu"] / GiB, *(v / GiB for v in r["per_gpu"].values()), gpu_bytes / GiB,
+            stage or "sft", stage or "sft",
         )
     return r

@@ -19,6 +19,7 @@ from mistral_align.data.config import SourceConfig
 from mistral_align.data.load import LoadedData
 from mistral_align.data.synthetic import skill_of
 from mistral_align.model.build import ensure_inline_base, model_facts
+from mistral_align.model.estimate import parallel_kind, warn_if_wont_fit
 from mistral_align.train.callbacks import MetricsJsonl
 from mistral_align.train.evaluate import generation_eval
 from mistral_align.train.launch import Run, setup_tracking
@@ -120,6 +121,8 @@ def run_stage(stage: Stage, print_report: bool = True) -> dict:
 
     save_hf_tokenizer(cfg.model.tokenizer_version, stage.out_dir / "tokenizer")
     tokenizer = load_hf_tokenizer(stage.out_dir / "tokenizer")
+    # On a GPU, a warning before loading when the estimate says the model will not fit.
+    warn_if_wont_fit(cfg, num_gpus=state.num_processes, parallel=parallel_kind(), stage=stage.name)
     model = stage.build_model()
     facts = model_facts(model)
     log.info("model: %s, %d trainable of %d params, %d linear layers in 4-bit", cfg.model.name,
