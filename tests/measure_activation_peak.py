@@ -31,7 +31,7 @@ def main() -> None:
     from test_model_build import cfg_for
 
     from mistral_align.chat import get_encoder
-    from mistral_align.model.build import apply_peft, build_model, upcast_trainable
+    from mistral_align.model.build import apply_peft, build_model
 
     torch.set_num_threads(1)
     model, gc, batch, length = sys.argv[1], sys.argv[2] == "gc", int(sys.argv[3]), int(sys.argv[4])
@@ -39,7 +39,6 @@ def main() -> None:
     vocab = get_encoder(cfg.model.tokenizer_version).vocab_size
     m = build_model(cfg.model, cfg.quant, vocab_size=vocab, seed=0, device_map={"": "cpu"})
     m = apply_peft(m, cfg.peft, quantized=True, gradient_checkpointing=gc)
-    upcast_trainable(m)
     m.train()
     torch.manual_seed(0)
     warm = torch.randint(0, vocab, (batch, 16))

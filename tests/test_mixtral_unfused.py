@@ -137,16 +137,16 @@ def test_real_mixtral_8x7b_shape_every_linear_becomes_4bit_on_meta():
     assert counts["UnfusedMixtralForCausalLM"] == (32 * (4 + 8 * 3), 46_439_333_888)
 
 
-def test_inline_mixtral_is_written_with_hub_names_and_loads_in_stock_transformers():
+def test_inline_mixtral_is_written_with_hub_names_and_loads_in_stock_transformers(tmp_path):
     """An inline Mixtral goes through the same Hub-name conversion as a Hub checkpoint."""
     import os
 
     from safetensors import safe_open
 
-    from mistral_align.model.build import _inline_checkpoint
+    from mistral_align.model.build import save_inline_base
 
     cfg = cfg_for("tiny-mixtral", "quant=none")
-    path = _inline_checkpoint(cfg.model, 32000, seed=0)
+    path = save_inline_base(cfg.model, 32000, 0, tmp_path / "base")
     with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in keys
