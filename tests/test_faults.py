@@ -223,3 +223,32 @@ def test_pipeline_killed_inside_dpo_resumes_to_the_same_result(tmp_path):
     _report("DPO (pipeline) 1 process", diff, loss_ref, loss_cut)
     assert diff <= 1e-5 and abs(loss_ref - loss_cut) <= 1e-5
     assert [s for s, _ in _train_rows(cut, "dpo")] == [1, 2, 3, 4, 5]
+
+
+@slow
+def test_sft_two_processes_killed_then_resumed_equals_uninterrupted(tmp_path):
+    launch = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_ddp.yaml")]
+    steps = ("sft.train.max_steps=4", "sft.train.save_steps=1", "sft.eval.loss_before=false")
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+
+    def cmd(run_dir):
+        return [*launch, str(ROOT / "recipes/sft.py"), "experiment=test_tiny", f"run.dir={run_dir}", *steps]
+
+    _run(cmd(ref), tmp_path)
+    # SIGKILL the launcher and both ranks at once (as a lost node would), after the second checkpoint.
+    proc = subprocess.Popen(cmd(cut), cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    t0 = time.time()
+    while not any(faults._step(c) >= 2 for c in faults.checkpoints(cut / "checkpoints")):
+        assert proc.poll() is None and time.time() - t0 < 900, proc.stderr.read()[-4000:] if proc.stderr else ""
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=120)
+    out = _run(cmd(cut), tmp_path)
+    assert "SFT: resuming from" in out.stderr
+    diff = _max_diff(ref / "adapter", cut / "adapter")
+    loss_ref = json.loads((ref / "summary.json").read_text())["sft"]["train_loss"]
+    loss_cut = json.loads((cut / "summary.json").read_text())["sft"]["train_loss"]
+    _report("SFT 2 processes", diff, loss_ref, loss_cut)
+    assert diff <= 1e-5 and abs(loss_ref - loss_cut) <= 1e-5
+    assert [s for s, _ in _train_rows(cut, "sft")] == [1, 2, 3, 4]
