@@ -315,10 +315,21 @@ class ResumePoint:
     loss_sum: float = 0.0
 
 
-def resume_point(stage) -> ResumePoint:
+def recorded_fingerprint(run_dir: Path, section: str | None) -> str | None:
+    """The data fingerprint an earlier launch of this stage recorded in manifest.json, if any."""
+    try:
+        manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    facts = manifest.get(section, {}) if section else manifest
+    return (facts.get("data") or {}).get("fingerprint")
+
+
+def resume_point(stage, fingerprint: str | None = None) -> ResumePoint:
     """Where the stage starts (decided on the main process, the same on every rank): run.resume=auto
     the newest complete checkpoint of this stage; never: step 0 (its old checkpoints removed); a path:
-    that checkpoint, which must be complete."""
+    that checkpoint, which must be complete. A checkpoint trained on other data (the stage's data
+    fingerprint in manifest.json differs) is refused unless run.allow_config_change."""
     run, mode = stage.run, stage.cfg.run.resume
     ckpt_dir = stage.out_dir / "checkpoints"
     chosen: list = [None]
@@ -336,6 +347,12 @@ def resume_point(stage) -> ResumePoint:
                 problem = checkpoint_problem(ckpt)
                 if problem:
                     raise RunDirError(f"run.resume: {ckpt} cannot be resumed from: {problem}")
+            before = recorded_fingerprint(run.dir, stage.section)
+            if ckpt is not None and fingerprint and before and before != fingerprint and not stage.cfg.run.allow_config_change:
+                raise RunDirError(
+                    f"{run.dir}: the {stage.name} data changed since this stage started (data fingerprint "
+                    f"{before} -> {fingerprint}); use a new run.dir, or run.allow_config_change=true to continue anyway"
+                )
             if ckpt is None:
                 chosen = [{"checkpoint": None}]
             else:

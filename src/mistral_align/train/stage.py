@@ -115,6 +115,8 @@ def run_stage(stage: Stage, print_report: bool = True) -> dict:
         data = stage.load_data()
     log.info("%s data: %d train rows, %d eval rows", stage.name.upper(), len(data.train),
              len(data.eval) if data.eval is not None else 0)
+    # Resuming (train/faults.py): the newest complete checkpoint of this stage, if any, trained on this data.
+    resume = resume_point(stage, data.fingerprint)
 
     # 2. Tokenizer and model (each rank's copy on its own device) with its adapter; the trainer.
     from mistral_align.chat.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
@@ -131,8 +133,6 @@ def run_stage(stage: Stage, print_report: bool = True) -> dict:
     record({"trainer": {"world_size": args.world_size, "parallel_mode": str(args.parallel_mode),
                         "global_batch_rows": args.world_size * args.per_device_train_batch_size
                         * args.gradient_accumulation_steps, **stage.trainer_facts(args)}})
-    # Resuming (train/faults.py): the newest complete checkpoint of this stage, if any.
-    resume = resume_point(stage)
     metrics = MetricsJsonl(run.dir / "metrics.jsonl", stage.name, resume.step, state.is_main_process)
     trainer = stage.build_trainer(model, tokenizer, args, data, [metrics])
 
