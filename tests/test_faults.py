@@ -75,6 +75,63 @@ def test_training_differences_name_what_changes_training_only():
     assert diff == ["model.architecture.hidden_size", "run.seed", "sft.data.train", "sft.train.lr"]
 
 
+def test_a_pipeline_rerun_with_another_seed_or_shape_is_refused_naming_the_keys(tmp_path):
+    """Problem 2 of issue 10: a finished SFT stage must not be continued by DPO on a different base."""
+    from hydra import compose, initialize_config_dir
+
+    from mistral_align.config import register_configs
+    from mistral_align.train.run_dir import write_resolved_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        first = compose("sft_dpo", overrides=["experiment=test_tiny"])
+        write_resolved_config(tmp_path, first, ("sft", "dpo"))
+        faults.check_same_training(tmp_path, first, ("sft", "dpo"), "sft_dpo")  # the same: fine
+        logging_only = compose("sft_dpo", overrides=["experiment=test_tiny", "run.report_to=tensorboard",
+                                                     "sft.train.logging_steps=3", "dpo.eval.max_prompts=2"])  # fmt: skip
+        faults.check_same_training(tmp_path, logging_only, ("sft", "dpo"), "sft_dpo")
+        changed = compose("sft_dpo", overrides=["experiment=test_tiny", "run.seed=7", "model.architecture.hidden_size=32",
+                                                "dpo.beta=0.5"])  # fmt: skip
+        with pytest.raises(RunDirError, match=r"dpo.beta: 0.1 -> 0.5; model.architecture.hidden_size: 64 -> 32; "
+                                              r"run.seed: 42 -> 7.*run.allow_config_change=true"):  # fmt: skip
+            faults.check_same_training(tmp_path, changed, ("sft", "dpo"), "sft_dpo")
+        changed.run.allow_config_change = True
+        faults.check_same_training(tmp_path, changed, ("sft", "dpo"), "sft_dpo")
+
+
+def test_a_second_launch_on_a_run_directory_in_use_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / faults.LOCK).write_text(json.dumps({"pid": os.getpid(), "host": platform.node()}))  # this test holds it
+    out = subprocess.run(_cmd("sft.py", run_dir), capture_output=True, text=True, timeout=600, cwd=tmp_path, env=ENV)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert f"error: {run_dir} is in use by another launch (pid {os.getpid()} on host {platform.node()}" in out.stderr
+    assert "Traceback" not in out.stderr and not (run_dir / "config.yaml").exists()
+    assert json.loads((run_dir / faults.LOCK).read_text())["pid"] == os.getpid()  # left to its holder
+
+
+# -- clean stops ---------------------------------------------------------------------------------
+
+
+def test_a_first_ctrl_c_asks_for_a_checkpoint_and_a_second_stops_at_once():
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    stop = faults.StopOnSignal()
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        assert stop.signal == "SIGINT"
+        state, control = TrainerState(global_step=3, max_steps=10), TrainerControl()
+        stop.on_step_end(TrainingArguments(output_dir="/tmp/unused", use_cpu=True), state, control)
+        assert control.should_save and control.should_training_stop and stop.stopped_at == 3
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+    finally:
+        stop.uninstall()
+
+
 # -- checkpoints complete or invisible -------------------------------------------------------------
 
 
