@@ -287,9 +287,11 @@ class AtomicCheckpoints:
         if args.should_save:
             shutil.rmtree(aside / name, ignore_errors=True)
         self.accelerator.wait_for_everyone()
-        tr = self._tr_loss
-        if self.args.world_size > 1:
-            tr = self._nested_gather(tr.detach()).mean()
+        tr = self._tr_loss.detach()
+        if self.args.world_size > 1:  # the mean over ranks, as the trainer logs it
+            from transformers.trainer_pt_utils import nested_gather
+
+            tr = nested_gather(tr, self.args.parallel_mode).mean()
         loss_sum = self.resumed_loss_sum + self._total_loss_scalar + float(tr.item())
         object.__setattr__(args, "output_dir", str(aside))
         try:
