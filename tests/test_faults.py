@@ -282,30 +282,58 @@ def test_pipeline_killed_inside_dpo_resumes_to_the_same_result(tmp_path):
     assert [s for s, _ in _train_rows(cut, "dpo")] == [1, 2, 3, 4, 5]
 
 
-@slow
-def test_sft_two_processes_killed_then_resumed_equals_uninterrupted(tmp_path):
-    launch = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_ddp.yaml")]
-    steps = ("sft.train.max_steps=4", "sft.train.save_steps=1", "sft.eval.loss_before=false")
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
+def _launch(recipe: str, run_dir: Path, *overrides: str) -> list[str]:
+    return [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_ddp.yaml"),
+            str(ROOT / "recipes" / recipe), "experiment=test_tiny", f"run.dir={run_dir}", *overrides]  # fmt: skip
 
-    def cmd(run_dir):
-        return [*launch, str(ROOT / "recipes/sft.py"), "experiment=test_tiny", f"run.dir={run_dir}", *steps]
 
-    _run(cmd(ref), tmp_path)
-    # SIGKILL the launcher and both ranks at once (as a lost node would), after the second checkpoint.
-    proc = subprocess.Popen(cmd(cut), cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)  # fmt: skip
+def _kill_group_after(cmd, cwd, ckpt_dir: Path, at_step: int) -> None:
+    """SIGKILL the launcher and every rank at once (as a lost node would), once checkpoint-<at_step> is complete."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
     t0 = time.time()
-    while not any(faults._step(c) >= 2 for c in faults.checkpoints(cut / "checkpoints")):
+    while not any(faults._step(c) >= at_step and (c / faults.MARKER).exists() for c in faults.checkpoints(ckpt_dir)):
         assert proc.poll() is None and time.time() - t0 < 900, proc.stderr.read()[-4000:] if proc.stderr else ""
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=120)
-    out = _run(cmd(cut), tmp_path)
+
+
+@slow
+def test_sft_two_processes_stopped_killed_then_resumed_equals_uninterrupted(tmp_path):
+    steps = ("sft.train.max_steps=5", "sft.train.save_steps=1", "sft.eval.loss_before=false")
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    _run(_launch("sft.py", ref, *steps), tmp_path)
+    # SIGTERM to the launcher: it passes it to both ranks, which save at the next step and exit 3.
+    proc = _start_and_signal(_launch("sft.py", cut, *steps), tmp_path, cut / "checkpoints", 1, signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    assert len([line for line in err.splitlines() if line.startswith("stopped: ")]) == 1, err[-4000:]
+    assert "exitcode  : 3" in err  # both ranks exited with EXIT_STOPPED (torchrun's failure report)
+    first = faults._step(faults.newest_complete(cut / "checkpoints"))
+    assert first >= 1
+    _kill_group_after(_launch("sft.py", cut, *steps), tmp_path, cut / "checkpoints", first + 2)
+    out = _run(_launch("sft.py", cut, *steps), tmp_path)
     assert "SFT: resuming from" in out.stderr
     diff = _max_diff(ref / "adapter", cut / "adapter")
     loss_ref = json.loads((ref / "summary.json").read_text())["sft"]["train_loss"]
     loss_cut = json.loads((cut / "summary.json").read_text())["sft"]["train_loss"]
     _report("SFT 2 processes", diff, loss_ref, loss_cut)
     assert diff <= 1e-5 and abs(loss_ref - loss_cut) <= 1e-5
-    assert [s for s, _ in _train_rows(cut, "sft")] == [1, 2, 3, 4]
+    assert [s for s, _ in _train_rows(cut, "sft")] == [1, 2, 3, 4, 5]
+
+
+@slow
+def test_pipeline_two_processes_killed_inside_dpo_resumes_to_the_same_result(tmp_path):
+    steps = ("sft.train.max_steps=2", "dpo.train.max_steps=4", "dpo.train.save_steps=1", "sft.eval.loss_before=false")
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    _run(_launch("sft_dpo.py", ref, *steps), tmp_path)
+    _kill_group_after(_launch("sft_dpo.py", cut, *steps), tmp_path, cut / "dpo" / "checkpoints", 2)
+    out = _run(_launch("sft_dpo.py", cut, *steps), tmp_path)
+    assert "DPO: resuming from" in out.stderr
+    diff = _max_diff(ref / "dpo" / "adapter", cut / "dpo" / "adapter")
+    loss_ref = json.loads((ref / "dpo" / "summary.json").read_text())["dpo"]["train_loss"]
+    loss_cut = json.loads((cut / "dpo" / "summary.json").read_text())["dpo"]["train_loss"]
+    _report("DPO (pipeline) 2 processes", diff, loss_ref, loss_cut)
+    assert diff <= 1e-5 and abs(loss_ref - loss_cut) <= 1e-5
+    assert [s for s, _ in _train_rows(cut, "dpo")] == [1, 2, 3, 4]
