@@ -10,6 +10,12 @@
 #SBATCH --cpus-per-task=64
 #SBATCH --time=24:00:00
 #SBATCH --output=logs/%x-%j.out
+# 120 s before the time limit, Slurm sends SIGUSR1 to every task of the job step below (the
+# `accelerate launch` on each node). The launcher passes it on to its workers (TORCHELASTIC_* below),
+# which save a checkpoint at the next step boundary on every rank and exit with code 3; resubmitting
+# with the same MISTRAL_ALIGN_RUN_DIR resumes from it. Add --requeue (and `scontrol requeue`) to do
+# that automatically.
+#SBATCH --signal=USR1@120
 set -euo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
@@ -17,10 +23,15 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MISTRAL_ALIGN_RUN_DIR=${MISTRAL_ALIGN_RUN_DIR:-$PWD/runs/sft-slurm-$SLURM_JOB_ID}
 export NUM_NODES=$SLURM_NNODES
+# torchrun (inside `accelerate launch`) forwards only the signals listed here to its workers, and
+# gives them this many seconds to save before it kills them.
+export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-110}
 # Credentials come from the environment (WANDB_API_KEY, HF_TOKEN); they are never written to configs or logs.
 
+# `exec`: the signal goes to the launcher itself, not to a shell that would not pass it on.
 srun --kill-on-bad-exit=1 bash -c '
-  .venv/bin/accelerate launch \
+  exec .venv/bin/accelerate launch \
     --config_file configs/accelerate/multi_node.yaml \
     --num_machines "$SLURM_NNODES" \
     --num_processes $(( SLURM_NNODES * '"$GPUS_PER_NODE"' )) \

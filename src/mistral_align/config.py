@@ -15,6 +15,7 @@ before anything loads, raising `ConfigError("sft.train.lr: must be > 0, got 0.0"
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -146,6 +147,11 @@ class RunConfig:
     wandb_entity: Optional[str] = None
     # auto: online when WANDB_API_KEY is set (or wandb is logged in), offline otherwise.
     wandb_mode: str = "auto"
+    # Rerunning with the same run.dir: auto = continue from the newest complete checkpoint of the
+    # unfinished stage; never = start the stage from step 0; or the path of a checkpoint to resume.
+    resume: str = "auto"
+    # Continue a run directory even though settings that change training differ from its config.yaml.
+    allow_config_change: bool = False
 
 
 @dataclass
@@ -368,6 +374,8 @@ def check_config(cfg: Any, stages: tuple[str, ...] = STAGES, need_data: bool = T
             raise ConfigError(f"hub.repo_id: hub.push=true needs OWNER/NAME, got {cfg.hub.repo_id!r}")
     _choice(cfg.run.report_to, "run.report_to", REPORT_TO)
     _choice(cfg.run.wandb_mode, "run.wandb_mode", WANDB_MODES)
+    if cfg.run.resume not in ("auto", "never") and not os.path.isdir(os.path.expanduser(cfg.run.resume)):
+        raise ConfigError(f"run.resume: must be auto, never or a checkpoint folder; {cfg.run.resume} is none of these")
 
     if "sft" in stages:
         s = cfg.sft

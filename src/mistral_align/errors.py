@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import functools
 import sys
+from os import environ as _environ
 
 EXIT_USER_ERROR = 2
+# A run stopped cleanly by SIGTERM / SIGUSR1 / Ctrl-C after saving a checkpoint (rerun it to resume).
+EXIT_STOPPED = 3
 
 
 class UserError(Exception):
@@ -33,6 +36,10 @@ class RunDirError(UserError):
     """The run directory cannot be used (held by another launch, made by a different config, ...)."""
 
 
+class Stopped(Exception):
+    """Training stopped on a signal after saving a checkpoint; `str(e)` says how to resume."""
+
+
 class HubError(UserError):
     """The Hugging Face Hub refused or failed a request (login, permissions, network)."""
 
@@ -45,7 +52,8 @@ _task_started = False
 
 
 def exit_on_user_error(fn):
-    """Entry points: a UserError ends the process with its message and exit code 2, not a traceback."""
+    """Entry points: a UserError ends the process with its message and exit code 2, not a traceback;
+    a clean stop (Stopped) with one line on the main process and exit code 3."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -56,6 +64,10 @@ def exit_on_user_error(fn):
         except UserError as e:
             print_user_error(e)
             sys.exit(EXIT_USER_ERROR)
+        except Stopped as e:
+            if int(_environ.get("RANK", "0")) == 0:
+                print(f"stopped: {e}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_STOPPED)
 
     return wrapper
 

@@ -10,15 +10,30 @@ from transformers import TrainerCallback
 
 
 class MetricsJsonl(TrainerCallback):
-    """Appends every trainer log (train loss, lr, eval loss, ...) to <run_dir>/metrics.jsonl, on the main process."""
+    """Appends every trainer log (train loss, lr, eval loss, ...) to <run_dir>/metrics.jsonl, on the main process.
 
-    def __init__(self, path: str | Path, stage: str = "sft"):
+    `resume_step`: the step this launch of the stage starts from (0 for a fresh start). The stage's
+    rows past it, logged by an earlier launch that was killed, are dropped; rows up to it are already
+    in the file, so this launch does not log them again: no duplicated and no lost rows.
+    """
+
+    def __init__(self, path: str | Path, stage: str = "sft", resume_step: int | None = None, is_main: bool = True):
         self.path = Path(path)
         self.stage = stage
         self.t0 = time.time()
+        self.skip_upto = -1
+        if resume_step is not None and is_main and self.path.exists():
+            rows = read_metrics(self.path)
+            kept = [r for r in rows if r.get("stage") != stage or r.get("step", 0) <= resume_step]
+            if len(kept) != len(rows):
+                tmp = self.path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                tmp.replace(self.path)
+            if any(r.get("stage") == stage for r in kept):
+                self.skip_upto = resume_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
+        if not state.is_world_process_zero or not logs or state.global_step <= self.skip_upto:
             return
         row = {"stage": self.stage, "step": state.global_step, "epoch": state.epoch, "time_s": round(time.time() - self.t0, 2)}
         row.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str))})

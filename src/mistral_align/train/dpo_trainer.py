@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from trl import DPOTrainer
 
+from mistral_align.train.faults import AtomicCheckpoints
 from mistral_align.train.precision import KeepsTrainableFloat32
 from mistral_align.train.trl_patches import ScoresLabelledPositionsOnly
 
 DPO_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
-class PretokenizedDPOTrainer(ScoresLabelledPositionsOnly, KeepsTrainableFloat32, DPOTrainer):
-    """DPO on `prompt_ids` / `chosen_ids` / `rejected_ids` rows; `keep_float32` as in train/precision.py."""
+class PretokenizedDPOTrainer(AtomicCheckpoints, ScoresLabelledPositionsOnly, KeepsTrainableFloat32, DPOTrainer):
+    """DPO on `prompt_ids` / `chosen_ids` / `rejected_ids` rows; `keep_float32` as in train/precision.py;
+    checkpoints complete or invisible (train/faults.py)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

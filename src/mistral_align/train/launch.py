@@ -19,6 +19,7 @@ from typing import Any
 from mistral_align.config import STAGES, check_config
 from mistral_align.errors import ConfigError
 from mistral_align.train.callbacks import plot_loss
+from mistral_align.train.faults import open_checks, release_lock
 from mistral_align.train.run_dir import base_manifest, resolve_run_dir, write_json, write_manifest, write_resolved_config
 
 log = logging.getLogger("mistral_align")
@@ -109,6 +110,8 @@ def open_run(cfg, recipe: str, stages: tuple[str, ...]) -> Run:
     setup_logging(state)
     run_dir = resolve_run_dir(cfg.run, state)
     log.info("run directory: %s (world size %d)", run_dir, state.num_processes)
+    # One launch per run directory; a rerun must train what the run directory started (train/faults.py).
+    open_checks(run_dir, cfg, stages, recipe, state)
     run = Run(cfg, run_dir, state, recipe, stages)
     run.write_config()
     write_manifest(run_dir, base_manifest(recipe, state))
@@ -129,6 +132,8 @@ def finish_run(run: Run, summary: dict, title: str) -> dict:
     # Without this, a rank can abort at interpreter exit ("terminate called without an active
     # exception") while gloo's threads are still up, and the launcher reports the run as failed.
     run.state.destroy_process_group()
+    if run.state.is_main_process:
+        release_lock(run.dir)
     return summary
 
 

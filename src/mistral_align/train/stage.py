@@ -22,6 +22,7 @@ from mistral_align.model.build import ensure_inline_base, model_facts
 from mistral_align.model.estimate import parallel_kind, warn_if_wont_fit
 from mistral_align.train.callbacks import MetricsJsonl
 from mistral_align.train.evaluate import generation_eval
+from mistral_align.train.faults import resume_point, train
 from mistral_align.train.launch import Run, setup_tracking
 from mistral_align.train.run_dir import write_json
 
@@ -115,6 +116,8 @@ def run_stage(stage: Stage, print_report: bool = True) -> dict:
         data = stage.load_data()
     log.info("%s data: %d train rows, %d eval rows", stage.name.upper(), len(data.train),
              len(data.eval) if data.eval is not None else 0)
+    # Resuming (train/faults.py): the newest complete checkpoint of this stage, if any, trained on this data.
+    resume = resume_point(stage, data.fingerprint)
 
     # 2. Tokenizer and model (each rank's copy on its own device) with its adapter; the trainer.
     from mistral_align.chat.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
@@ -133,7 +136,8 @@ def run_stage(stage: Stage, print_report: bool = True) -> dict:
     record({"trainer": {"world_size": args.world_size, "parallel_mode": str(args.parallel_mode),
                         "global_batch_rows": args.world_size * args.per_device_train_batch_size
                         * args.gradient_accumulation_steps, **stage.trainer_facts(args)}})
-    trainer = stage.build_trainer(model, tokenizer, args, data, [MetricsJsonl(run.dir / "metrics.jsonl", stage.name)])
+    metrics = MetricsJsonl(run.dir / "metrics.jsonl", stage.name, resume.step, state.is_main_process)
+    trainer = stage.build_trainer(model, tokenizer, args, data, [metrics])
 
     # 3. Evaluate before training: held-out metrics; greedy exact match if asked (main process).
     summary: dict = {stage.name: {}, "eval": {}}
@@ -147,7 +151,7 @@ def run_stage(stage: Stage, print_report: bool = True) -> dict:
 
     # 4. Train, then save the adapter (safetensors) with the exact tokenizer beside it.
     t_train = time.time()
-    result = trainer.train()
+    result = train(trainer, resume, stage)  # trainer.train from `resume`; a signal stops it cleanly (exit 3)
     train_seconds = time.time() - t_train
     save_adapter(trainer, stage.out_dir / "adapter", cfg.model.tokenizer_version)
 
