@@ -4,6 +4,9 @@ TRL 1.16 always re-tokenises preference data through `processing_class` (a chat 
 conversations). For Mistral that is exactly what must not happen, so `_prepare_dataset` is
 replaced: rows arrive with `prompt_ids`, `chosen_ids`, `rejected_ids` made by
 `MistralEncoder.encode_dpo`, and go to TRL's collator untouched.
+
+`padding_free=True` runs each batch's chosen and rejected sequences as one packed row instead of
+a padded batch (train/dpo_padding_free.py); the loss and metrics are TRL's, unchanged.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ DPO_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 class PretokenizedDPOTrainer(DPOTrainer):
-    def __init__(self, *args, fp32_adapter: bool = False, **kwargs):
+    def __init__(self, *args, fp32_adapter: bool = False, padding_free: bool = False, **kwargs):
+        # Set before TRL's __init__, which may precompute reference log-probs (through the collator).
+        self._pack_pairs = padding_free
+        self._packed_forward = None
         # TRL casts a quantised model's trainable weights to bf16 (right where 4-bit layers compute in
         # bf16, on GPUs). Where they compute in float32 (the CPU) that only loses the SFT adapter's
         # precision, so `fp32_adapter` puts the exact float32 values back.
@@ -24,11 +30,30 @@ class PretokenizedDPOTrainer(DPOTrainer):
         if fp32_adapter and model is not None:
             saved = {n: p.detach().to(torch.float32).clone() for n, p in model.named_parameters() if p.requires_grad}
         super().__init__(*args, **kwargs)
+        if padding_free:
+            self._enable_padding_free()
         if saved:
             for name, param in self.accelerator.unwrap_model(self.model).named_parameters():
                 if name in saved:
                     param.data = saved[name]
         self._sync_reference_to_policy()
+
+    def _enable_padding_free(self):
+        """Wrap the collator and hook the model(s) once; see train/dpo_padding_free.py."""
+        from mistral_align.train.dpo_padding_free import PackedForward, PaddingFreePreferenceCollator
+
+        if not isinstance(self.data_collator, PaddingFreePreferenceCollator):
+            self.data_collator = PaddingFreePreferenceCollator(self.data_collator)
+        if self._packed_forward is None:
+            self._packed_forward = PackedForward()
+            self._packed_forward.attach(self.accelerator.unwrap_model(self.model))
+            if self.ref_model is not None:
+                self._packed_forward.attach(self.accelerator.unwrap_model(self.ref_model))
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        if self._pack_pairs:
+            self._enable_padding_free()
+        return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def _sync_reference_to_policy(self):
         """Make the frozen "ref" adapter an exact copy (values and dtype) of the trainable one.
