@@ -25,6 +25,11 @@ class PretokenizedDPOTrainer(DPOTrainer):
         # TRL casts a quantised model's trainable weights to bf16 (right where 4-bit layers compute in
         # bf16, on GPUs). Where they compute in float32 (the CPU) that only loses the SFT adapter's
         # precision, so `fp32_adapter` puts the exact float32 values back.
+        from mistral_align.train.sft import score_trained_positions_only
+
+        # TRL's fused LM head scores only labelled positions on Triton devices, every position elsewhere;
+        # make the CPU do what GPUs do (the same log-probs; see train/sft.py).
+        score_trained_positions_only()
         model = kwargs.get("model", args[0] if args else None)
         saved = {}
         if fp32_adapter and model is not None:
