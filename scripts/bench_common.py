@@ -73,14 +73,21 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def tiny_mistral_configs(layers: int, hidden: int, quant: str):
-    """(ModelConfig, QuantConfig, PeftConfig) of the benchmark model, our typed config nodes."""
+def tiny_mistral_configs(layers: int, hidden: int, quant: str, attn: str | None = None):
+    """(ModelConfig, QuantConfig, PeftConfig) of the benchmark model, our typed config nodes: float32 on
+    the CPU (where 4-bit layers compute in float32), bfloat16 on a CUDA GPU. `attn` defaults to the
+    BENCH_ATTN environment variable, else sdpa (flash_attention_2 on a GPU with flash-attn)."""
+    import torch
+
     from mistral_align.config import ArchitectureConfig, ModelConfig, PeftConfig, QuantConfig
+
+    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    attn = attn or os.environ.get("BENCH_ATTN", "sdpa")
 
     arch = ArchitectureConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                               num_attention_heads=8, num_key_value_heads=4)  # fmt: skip
-    model_cfg = ModelConfig(name="bench", architecture=arch, tokenizer_version="v3", dtype="float32")
-    quant_cfg = QuantConfig(mode=quant, compute_dtype="float32")
+    model_cfg = ModelConfig(name="bench", architecture=arch, tokenizer_version="v3", dtype=dtype, attn_implementation=attn)
+    quant_cfg = QuantConfig(mode=quant, compute_dtype=dtype)
     return model_cfg, quant_cfg, PeftConfig(r=16, alpha=32, dropout=0.0)
 
 
