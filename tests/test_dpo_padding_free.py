@@ -108,8 +108,9 @@ def test_padding_free_equals_padded(setup, quantized, precompute):
     loss_a, metrics_a, grads_a = loss_metrics_grads(padded, padded.train_dataset)
     loss_b, metrics_b, grads_b = loss_metrics_grads(packed, packed.train_dataset)
     handle.remove()
-    real = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in data)
-    assert seen and all(shape == (1, real) and mask is None for shape, mask in seen)  # one packed row, no pads
+    longest = max(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in data)
+    # sdpa: rows as long as the longest sequence (first-fit decreasing), no attention mask, fewer rows than 2B
+    assert seen and all(shape[1] == longest and shape[0] < 2 * len(data) and mask is None for shape, mask in seen)
     assert abs(loss_a - 0.6931) > 1e-3  # the policy really differs from the reference
     assert loss_b == pytest.approx(loss_a, abs=1e-5)
     assert metrics_a.keys() == metrics_b.keys()
@@ -132,6 +133,23 @@ def test_unpack_shifted_places_each_prediction_in_its_row():
     out = unpack_shifted(packed, mask)
     # row 0: tokens 0..2 -> predictions 1,2 (then the boundary prediction 3, zeroed by the fused head in practice)
     assert out.tolist() == [[1, 2, 3], [4, 5, 0], [6, 7, 8]]
+    # packed into three rows of 4 (seq1 in row 0, seq0 in row 1, seq2 in row 2): each token's flat packed index
+    two_rows = torch.tensor([[10.0, 11, 0, 0], [1, 2, 3, 0], [6, 7, 8, 0]])[:, :3]  # (3 rows, T'=4 -> 3 shifted)
+    index = torch.tensor([4, 5, 6, 0, 1, 8, 9, 10, 11])
+    assert unpack_shifted(two_rows, mask, index).tolist() == [[1, 2, 3], [10, 11, 0], [6, 7, 8]]
+
+
+def test_collator_packs_rows_of_the_longest_length_first_fit_decreasing():
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    collate = PaddingFreePreferenceCollator(DataCollatorForPreference(pad_token_id=0), rows="longest", pad_token_id=0)
+    batch = collate([{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6]},
+                     {"prompt_ids": [7, 8], "chosen_ids": [9], "rejected_ids": [10, 11]}])  # fmt: skip
+    # lengths 5, 3, 4, 4 -> rows of 5: [seq0], [seq2, pad], [seq3, pad], [seq1, pad, pad]
+    assert batch["packed_input_ids"].tolist() == [[1, 2, 3, 4, 5], [1, 2, 3, 6, 0], [7, 8, 10, 11, 0], [7, 8, 9, 0, 0]]
+    assert batch["packed_position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 0], [0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    flat = batch["packed_input_ids"].view(-1)
+    assert flat[batch["packed_index"]].tolist() == batch["input_ids"][batch["attention_mask"].bool()].tolist()
 
 
 def test_collator_packs_rows_in_order_with_restarting_positions():

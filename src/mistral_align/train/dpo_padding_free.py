@@ -25,22 +25,60 @@ from typing import Any
 
 import torch
 
-PACKED_KEYS = ("packed_input_ids", "packed_position_ids")
+PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_index")
 _PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
 
 
 class PaddingFreePreferenceCollator:
-    """Wraps TRL's DataCollatorForPreference: its padded batch, plus the same sequences as one row."""
+    """Wraps TRL's DataCollatorForPreference: its padded batch, plus the same sequences packed.
 
-    def __init__(self, padded_collator):
-        self.padded_collator = padded_collator
+    `rows="one"`: every sequence in one row (what FlashAttention-2's varlen kernel wants).
+    `rows="longest"`: first-fit-decreasing into rows as long as the batch's longest sequence, the
+    rest of each row a block of padding with its own position ids. Attention kernels that build the
+    block-diagonal mask densely (sdpa and eager: the CPU, or GPUs without FA2) cost T^2 on one row
+    of T tokens, more than the padded batch; rows of the longest length keep that to about
+    (real tokens x longest) while computing almost no padding in the linear layers.
+    """
+
+    def __init__(self, padded_collator, rows: str = "one", pad_token_id: int = 0):
+        if rows not in ("one", "longest"):
+            raise ValueError(f"rows must be 'one' or 'longest', got {rows!r}")
+        self.padded_collator, self.rows, self.pad_token_id = padded_collator, rows, pad_token_id
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.padded_collator(examples)
         mask = batch["attention_mask"].bool()  # right-padded: each row's real tokens are a prefix
         lengths = mask.sum(dim=1).tolist()
-        batch["packed_input_ids"] = batch["input_ids"][mask].unsqueeze(0)
-        batch["packed_position_ids"] = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+        if self.rows == "one":
+            batch["packed_input_ids"] = batch["input_ids"][mask].unsqueeze(0)
+            batch["packed_position_ids"] = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+            batch["packed_index"] = torch.arange(int(mask.sum()))
+            return batch
+        width = max(lengths)
+        bins: list[list[int]] = []  # sequence indices per packed row
+        room: list[int] = []
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            j = next((j for j, r in enumerate(room) if r >= lengths[i]), None)
+            if j is None:
+                bins.append([]), room.append(width)
+                j = len(bins) - 1
+            bins[j].append(i)
+            room[j] -= lengths[i]
+        ids = torch.full((len(bins), width), self.pad_token_id, dtype=batch["input_ids"].dtype)
+        pos = torch.zeros((len(bins), width), dtype=torch.long)
+        start = [0] * len(lengths)  # flat packed index of each sequence's first token
+        for r, members in enumerate(bins):
+            c = 0
+            for i in members:
+                n = lengths[i]
+                ids[r, c : c + n] = batch["input_ids"][i, :n]
+                pos[r, c : c + n] = torch.arange(n)
+                start[i] = r * width + c
+                c += n
+            pos[r, c:] = torch.arange(width - c)  # the padding is a block of its own
+        batch["packed_input_ids"], batch["packed_position_ids"] = ids, pos
+        # For each real token in the padded batch's row-major order, its flat index in the packed rows.
+        batch["packed_index"] = torch.cat([torch.arange(start[i], start[i] + lengths[i]) for i in range(len(lengths))])
         return batch
 
 
@@ -77,6 +115,7 @@ class PackedForward:
             raise ValueError("padding-free DPO expects keyword arguments only")
         input_ids = kwargs.pop("packed_input_ids")
         position_ids = kwargs.pop("packed_position_ids")
+        index = kwargs.pop("packed_index")
         kwargs.pop("input_ids")
         mask = kwargs.pop("attention_mask").bool()
         labels = kwargs.pop("labels", None)
@@ -84,33 +123,37 @@ class PackedForward:
         kwargs["position_ids"] = position_ids
         kwargs["attention_mask"] = None
         if labels is not None:
-            packed = labels[mask].unsqueeze(0).clone()
+            packed = labels.new_full(input_ids.shape, -100)
+            packed.view(-1)[index] = labels[mask]
             packed[position_ids == 0] = -100  # never score a prediction across a sequence boundary
             kwargs["labels"] = packed
-        self._masks.append(mask)
+        self._masks.append((mask, index))
         return args, kwargs
 
     def _post(self, module, args, kwargs, output):
         if not self._masks or kwargs.get("position_ids") is None or kwargs.get("attention_mask", 0) is not None:
             return None
-        mask = self._masks.pop()
+        mask, index = self._masks.pop()
         if not hasattr(output, "log_probs") or output.log_probs is None:
             raise ValueError("padding-free DPO needs TRL's fused LM head (model(..., fused_lm_head=True))")
         fields = {}
         for name in _PER_TOKEN_FIELDS:
             value = getattr(output, name, None)
-            fields[name] = None if value is None else unpack_shifted(value, mask)
+            fields[name] = None if value is None else unpack_shifted(value, mask, index)
         return type(output)(**{**{k: getattr(output, k, None) for k in output.keys()}, **fields})
 
 
-def unpack_shifted(packed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-token values of a packed row, shifted (1, T-1), back in the padded shifted layout (R, L-1).
+def unpack_shifted(packed: torch.Tensor, mask: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token values of packed rows, shifted (R', T'-1), back in the padded shifted layout (R, L-1).
 
-    Packed position j scores token j+1; padded [r, t] scores token t+1 of row r, i.e. packed position
-    offset_r + t for t < len_r - 1. Scattering the (T,) row extended by one zero into the real slots
-    of the (R, L) mask and dropping the last column gives exactly that; the slot t = len_r - 1 gets
-    the boundary prediction, which the fused head set to 0 (its label is -100).
+    Packed [r', c] scores token c+1 of its row; padded [r, t] scores token t+1 of row r. With each
+    packed row extended by one zero column, the value for a real token is found at its flat packed
+    index (`index`, in the padded batch's row-major order; default: one row, in order); scattering
+    those into the real slots of the (R, L) mask and dropping the last column gives exactly the
+    padded layout. The slot of each sequence's last token gets the prediction across the boundary
+    (or the zero column), which the fused head set to 0: its label is -100.
     """
-    row = torch.cat([packed[0], packed.new_zeros(1)])
-    full = packed.new_zeros(mask.shape).masked_scatter(mask, row)
+    ext = torch.cat([packed, packed.new_zeros(packed.shape[0], 1)], dim=1).reshape(-1)
+    values = ext if index is None else ext[index]
+    full = packed.new_zeros(mask.shape).masked_scatter(mask, values)
     return full[:, :-1]

@@ -48,7 +48,12 @@ class PretokenizedDPOTrainer(DPOTrainer):
         from mistral_align.train.dpo_padding_free import PackedForward, PaddingFreePreferenceCollator
 
         if not isinstance(self.data_collator, PaddingFreePreferenceCollator):
-            self.data_collator = PaddingFreePreferenceCollator(self.data_collator)
+            # FlashAttention's varlen kernel takes one row of everything; kernels that build the block-diagonal
+            # mask densely (sdpa, eager) get rows as long as the batch's longest sequence instead.
+            attn = getattr(self.accelerator.unwrap_model(self.model).config, "_attn_implementation", None) or ""
+            rows = "one" if "flash" in attn else "longest"
+            pad = getattr(self.data_collator, "pad_token_id", 0)
+            self.data_collator = PaddingFreePreferenceCollator(self.data_collator, rows=rows, pad_token_id=pad)
         if self._packed_forward is None:
             self._packed_forward = PackedForward()
             self._packed_forward.attach(self.accelerator.unwrap_model(self.model))
