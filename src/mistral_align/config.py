@@ -265,6 +265,9 @@ class DPOStageConfig:
     label_smoothing: float = 0.0
     # Score every pair with the reference once before training, instead of at every step.
     precompute_ref_log_probs: bool = False
+    # Run each batch's chosen and rejected sequences packed (position ids restart per sequence, no
+    # attention across them) instead of padded: the same loss, less padding (train/dpo_padding_free.py).
+    padding_free: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

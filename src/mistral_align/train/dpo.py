@@ -124,11 +124,13 @@ def make_dpo_args(stage_cfg: Any, seed: int, out_dir: Path, report_to: list[str]
     )
 
 
-def build_dpo_trainer(model, tokenizer, args, train_ds, eval_ds=None, callbacks=(), keep_float32: bool = False):
+def build_dpo_trainer(model, tokenizer, args, train_ds, eval_ds=None, callbacks=(), keep_float32: bool = False,
+                      padding_free: bool = False):
     """The DPO trainer on pre-tokenised preference rows (prompt_ids, chosen_ids, rejected_ids)."""
     from mistral_align.train.dpo_trainer import PretokenizedDPOTrainer
 
-    return build_trainer(PretokenizedDPOTrainer, model, tokenizer, args, train_ds, eval_ds, callbacks, keep_float32)
+    return build_trainer(PretokenizedDPOTrainer, model, tokenizer, args, train_ds, eval_ds, callbacks, keep_float32,
+                         padding_free=padding_free)
 
 
 def adapter_base(adapter: str) -> Path | None:
@@ -181,10 +183,12 @@ class DPOStage(Stage):
         return make_dpo_args(self.node, self.cfg.run.seed, self.out_dir, report_to, has_eval)
 
     def trainer_facts(self, args) -> dict[str, Any]:
-        return {"beta": args.beta, "loss_type": list(args.loss_type), "precompute_ref_log_probs": args.precompute_ref_log_probs}
+        return {"beta": args.beta, "loss_type": list(args.loss_type), "precompute_ref_log_probs": args.precompute_ref_log_probs,
+                "padding_free": self.node.padding_free}
 
     def build_trainer(self, model, tokenizer, args, data: LoadedData, callbacks: list):
-        return build_dpo_trainer(model, tokenizer, args, data.train, data.eval, callbacks, keeps_float32(self.cfg))
+        return build_dpo_trainer(model, tokenizer, args, data.train, data.eval, callbacks, keeps_float32(self.cfg),
+                                 padding_free=self.node.padding_free)
 
     def held_out_metrics(self, trainer) -> dict[str, float]:
         return preference_eval(trainer)

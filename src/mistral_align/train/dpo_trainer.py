@@ -4,6 +4,9 @@ TRL 1.16 always re-tokenises preference data through `processing_class` (a chat 
 conversations). For Mistral that is exactly what must not happen, so `_prepare_dataset` is
 replaced: rows arrive with `prompt_ids`, `chosen_ids`, `rejected_ids` made by
 `MistralEncoder.encode_dpo`, and go to TRL's collator untouched.
+
+`padding_free=True` runs each batch's chosen and rejected sequences as one packed row instead of
+a padded batch (train/dpo_padding_free.py); the loss and metrics are TRL's, unchanged.
 """
 
 from __future__ import annotations
@@ -19,11 +22,39 @@ DPO_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 class PretokenizedDPOTrainer(AtomicCheckpoints, ScoresLabelledPositionsOnly, KeepsTrainableFloat32, DPOTrainer):
     """DPO on `prompt_ids` / `chosen_ids` / `rejected_ids` rows; `keep_float32` as in train/precision.py;
-    checkpoints complete or invisible (train/faults.py)."""
+    checkpoints complete or invisible (train/faults.py); `padding_free` packs chosen and rejected rows
+    (train/dpo_padding_free.py)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, padding_free: bool = False, **kwargs):
+        # Set before TRL's __init__, which may precompute reference log-probs (through the collator).
+        self._pack_pairs = padding_free
+        self._packed_forward = None
         super().__init__(*args, **kwargs)
+        if padding_free:
+            self._enable_padding_free()
         self._sync_reference_to_policy()
+
+    def _enable_padding_free(self):
+        """Wrap the collator and hook the model(s) once; see train/dpo_padding_free.py."""
+        from mistral_align.train.dpo_padding_free import PackedForward, PaddingFreePreferenceCollator
+
+        if not isinstance(self.data_collator, PaddingFreePreferenceCollator):
+            # FlashAttention's varlen kernel takes one row of everything; kernels that build the block-diagonal
+            # mask densely (sdpa, eager) get rows as long as the batch's longest sequence instead.
+            attn = getattr(self.accelerator.unwrap_model(self.model).config, "_attn_implementation", None) or ""
+            rows = "one" if "flash" in attn else "longest"
+            pad = getattr(self.data_collator, "pad_token_id", 0)
+            self.data_collator = PaddingFreePreferenceCollator(self.data_collator, rows=rows, pad_token_id=pad)
+        if self._packed_forward is None:
+            self._packed_forward = PackedForward()
+            self._packed_forward.attach(self.accelerator.unwrap_model(self.model))
+            if self.ref_model is not None:
+                self._packed_forward.attach(self.accelerator.unwrap_model(self.ref_model))
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        if self._pack_pairs:
+            self._enable_padding_free()
+        return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def _sync_reference_to_policy(self):
         """Make the frozen "ref" adapter an exact copy (values and dtype) of the trainable one.

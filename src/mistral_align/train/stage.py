@@ -177,10 +177,11 @@ def run_stage(stage: Stage, print_report: bool = True) -> dict:
     return summary
 
 
-def build_trainer(trainer_class, model, tokenizer, args, train_ds, eval_ds=None, callbacks=(), keep_float32=False):
+def build_trainer(trainer_class, model, tokenizer, args, train_ds, eval_ds=None, callbacks=(), keep_float32=False,
+                  **options):
     """One of our TRL trainers on already-tokenised rows (train/sft.py, train/dpo_trainer.py)."""
     return trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, callbacks=list(callbacks), keep_float32=keep_float32)
+                         processing_class=tokenizer, callbacks=list(callbacks), keep_float32=keep_float32, **options)
 
 
 def save_adapter(trainer, out_dir: Path, tokenizer_version: str | None = None) -> Path:

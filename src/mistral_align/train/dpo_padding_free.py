@@ -1,0 +1,159 @@
+"""Padding-free DPO batches: every chosen and rejected sequence of a batch packed into one row.
+
+TRL 1.16 pads the 2B sequences of a DPO batch (B chosen, then B rejected) to the longest one and
+disables `padding_free` for DPO. On a long-tailed length mix most of that batch is padding that
+the backbone still computes. Here the model instead sees one row of T = sum of the real lengths,
+with `position_ids` restarting at 0 at every sequence and no `attention_mask`: transformers'
+`create_causal_mask` detects the restarts and builds a block-diagonal causal mask (sdpa, eager,
+flex), flash-attention gets `cu_seq_lens`, so no token attends across a sequence boundary.
+
+TRL's loss and metrics code stays untouched: the collator still emits the padded `input_ids`,
+`attention_mask` and `completion_mask` TRL computes labels, masks and token counts from, plus the
+packed row. A forward pre-hook on the model swaps the padded inputs for the packed ones (the
+labels are gathered from the padded labels, so they are TRL's own), and a forward hook scatters
+the per-token outputs of TRL's fused LM head (log-probs, entropy, mean logits, top-1) back into
+the padded (2B, L-1) layout. Every per-token field of the fused head is 0 where the label is
+-100; the label at each sequence start is -100 (BOS, part of the prompt), so the prediction
+across a boundary is never scored. The loss, rewards and every logged metric are therefore TRL's,
+computed from the same per-token values up to float summation order
+(tests/test_dpo_padding_free.py: within 1e-5 of the padded path, float32 and NF4 QLoRA).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_index")
+_PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+
+
+class PaddingFreePreferenceCollator:
+    """Wraps TRL's DataCollatorForPreference: its padded batch, plus the same sequences packed.
+
+    `rows="one"`: every sequence in one row (what FlashAttention-2's varlen kernel wants).
+    `rows="longest"`: first-fit-decreasing into rows as long as the batch's longest sequence, the
+    rest of each row a block of padding with its own position ids. Attention kernels that build the
+    block-diagonal mask densely (sdpa and eager: the CPU, or GPUs without FA2) cost T^2 on one row
+    of T tokens, more than the padded batch; rows of the longest length keep that to about
+    (real tokens x longest) while computing almost no padding in the linear layers.
+    """
+
+    def __init__(self, padded_collator, rows: str = "one", pad_token_id: int = 0):
+        if rows not in ("one", "longest"):
+            raise ValueError(f"rows must be 'one' or 'longest', got {rows!r}")
+        self.padded_collator, self.rows, self.pad_token_id = padded_collator, rows, pad_token_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.padded_collator(examples)
+        mask = batch["attention_mask"].bool()  # right-padded: each row's real tokens are a prefix
+        lengths = mask.sum(dim=1).tolist()
+        if self.rows == "one":
+            batch["packed_input_ids"] = batch["input_ids"][mask].unsqueeze(0)
+            batch["packed_position_ids"] = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+            batch["packed_index"] = torch.arange(int(mask.sum()))
+            return batch
+        width = max(lengths)
+        bins: list[list[int]] = []  # sequence indices per packed row
+        room: list[int] = []
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            j = next((j for j, r in enumerate(room) if r >= lengths[i]), None)
+            if j is None:
+                bins.append([]), room.append(width)
+                j = len(bins) - 1
+            bins[j].append(i)
+            room[j] -= lengths[i]
+        ids = torch.full((len(bins), width), self.pad_token_id, dtype=batch["input_ids"].dtype)
+        pos = torch.zeros((len(bins), width), dtype=torch.long)
+        start = [0] * len(lengths)  # flat packed index of each sequence's first token
+        for r, members in enumerate(bins):
+            c = 0
+            for i in members:
+                n = lengths[i]
+                ids[r, c : c + n] = batch["input_ids"][i, :n]
+                pos[r, c : c + n] = torch.arange(n)
+                start[i] = r * width + c
+                c += n
+            pos[r, c:] = torch.arange(width - c)  # the padding is a block of its own
+        batch["packed_input_ids"], batch["packed_position_ids"] = ids, pos
+        # For each real token in the padded batch's row-major order, its flat index in the packed rows.
+        batch["packed_index"] = torch.cat([torch.arange(start[i], start[i] + lengths[i]) for i in range(len(lengths))])
+        return batch
+
+
+def packing_stats(batch: dict[str, Any]) -> tuple[int, int]:
+    """(real tokens, padded slots) of one collated batch."""
+    mask = batch["attention_mask"]
+    return int(mask.sum()), int(mask.numel())
+
+
+class PackedForward:
+    """Forward hooks that run a padded DPO batch as one packed row and hand back padded outputs.
+
+    Only calls that carry the collator's `packed_*` keyword arguments are changed; any other call
+    (generation, a plain forward) goes through as it is.
+    """
+
+    def __init__(self):
+        self._masks: list[torch.Tensor] = []
+        self.handles: list[Any] = []
+
+    def attach(self, module: torch.nn.Module) -> None:
+        self.handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
+        self.handles.append(module.register_forward_hook(self._post, with_kwargs=True))
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _pre(self, module, args, kwargs):
+        if "packed_input_ids" not in kwargs:
+            return None
+        if args:
+            raise ValueError("padding-free DPO expects keyword arguments only")
+        input_ids = kwargs.pop("packed_input_ids")
+        position_ids = kwargs.pop("packed_position_ids")
+        index = kwargs.pop("packed_index")
+        kwargs.pop("input_ids")
+        mask = kwargs.pop("attention_mask").bool()
+        labels = kwargs.pop("labels", None)
+        kwargs["input_ids"] = input_ids
+        kwargs["position_ids"] = position_ids
+        kwargs["attention_mask"] = None
+        if labels is not None:
+            packed = labels.new_full(input_ids.shape, -100)
+            packed.view(-1)[index] = labels[mask]
+            packed[position_ids == 0] = -100  # never score a prediction across a sequence boundary
+            kwargs["labels"] = packed
+        self._masks.append((mask, index))
+        return args, kwargs
+
+    def _post(self, module, args, kwargs, output):
+        if not self._masks or kwargs.get("position_ids") is None or kwargs.get("attention_mask", 0) is not None:
+            return None
+        mask, index = self._masks.pop()
+        if not hasattr(output, "log_probs") or output.log_probs is None:
+            raise ValueError("padding-free DPO needs TRL's fused LM head (model(..., fused_lm_head=True))")
+        fields = {}
+        for name in _PER_TOKEN_FIELDS:
+            value = getattr(output, name, None)
+            fields[name] = None if value is None else unpack_shifted(value, mask, index)
+        return type(output)(**{**{k: getattr(output, k, None) for k in output.keys()}, **fields})
+
+
+def unpack_shifted(packed: torch.Tensor, mask: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token values of packed rows, shifted (R', T'-1), back in the padded shifted layout (R, L-1).
+
+    Packed [r', c] scores token c+1 of its row; padded [r, t] scores token t+1 of row r. With each
+    packed row extended by one zero column, the value for a real token is found at its flat packed
+    index (`index`, in the padded batch's row-major order; default: one row, in order); scattering
+    those into the real slots of the (R, L) mask and dropping the last column gives exactly the
+    padded layout. The slot of each sequence's last token gets the prediction across the boundary
+    (or the zero column), which the fused head set to 0: its label is -100.
+    """
+    ext = torch.cat([packed, packed.new_zeros(packed.shape[0], 1)], dim=1).reshape(-1)
+    values = ext if index is None else ext[index]
+    full = packed.new_zeros(mask.shape).masked_scatter(mask, values)
+    return full[:, :-1]
