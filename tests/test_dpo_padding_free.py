@@ -76,7 +76,7 @@ def make_trainer(setup, quantized, padding_free, **overrides):
     with torch.no_grad():
         for name, param in sorted(trainer.model.named_parameters()):
             if ".default." in name:
-                param.add_(0.2 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
+                param.add_(0.2 * torch.randn(param.shape, generator=gen, dtype=param.dtype).to(param.device))
     return trainer
 
 
