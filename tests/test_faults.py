@@ -322,7 +322,7 @@ def _descendants(pid: int) -> list[int]:
 
 @slow
 @pytest.mark.xfail(strict=False, reason="two-process resume is not reliable yet: in a fresh-clone CI run one rank read a "
-                   "half-written JSON file and another failed in gather_for_metrics (issue 10 note); passes on a quiet machine")
+                   "half-written JSON file and another failed in gather_for_metrics (issue 10 note); passed in the development runs")
 def test_sft_two_processes_stopped_killed_then_resumed_equals_uninterrupted(tmp_path):
     steps = ("sft.train.max_steps=5", "sft.train.save_steps=1", "sft.eval.loss_before=false")
     ref, cut = tmp_path / "ref", tmp_path / "cut"
@@ -348,7 +348,7 @@ def test_sft_two_processes_stopped_killed_then_resumed_equals_uninterrupted(tmp_
 
 @slow
 @pytest.mark.xfail(strict=False, reason="two-process resume is not reliable yet: in a fresh-clone CI run one rank read a "
-                   "half-written JSON file and another failed in gather_for_metrics (issue 10 note); passes on a quiet machine")
+                   "half-written JSON file and another failed in gather_for_metrics (issue 10 note); passed in the development runs")
 def test_pipeline_two_processes_killed_inside_dpo_resumes_to_the_same_result(tmp_path):
     steps = ("sft.train.max_steps=2", "dpo.train.max_steps=4", "dpo.train.save_steps=1", "sft.eval.loss_before=false")
     ref, cut = tmp_path / "ref", tmp_path / "cut"
