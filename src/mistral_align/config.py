@@ -371,9 +371,9 @@ def check_config(cfg: Any, stages: tuple[str, ...] = STAGES, need_data: bool = T
         raise ConfigError("peft.method: 'none' (full fine-tune) cannot train quantised weights; use quant=none or peft=lora")
 
     if cfg.hub.push:
-        import re
+        from mistral_align.hub.push import REPO_ID
 
-        if not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", cfg.hub.repo_id or ""):
+        if not REPO_ID.fullmatch(cfg.hub.repo_id or ""):
             raise ConfigError(f"hub.repo_id: hub.push=true needs OWNER/NAME, got {cfg.hub.repo_id!r}")
     _choice(cfg.run.report_to, "run.report_to", REPORT_TO)
     _choice(cfg.run.wandb_mode, "run.wandb_mode", WANDB_MODES)

@@ -32,7 +32,8 @@ from mistral_align.train.run_dir import redact
 
 log = logging.getLogger("mistral_align")
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+# A Hub repository id, OWNER/NAME; also what `hub.repo_id` is checked against before a run starts.
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
@@ -162,7 +163,7 @@ def push_run(
     retry_wait_s: float = 2.0,
 ) -> PushResult:
     """Push (or, with dry_run=DIR, only write) a run's adapter folder. Main process only."""
-    if not _REPO_ID.match(repo_id or ""):
+    if not REPO_ID.match(repo_id or ""):
         raise RunDirError(f"--repo-id must look like OWNER/NAME, got {repo_id!r}")
     src = resolve_source(run_dir, stage)
     if src.kind != "run":
