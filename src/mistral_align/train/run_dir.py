@@ -77,6 +77,16 @@ def redact(obj: Any) -> Any:
     return obj
 
 
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write aside, then rename: another rank (or a resumed run) reading `path` sees the old file
+    or the whole new one, never a half-written one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def _is_main() -> bool:
     from accelerate import PartialState
 
@@ -96,7 +106,7 @@ def write_resolved_config(run_dir: Path, cfg: Any, stages: tuple[str, ...] = ("s
     for stage in STAGES:
         if stage not in stages:
             container.pop(stage, None)
-    path.write_text(OmegaConf.to_yaml(OmegaConf.create(container)))
+    write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.create(container)))
     return path
 
 
@@ -154,7 +164,7 @@ def write_manifest(run_dir: Path, updates: dict[str, Any], section: str | None =
     path = Path(run_dir) / "manifest.json"
     manifest = json.loads(path.read_text()) if path.exists() else {}
     (manifest.setdefault(section, {}) if section else manifest).update(redact(updates))
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+    write_text_atomic(path, json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
     return path
 
 
@@ -176,5 +186,5 @@ def finished_stage(stage_dir: Path) -> dict | None:
 def write_json(path: Path, obj: Any) -> Path | None:
     if not _is_main():
         return None
-    Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    write_text_atomic(Path(path), json.dumps(obj, indent=2, default=str) + "\n")
     return Path(path)

@@ -122,8 +122,10 @@ def run_stage(stage: Stage, print_report: bool = True) -> dict:
     # 2. Tokenizer and model (each rank's copy on its own device) with its adapter; the trainer.
     from mistral_align.chat.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
 
-    save_hf_tokenizer(cfg.model.tokenizer_version, stage.out_dir / "tokenizer")
-    tokenizer = load_hf_tokenizer(stage.out_dir / "tokenizer")
+    with state.main_process_first():  # written once; the other ranks read it whole
+        if state.is_main_process:
+            save_hf_tokenizer(cfg.model.tokenizer_version, stage.out_dir / "tokenizer")
+        tokenizer = load_hf_tokenizer(stage.out_dir / "tokenizer")
     # On a GPU, a warning before loading when the estimate says the model will not fit.
     warn_if_wont_fit(cfg, num_gpus=state.num_processes, parallel=parallel_kind(), stage=stage.name)
     model = stage.build_model()
