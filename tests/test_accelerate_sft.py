@@ -17,12 +17,12 @@ ACCELERATE = Path(sys.executable).parent / "accelerate"
 pytestmark = pytest.mark.slow
 
 
-def launch(tmp_path: Path, config: str, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def launch(tmp_path: Path, config: str, *overrides: str, timeout: int = 300, recipe: str = "sft") -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     env.pop("MISTRAL_ALIGN_RUN_DIR", None)
     cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs/accelerate" / config),
-           str(ROOT / "recipes/sft.py"), "experiment=test_tiny", f"run.output_dir={tmp_path}", *overrides]
+           str(ROOT / "recipes" / f"{recipe}.py"), "experiment=test_tiny", f"run.output_dir={tmp_path}", *overrides]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     return out
@@ -69,6 +69,28 @@ def test_two_processes_share_one_run_directory(tmp_path):
     log = out.stdout + out.stderr
     assert log.count("run directory:") == 1
     assert "[rank 1] INFO" not in log
+
+
+def adapter_tensors(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("recipe", ["sft", "dpo"])
+def test_two_processes_train_one_model_whether_or_not_they_evaluate_first(tmp_path, recipe):
+    """Evaluating before training once left the model unwrapped (no DDP): each rank trained alone and
+    rank 0's adapter was saved. Evaluating must not change what is trained, and ranks must agree."""
+    adapters = {}
+    for before in ("true", "false"):
+        out_dir = tmp_path / before
+        out_dir.mkdir()
+        launch(out_dir, "cpu_ddp.yaml", f"{recipe}.eval.loss_before={before}", f"{recipe}.train.max_steps=3",
+               recipe=recipe)
+        adapters[before] = adapter_tensors(the_run_dir(out_dir))
+    assert adapters["true"].keys() == adapters["false"].keys()
+    worst = max((adapters["true"][k] - adapters["false"][k]).abs().max().item() for k in adapters["true"])
+    assert worst == 0.0, worst
 
 
 def test_no_credentials_in_run_files(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from trl import DPOTrainer
 
+from mistral_align.train.data_parallel import WrapsForDataParallel
 from mistral_align.train.faults import AtomicCheckpoints
 from mistral_align.train.precision import KeepsTrainableFloat32
 from mistral_align.train.trl_patches import ScoresLabelledPositionsOnly
@@ -20,7 +21,7 @@ from mistral_align.train.trl_patches import ScoresLabelledPositionsOnly
 DPO_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
-class PretokenizedDPOTrainer(AtomicCheckpoints, ScoresLabelledPositionsOnly, KeepsTrainableFloat32, DPOTrainer):
+class PretokenizedDPOTrainer(WrapsForDataParallel, AtomicCheckpoints, ScoresLabelledPositionsOnly, KeepsTrainableFloat32, DPOTrainer):
     """DPO on `prompt_ids` / `chosen_ids` / `rejected_ids` rows; `keep_float32` as in train/precision.py;
     checkpoints complete or invisible (train/faults.py); `padding_free` packs chosen and rejected rows
     (train/dpo_padding_free.py)."""

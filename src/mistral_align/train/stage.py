@@ -21,6 +21,7 @@ from mistral_align.data.synthetic import skill_of
 from mistral_align.model.build import ensure_inline_base, model_facts
 from mistral_align.model.estimate import parallel_kind, warn_if_wont_fit
 from mistral_align.train.callbacks import MetricsJsonl
+from mistral_align.train.data_parallel import check_ranks_agree
 from mistral_align.train.evaluate import generation_eval
 from mistral_align.train.faults import resume_point, train
 from mistral_align.train.launch import Run, setup_tracking
@@ -155,6 +156,7 @@ def run_stage(stage: Stage, print_report: bool = True) -> dict:
     t_train = time.time()
     result = train(trainer, resume, stage)  # trainer.train from `resume`; a signal stops it cleanly (exit 3)
     train_seconds = time.time() - t_train
+    check_ranks_agree(trainer)  # several processes trained one model, not one each
     save_adapter(trainer, stage.out_dir / "adapter", cfg.model.tokenizer_version)
 
     # 5. Evaluate after, and report.
