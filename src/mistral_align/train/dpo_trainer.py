@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from trl import DPOTrainer
 
+from mistral_align.train.distributed import WrapsForTrainingAfterEvaluating
 from mistral_align.train.faults import AtomicCheckpoints
 from mistral_align.train.precision import KeepsTrainableFloat32
 from mistral_align.train.trl_patches import ScoresLabelledPositionsOnly
@@ -20,10 +21,11 @@ from mistral_align.train.trl_patches import ScoresLabelledPositionsOnly
 DPO_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
-class PretokenizedDPOTrainer(AtomicCheckpoints, ScoresLabelledPositionsOnly, KeepsTrainableFloat32, DPOTrainer):
+class PretokenizedDPOTrainer(WrapsForTrainingAfterEvaluating, AtomicCheckpoints, ScoresLabelledPositionsOnly,
+                             KeepsTrainableFloat32, DPOTrainer):
     """DPO on `prompt_ids` / `chosen_ids` / `rejected_ids` rows; `keep_float32` as in train/precision.py;
     checkpoints complete or invisible (train/faults.py); `padding_free` packs chosen and rejected rows
-    (train/dpo_padding_free.py)."""
+    (train/dpo_padding_free.py); DDP wraps the model even after an evaluation (train/distributed.py)."""
 
     def __init__(self, *args, padding_free: bool = False, **kwargs):
         # Set before TRL's __init__, which may precompute reference log-probs (through the collator).
