@@ -182,8 +182,14 @@ def run_stage(stage: Stage, print_report: bool = True) -> dict:
 def build_trainer(trainer_class, model, tokenizer, args, train_ds, eval_ds=None, callbacks=(), keep_float32=False,
                   **options):
     """One of our TRL trainers on already-tokenised rows (train/sft.py, train/dpo_trainer.py)."""
-    return trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, callbacks=list(callbacks), keep_float32=keep_float32, **options)
+    trainer = trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                            processing_class=tokenizer, callbacks=list(callbacks), keep_float32=keep_float32, **options)
+    if not trainer.accelerator.is_main_process:
+        # The Trainer prints its logs on the first process of every node; the run logs once, from rank 0.
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def save_adapter(trainer, out_dir: Path, tokenizer_version: str | None = None) -> Path:
