@@ -21,6 +21,7 @@ from mistral_align.data.synthetic import skill_of
 from mistral_align.model.build import ensure_inline_base, model_facts
 from mistral_align.model.estimate import parallel_kind, warn_if_wont_fit
 from mistral_align.train.callbacks import MetricsJsonl
+from mistral_align.train.distributed import whole_adapter_saves
 from mistral_align.train.evaluate import generation_eval
 from mistral_align.train.faults import resume_point, train
 from mistral_align.train.launch import Run, setup_tracking
@@ -196,7 +197,8 @@ def save_adapter(trainer, out_dir: Path, tokenizer_version: str | None = None) -
     """The final adapter (adapter_model.safetensors + adapter_config.json naming its base), or the
     full model with peft=none, plus the exact tokenizer so the folder loads (and pushes) on its own.
     Collective under FSDP/DeepSpeed: call it on every rank."""
-    trainer.save_model(str(out_dir))
+    with whole_adapter_saves(trainer):  # FSDP: one whole file, also when checkpoints are sharded
+        trainer.save_model(str(out_dir))
     if trainer.accelerator.is_main_process:
         # The trainer also pickles its arguments there; a folder meant to be shared holds no pickles
         # (checkpoints keep theirs, for resuming).
