@@ -115,7 +115,7 @@ def open_run(cfg, recipe: str, stages: tuple[str, ...]) -> Run:
     state = init_state(cfg.run.dist_timeout_s)
     setup_logging(state)
     run_dir = resolve_run_dir(cfg.run, state)
-    remember_run(run_dir, state, cfg.run.dist_timeout_s)  # so that a lost rank ends every other rank with a line naming it
+    remember_run(run_dir, state, cfg.run.dist_timeout_s)  # every rank's host, to name a lost one
     log.info("run directory: %s (world size %d, %d nodes)", run_dir, state.num_processes, num_nodes())
     # One launch per run directory; a rerun must train what the run directory started (train/faults.py).
     open_checks(run_dir, cfg, stages, recipe, state)
