@@ -53,7 +53,7 @@ for spec in "mistral-common[sentencepiece]>=1.13.1,<1.14" "sentencepiece>=0.2,<0
 done
 
 # 2. The gpu-marked tests (and the CPU padding-free equality test, which also runs here).
-$VPY -m pytest -q -m gpu tests/test_gpu.py --junitxml="$WORK/gpu_tests.xml" -rs >"$WORK/gpu_tests.txt" 2>&1
+$VPY -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_sharded_save.py --junitxml="$WORK/gpu_tests.xml" -rs >"$WORK/gpu_tests.txt" 2>&1
 GPU_RC=$?
 $VPY -m pytest -q tests/test_dpo_padding_free.py --junitxml="$WORK/pf_tests.xml" >"$WORK/pf_tests.txt" 2>&1
 PF_RC=$?
