@@ -65,7 +65,7 @@ has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 # 2. The gpu-marked tests (and the CPU padding-free equality test, which also runs here).
 GPU_RC=5; PF_RC=5  # pytest's "no tests ran", when the step is not asked for
 if has_step tests; then
-    $VPY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rs >"$WORK/gpu_tests.txt" 2>&1
+    $VPY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_gpu_sharded_save.py -rs >"$WORK/gpu_tests.txt" 2>&1
     GPU_RC=$?
     $VPY -m pytest -q -p no:cacheprovider tests/test_dpo_padding_free.py >"$WORK/pf_tests.txt" 2>&1
     PF_RC=$?

@@ -27,6 +27,8 @@ export NUM_NODES=$SLURM_NNODES
 # gives them this many seconds to save before it kills them.
 export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-110}
+# A node that dies or hangs ends the others within run.dist_timeout_s (default 600 s) with exit code 4
+# and one line naming it; resubmitting with the same MISTRAL_ALIGN_RUN_DIR resumes.
 # Credentials come from the environment (WANDB_API_KEY, HF_TOKEN); they are never written to configs or logs.
 
 # `exec`: the signal goes to the launcher itself, not to a shell that would not pass it on.

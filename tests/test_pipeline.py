@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -95,9 +96,10 @@ def test_pipeline_resume_skips_a_finished_stage(pipeline_run):
 def test_standalone_dpo_from_an_sft_run_under_two_processes(pipeline_run, tmp_path):
     _, run_dir, _ = pipeline_run
     out_dir = tmp_path / "ddp"
+    # 2 processes x 1 pair: the same global batch as the pipeline's one-process DPO stage.
     run([str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_ddp.yaml"),
          str(ROOT / "recipes/dpo.py"), "experiment=test_tiny", f"dpo.init_from={run_dir / 'sft'}",
-         f"run.output_dir={out_dir}"], cwd=tmp_path)  # fmt: skip
+         f"run.output_dir={out_dir}", "dpo.beta=0.2", "dpo.train.per_device_batch_size=1"], cwd=tmp_path)  # fmt: skip
     runs = [p for p in out_dir.iterdir() if p.is_dir()]
     assert len(runs) == 1  # both ranks wrote into one run directory
     dpo_run = runs[0]
@@ -107,9 +109,15 @@ def test_standalone_dpo_from_an_sft_run_under_two_processes(pipeline_run, tmp_pa
     summary = json.loads((dpo_run / "summary.json").read_text())
     assert summary["dpo"]["before"]["reward_margin"] == 0.0
     assert summary["dpo"]["after"]["reward_margin"] > 0.0
-    assert adapter_tensors(dpo_run / "adapter")
+    assert adapter_tensors(dpo_run / "adapter") == adapter_tensors(run_dir / "dpo" / "adapter")  # no ".ref."
     metrics = [json.loads(line) for line in (dpo_run / "metrics.jsonl").read_text().splitlines()]
     assert len([m for m in metrics if "loss" in m]) == 4  # one writer, not one per rank
+    # DDP averages the gradients of both ranks: the adapter is the one one process trains.
+    two, one = load_file(str(dpo_run / "adapter/adapter_model.safetensors")), load_file(
+        str(run_dir / "dpo/adapter/adapter_model.safetensors"))
+    diff = max((two[k] - one[k]).abs().max().item() for k in one)
+    print(f"\nDDP DPO: 2 processes vs 1, same global batch: max |adapter diff| = {diff:.3g}")
+    assert diff <= 1e-5
 
 
 def test_dpo_refuses_an_init_from_that_holds_no_adapter(tmp_path):

@@ -152,6 +152,11 @@ class RunConfig:
     resume: str = "auto"
     # Continue a run directory even though settings that change training differ from its config.yaml.
     allow_config_change: bool = False
+    # Seconds any collective (all-reduce, barrier, broadcast) may wait for the other ranks before the
+    # run ends with `error: lost contact with rank N ...` (a node died or hangs), instead of waiting
+    # for torch's default (30 minutes on gloo). It also bounds how long one rank may work alone while
+    # the others wait (rank 0 tokenising a large data set, generating for the eval): raise it for those.
+    dist_timeout_s: int = 600
 
 
 @dataclass
@@ -377,6 +382,7 @@ def check_config(cfg: Any, stages: tuple[str, ...] = STAGES, need_data: bool = T
             raise ConfigError(f"hub.repo_id: hub.push=true needs OWNER/NAME, got {cfg.hub.repo_id!r}")
     _choice(cfg.run.report_to, "run.report_to", REPORT_TO)
     _choice(cfg.run.wandb_mode, "run.wandb_mode", WANDB_MODES)
+    _at_least(cfg.run.dist_timeout_s, "run.dist_timeout_s", 0, strict=True)
     if cfg.run.resume not in ("auto", "never") and not os.path.isdir(os.path.expanduser(cfg.run.resume)):
         raise ConfigError(f"run.resume: must be auto, never or a checkpoint folder; {cfg.run.resume} is none of these")
 

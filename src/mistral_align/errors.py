@@ -14,6 +14,8 @@ from os import environ as _environ
 EXIT_USER_ERROR = 2
 # A run stopped cleanly by SIGTERM / SIGUSR1 / Ctrl-C after saving a checkpoint (rerun it to resume).
 EXIT_STOPPED = 3
+# Another rank died or hung (a lost node): this rank stopped; rerun on every node to resume.
+EXIT_PEER_LOST = 4
 
 
 class UserError(Exception):
@@ -53,7 +55,8 @@ _task_started = False
 
 def exit_on_user_error(fn):
     """Entry points: a UserError ends the process with its message and exit code 2, not a traceback;
-    a clean stop (Stopped) with one line on the main process and exit code 3."""
+    a clean stop (Stopped) with one line on the main process and exit code 3; a lost or hung rank
+    (train/distributed.py) with one line on every other rank and exit code 4."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -68,6 +71,11 @@ def exit_on_user_error(fn):
             if int(_environ.get("RANK", "0")) == 0:
                 print(f"stopped: {e}", file=sys.stderr, flush=True)
             sys.exit(EXIT_STOPPED)
+        except Exception as e:
+            from mistral_align.train.distributed import exit_if_peer_lost
+
+            exit_if_peer_lost(e)  # a lost or hung rank: one line and EXIT_PEER_LOST, no traceback
+            raise
 
     return wrapper
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from trl import DPOTrainer
 
-from mistral_align.train.data_parallel import WrapsForDataParallel
+from mistral_align.train.distributed import (WrapsForTrainingAfterEvaluating, gathered_state_dict,
+                                              sharded_checkpoints_only)
 from mistral_align.train.faults import AtomicCheckpoints
 from mistral_align.train.precision import KeepsTrainableFloat32
 from mistral_align.train.trl_patches import ScoresLabelledPositionsOnly
@@ -21,10 +22,11 @@ from mistral_align.train.trl_patches import ScoresLabelledPositionsOnly
 DPO_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
-class PretokenizedDPOTrainer(WrapsForDataParallel, AtomicCheckpoints, ScoresLabelledPositionsOnly, KeepsTrainableFloat32, DPOTrainer):
+class PretokenizedDPOTrainer(WrapsForTrainingAfterEvaluating, AtomicCheckpoints, ScoresLabelledPositionsOnly,
+                             KeepsTrainableFloat32, DPOTrainer):
     """DPO on `prompt_ids` / `chosen_ids` / `rejected_ids` rows; `keep_float32` as in train/precision.py;
     checkpoints complete or invisible (train/faults.py); `padding_free` packs chosen and rejected rows
-    (train/dpo_padding_free.py)."""
+    (train/dpo_padding_free.py); DDP wraps the model even after an evaluation (train/distributed.py)."""
 
     def __init__(self, *args, padding_free: bool = False, **kwargs):
         # Set before TRL's __init__, which may precompute reference log-probs (through the collator).
@@ -92,11 +94,14 @@ class PretokenizedDPOTrainer(WrapsForDataParallel, AtomicCheckpoints, ScoresLabe
 
     def save_model(self, output_dir=None, _internal_call=False):
         # The frozen reference is a second adapter named "ref" inside the same PeftModel; checkpoints and
-        # the final save hold only the trained adapter.
+        # the final save hold only the trained adapter (transformers' save would write "ref" too).
         unwrapped = self.accelerator.unwrap_model(self.model)
-        peft_config = getattr(unwrapped, "peft_config", None)
-        if peft_config and "ref" in peft_config and self.args.should_save:
-            output_dir = output_dir or self.args.output_dir
-            unwrapped.save_pretrained(output_dir, selected_adapters=["default"], safe_serialization=True)
-            return
-        super().save_model(output_dir, _internal_call)
+        if "ref" not in (getattr(unwrapped, "peft_config", None) or {}) or sharded_checkpoints_only(self):
+            # (FSDP with sharded checkpoints: save_fsdp_model writes the active adapter's shards.)
+            return super().save_model(output_dir, _internal_call)
+        # Under FSDP / ZeRO-3 the weights are gathered first, on every rank: a collective that no rank
+        # may skip, so no rank returns before it.
+        state_dict = gathered_state_dict(self)
+        if self.args.should_save:
+            unwrapped.save_pretrained(output_dir or self.args.output_dir, state_dict=state_dict,
+                                      selected_adapters=["default"], safe_serialization=True)

@@ -19,6 +19,7 @@ from typing import Any
 from mistral_align.config import STAGES, check_config
 from mistral_align.errors import ConfigError
 from mistral_align.train.callbacks import plot_loss
+from mistral_align.train.distributed import num_nodes, process_group_kwargs, remember_run
 from mistral_align.train.faults import open_checks, release_lock
 from mistral_align.train.run_dir import base_manifest, resolve_run_dir, write_json, write_manifest, write_resolved_config
 
@@ -43,13 +44,17 @@ class Run:
         write_manifest(self.dir, facts, section)
 
 
-def init_state():
+def init_state(dist_timeout_s: float | None = None):
     """accelerate's PartialState for this process (starts torch.distributed under `accelerate launch`).
 
     `accelerate launch --multi_gpu` (configs/accelerate/cpu_ddp.yaml) on a machine without GPUs starts
     N processes with torchrun, but accelerate only picks the CPU backend (MULTI_CPU over gloo) when told
     the run is on the CPU; without that every process would train alone. So: no CUDA and a
     WORLD_SIZE > 1 means CPU DDP.
+
+    The process group is created here, once, before the trainers' own Accelerator (which reuses it and
+    ignores TrainingArguments.ddp_timeout): `dist_timeout_s` (run.dist_timeout_s) is the longest any
+    collective waits for a lost or hung rank (train/distributed.py).
     """
     import torch
     from accelerate import PartialState
@@ -57,7 +62,7 @@ def init_state():
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if cpu:
         os.environ["ACCELERATE_USE_CPU"] = "true"
-    return PartialState(cpu=cpu)
+    return PartialState(cpu=cpu, **process_group_kwargs(dist_timeout_s))
 
 
 def setup_logging(state, level: int = logging.INFO) -> None:
@@ -79,6 +84,7 @@ def setup_logging(state, level: int = logging.INFO) -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()  # "Loading weights" on every node's first process
         datasets.logging.set_verbosity_error()
         datasets.disable_progress_bars()
 
@@ -106,10 +112,11 @@ def open_run(cfg, recipe: str, stages: tuple[str, ...]) -> Run:
     """Check the config, start this process, and open the run directory every rank shares."""
     refuse_overrides_of_other_stages(stages, recipe)
     check_config(cfg, stages)
-    state = init_state()
+    state = init_state(cfg.run.dist_timeout_s)
     setup_logging(state)
     run_dir = resolve_run_dir(cfg.run, state)
-    log.info("run directory: %s (world size %d)", run_dir, state.num_processes)
+    remember_run(run_dir, state, cfg.run.dist_timeout_s)  # every rank's host, to name a lost one
+    log.info("run directory: %s (world size %d, %d nodes)", run_dir, state.num_processes, num_nodes())
     # One launch per run directory; a rerun must train what the run directory started (train/faults.py).
     open_checks(run_dir, cfg, stages, recipe, state)
     run = Run(cfg, run_dir, state, recipe, stages)

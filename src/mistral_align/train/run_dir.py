@@ -140,6 +140,8 @@ def base_manifest(stage: str, state=None) -> dict[str, Any]:
     import torch
     from accelerate import PartialState
 
+    from mistral_align.train.distributed import num_nodes, run_hosts
+
     state = state or PartialState()
     return {
         "stage": stage,
@@ -148,7 +150,8 @@ def base_manifest(stage: str, state=None) -> dict[str, Any]:
         "versions": versions(),
         "git": git_commit(),
         "world_size": state.num_processes,
-        "num_nodes": int(os.environ.get("NUM_NODES", os.environ.get("SLURM_NNODES", "1")) or 1),
+        "num_nodes": num_nodes(),
+        "hosts": run_hosts(),
         "distributed_type": str(state.distributed_type).split(".")[-1],
         "device": str(state.device),
         "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,

@@ -21,7 +21,7 @@ from mistral_align.data.synthetic import skill_of
 from mistral_align.model.build import ensure_inline_base, model_facts
 from mistral_align.model.estimate import parallel_kind, warn_if_wont_fit
 from mistral_align.train.callbacks import MetricsJsonl
-from mistral_align.train.data_parallel import check_ranks_agree
+from mistral_align.train.distributed import check_ranks_agree, whole_adapter_saves
 from mistral_align.train.evaluate import generation_eval
 from mistral_align.train.faults import resume_point, train
 from mistral_align.train.launch import Run, setup_tracking
@@ -184,15 +184,22 @@ def run_stage(stage: Stage, print_report: bool = True) -> dict:
 def build_trainer(trainer_class, model, tokenizer, args, train_ds, eval_ds=None, callbacks=(), keep_float32=False,
                   **options):
     """One of our TRL trainers on already-tokenised rows (train/sft.py, train/dpo_trainer.py)."""
-    return trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, callbacks=list(callbacks), keep_float32=keep_float32, **options)
+    trainer = trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                            processing_class=tokenizer, callbacks=list(callbacks), keep_float32=keep_float32, **options)
+    if not trainer.accelerator.is_main_process:
+        # The Trainer prints its logs on the first process of every node; the run logs once, from rank 0.
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def save_adapter(trainer, out_dir: Path, tokenizer_version: str | None = None) -> Path:
     """The final adapter (adapter_model.safetensors + adapter_config.json naming its base), or the
     full model with peft=none, plus the exact tokenizer so the folder loads (and pushes) on its own.
     Collective under FSDP/DeepSpeed: call it on every rank."""
-    trainer.save_model(str(out_dir))
+    with whole_adapter_saves(trainer):  # FSDP: one whole file, also when checkpoints are sharded
+        trainer.save_model(str(out_dir))
     if trainer.accelerator.is_main_process:
         # The trainer also pickles its arguments there; a folder meant to be shared holds no pickles
         # (checkpoints keep theirs, for resuming).
