@@ -20,6 +20,7 @@ from mistral_align.data.load import LoadedData
 from mistral_align.data.synthetic import skill_of
 from mistral_align.model.build import ensure_inline_base, model_facts
 from mistral_align.model.estimate import parallel_kind, warn_if_wont_fit
+from mistral_align.model.files import follow_umask
 from mistral_align.train.callbacks import MetricsJsonl
 from mistral_align.train.evaluate import generation_eval
 from mistral_align.train.faults import resume_point, train
@@ -199,4 +200,6 @@ def save_adapter(trainer, out_dir: Path, tokenizer_version: str | None = None) -
         from mistral_align.chat.hf_tokenizer import save_hf_tokenizer
 
         save_hf_tokenizer(tokenizer_version, out_dir)
+    if trainer.accelerator.is_main_process:
+        follow_umask(out_dir)  # safetensors writes 0600; the folder is meant to be shared
     return Path(out_dir)
