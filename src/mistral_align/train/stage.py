@@ -110,7 +110,7 @@ def run_stage(stage: Stage, print_report: bool = True) -> dict:
     record = lambda facts: run.record(facts, stage.section)  # noqa: E731
     if node.synthetic.enabled:
         stage.use_synthetic_data()
-    report_to = setup_tracking(cfg.run, stage.out_dir)
+    report_to = setup_tracking(cfg.run, stage.out_dir, is_main=state.is_main_process)
 
     # 1. Data: exact mistral-common ids and loss masks, every row checked before the model loads.
     with state.main_process_first():
