@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mistral_align.config import STAGES, check_config
-from mistral_align.errors import ConfigError
+from mistral_align.errors import ConfigError, LaunchError
 from mistral_align.train.callbacks import plot_loss
 from mistral_align.train.faults import open_checks, release_lock
 from mistral_align.train.run_dir import base_manifest, resolve_run_dir, write_json, write_manifest, write_resolved_config
@@ -43,17 +43,47 @@ class Run:
         write_manifest(self.dir, facts, section)
 
 
+def _gpu_only_launch(environ=os.environ) -> str | None:
+    """What in this `accelerate launch` asks for GPUs, read from the environment its config file
+    sets, or None. cpu_ddp.yaml is MULTI_GPU too (that is how accelerate starts DDP over gloo), but
+    without mixed precision; the GPU configs (multi_gpu, multi_node) ask for bf16, which on the CPU
+    the trainer would not use anyway."""
+    if environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "distributed_type FSDP"
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "distributed_type DEEPSPEED"
+    precision = environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if int(environ.get("WORLD_SIZE", "1")) > 1 and precision in ("bf16", "fp16"):
+        return f"multi-GPU DDP with mixed_precision {precision}"
+    return None
+
+
+def check_launch_fits_machine() -> None:
+    """Refuse, in one line printed once, an accelerate config that needs GPUs on a machine without
+    any: otherwise every one of its processes (8 in multi_gpu.yaml) loads data and a model and then
+    fails with its own traceback."""
+    import torch
+
+    asks = _gpu_only_launch()
+    if asks and not torch.cuda.is_available():
+        raise LaunchError(
+            f"this accelerate config asks for GPUs ({asks}), but torch finds no CUDA GPU on this machine; "
+            "on the CPU, launch with --config_file configs/accelerate/cpu_ddp.yaml (DDP over gloo) or cpu.yaml"
+        )
+
+
 def init_state():
     """accelerate's PartialState for this process (starts torch.distributed under `accelerate launch`).
 
     `accelerate launch --multi_gpu` (configs/accelerate/cpu_ddp.yaml) on a machine without GPUs starts
     N processes with torchrun, but accelerate only picks the CPU backend (MULTI_CPU over gloo) when told
     the run is on the CPU; without that every process would train alone. So: no CUDA and a
-    WORLD_SIZE > 1 means CPU DDP.
+    WORLD_SIZE > 1 means CPU DDP (once check_launch_fits_machine has refused the GPU-only configs).
     """
     import torch
     from accelerate import PartialState
 
+    check_launch_fits_machine()
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if cpu:
         os.environ["ACCELERATE_USE_CPU"] = "true"
