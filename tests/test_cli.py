@@ -74,6 +74,13 @@ def test_validate_missing_file_is_a_clear_error(tmp_path):
     assert p.stdout == ""
 
 
+def test_validate_and_preview_name_a_directory_as_one(tmp_path, capsys):
+    for args in (["validate", "--kind", "sft"], ["preview", "--tokenizer", "v3", "--kind", "dpo"]):
+        assert main([*args, "--data", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"error: {tmp_path}: is a directory; name a .jsonl, .json or .parquet file in it"), err
+
+
 # -- validate (in process: same code, faster) ---------------------------------------------------
 
 

@@ -175,6 +175,15 @@ def test_parquet_with_weight_on_some_messages_only(tmp_path):
     assert [t for t in want.labels if t != -100] == [*enc.text("right"), enc.eos_id]
 
 
+def test_a_directory_is_named_as_one(tmp_path):
+    # It used to read "no such file", though it is there.
+    (tmp_path / "data").mkdir()
+    with pytest.raises(SourceError, match=rf"^{tmp_path / 'data'}: is a directory; name a .jsonl, .json or .parquet file"):
+        read_source(SourceConfig(str(tmp_path / "data")))
+    with pytest.raises(DataError, match="is a directory"):
+        load_sft_dataset(DataConfig(train=[SourceConfig(str(tmp_path / "data"))]), get_encoder("v3"))
+
+
 def test_not_a_file_nor_hub_id_is_a_clear_error(tmp_path):
     # A path with a data suffix never goes to the Hub, so this fails offline, without a download.
     with pytest.raises(DataError, match="no such file"):

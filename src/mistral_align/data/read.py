@@ -102,6 +102,9 @@ def read_source(src: SourceConfig) -> RawRows:
         raise SourceError("a data source has no path")
     if is_local(path):
         p = Path(path)
+        if p.is_dir():
+            raise SourceError(f"{path}: is a directory; name a .jsonl, .json or .parquet file in it "
+                              "(several files: list each as a source)")
         if not p.is_file():
             raise SourceError(f"{path}: no such file")
         data = p.read_bytes()
