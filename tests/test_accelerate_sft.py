@@ -109,3 +109,50 @@ def test_no_credentials_in_run_files(tmp_path):
     for path in run.rglob("*"):
         if path.is_file() and path.suffix in {".json", ".jsonl", ".yaml", ".md", ".txt", ".log"}:
             assert secret not in path.read_text(errors="ignore"), path
+
+
+# -- a GPU-only accelerate config on a machine without GPUs ---------------------------------------
+
+GPU_ONLY_MESSAGE = "error: this accelerate config asks for GPUs ({}), but torch finds no CUDA GPU on this machine"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without GPUs")
+def test_a_gpu_only_config_on_the_cpu_stops_every_process_with_one_line(tmp_path):
+    """fsdp_qlora.yaml here used to start its processes, each loading data and a model and failing
+    with its own traceback (124 lines with 2 processes, 345 with the config's 8). Now every rank
+    stops before anything loads and rank 0 says why, once.
+
+    What follows our line is torchrun's own report (about 40 lines, a traceback of the `accelerate`
+    command itself, exit code 1): accelerate raises whenever a process exits non-zero, before and
+    outside our code, so the launcher's exit code cannot be 2. Each process did exit 2."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    env.pop("MISTRAL_ALIGN_RUN_DIR", None)
+    cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs/accelerate/fsdp_qlora.yaml"),
+           "--num_processes", "2", "--main_process_port", "0", str(ROOT / "recipes/sft.py"), "experiment=test_tiny",
+           f"run.output_dir={tmp_path / 'runs'}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert out.returncode != 0
+    message = GPU_ONLY_MESSAGE.format("distributed_type FSDP")
+    ours = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and ours[0].startswith(message), out.stderr[-3000:]
+    assert "cpu_ddp.yaml" in ours[0]
+    # Our processes printed no traceback: the one left is the launcher's, naming exit code 2.
+    assert out.stderr.count("Traceback") == 1 and "mistral_align" not in out.stderr, out.stderr[-3000:]
+    assert "exitcode  : 2" in out.stderr
+    assert len(out.stderr.splitlines()) < 50, out.stderr
+    assert "[rank 0] INFO" not in out.stderr  # nothing was loaded: no run directory, no data
+    assert not (tmp_path / "runs").exists()
+
+
+def test_which_launches_ask_for_gpus():
+    from mistral_align.train.launch import _gpu_only_launch
+
+    two = {"WORLD_SIZE": "2"}
+    assert _gpu_only_launch({**two, "ACCELERATE_USE_FSDP": "true"}) == "distributed_type FSDP"
+    assert _gpu_only_launch({"ACCELERATE_USE_FSDP": "true"}) == "distributed_type FSDP"  # even one process
+    assert _gpu_only_launch({**two, "ACCELERATE_USE_DEEPSPEED": "true"}) == "distributed_type DEEPSPEED"
+    # multi_gpu.yaml / multi_node.yaml (bf16) against cpu_ddp.yaml (no mixed precision): both MULTI_GPU.
+    assert _gpu_only_launch({**two, "ACCELERATE_MIXED_PRECISION": "bf16"}) == "multi-GPU DDP with mixed_precision bf16"
+    assert _gpu_only_launch({**two, "ACCELERATE_MIXED_PRECISION": "no"}) is None
+    assert _gpu_only_launch({"ACCELERATE_MIXED_PRECISION": "bf16"}) is None  # single_gpu.yaml: one process
+    assert _gpu_only_launch({}) is None

@@ -22,7 +22,8 @@ EXE = str(Path(sys.executable).with_name("mistral-align"))
 
 BROKEN_LINES = [
     f"{BROKEN}:2: invalid JSON (Expecting ',' delimiter at column 58)",
-    f"{BROKEN}:3: missing field 'messages'",
+    f"{BROKEN}:3: missing field 'messages' (an SFT row holds 'messages', 'conversations' (ShareGPT) or 'prompt' "
+    "and 'completion'; found ['conversation'])",
     f"{BROKEN}:4: messages[0]: unknown role 'human' (expected one of system, user, assistant)",
     f"{BROKEN}:5: messages[0]: wrong role order: expected user, got assistant "
     "(roles must alternate user/assistant, starting with user)",
@@ -71,6 +72,13 @@ def test_validate_missing_file_is_a_clear_error(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip() == f"mistral-align validate: error: {tmp_path / 'nope.jsonl'}: no such file"
     assert p.stdout == ""
+
+
+def test_validate_and_preview_name_a_directory_as_one(tmp_path, capsys):
+    for args in (["validate", "--kind", "sft"], ["preview", "--tokenizer", "v3", "--kind", "dpo"]):
+        assert main([*args, "--data", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"error: {tmp_path}: is a directory; name a .jsonl, .json or .parquet file in it"), err
 
 
 # -- validate (in process: same code, faster) ---------------------------------------------------
@@ -172,6 +180,26 @@ def test_preview_jsonl_subprocess_skips_invalid_rows():
     assert got == [
         {"input_ids": e.input_ids, "labels": e.labels} for e in (enc.encode_sft(parse_sft_messages(r["messages"])) for r in good)
     ]
+
+
+def test_a_lone_surrogate_is_one_line_per_row_in_validate_and_preview(tmp_path):
+    # JSON allows "\ud800", which is no Unicode character: sentencepiece used to fail on it with a
+    # pybind RuntimeError traceback. Now it is a bad row like any other, named with its field.
+    good = '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'
+    bad = '{"messages": [{"role": "user", "content": "hi \\ud800"}, {"role": "assistant", "content": "b"}]}'
+    data = tmp_path / "s.jsonl"
+    data.write_text(f"{good}\n{bad}\n")
+    reason = (f"{data}:2: messages[0].content: not valid Unicode: a lone surrogate \\ud800 at character 3 "
+              "(a JSON \\uD800-\\uDBFF escape must be followed by its \\uDC00-\\uDFFF pair)")
+    p = run("validate", "--kind", "sft", "--data", str(data))
+    assert p.returncode == 1 and p.stdout.splitlines()[0] == reason and p.stderr == "", p.stderr
+    p = run("preview", "--tokenizer", "v3", "--kind", "sft", "--data", str(data), "--jsonl")
+    assert p.returncode == 1 and p.stderr.splitlines() == [reason] and len(p.stdout.splitlines()) == 1
+    dpo = tmp_path / "p.jsonl"
+    dpo.write_text('{"prompt": "p", "chosen": "\\udfff", "rejected": "b"}\n')
+    p = run("preview", "--tokenizer", "v3", "--kind", "dpo", "--data", str(dpo))
+    assert p.returncode == 1 and p.stderr.startswith(f"{dpo}:1: chosen: not valid Unicode"), p.stderr
+    assert "Traceback" not in p.stderr
 
 
 def test_preview_max_rows(capsys):

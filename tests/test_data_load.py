@@ -161,10 +161,37 @@ def test_eval_fraction_holds_rows_out(v3, two_sources):
     assert again.eval["input_ids"] == data.eval["input_ids"]
 
 
-def test_eval_fraction_that_leaves_no_rows_is_an_error(v3, tmp_path):
-    path = write_jsonl(tmp_path / "one.jsonl", [sft_row(0), sft_row(1)])
-    with pytest.raises(DataError, match="eval_fraction"):
-        load_sft_dataset(sft_cfg(path, eval_fraction=0.1), v3)
+def test_eval_fraction_of_small_data_holds_out_one_row_and_says_so(v3, tmp_path, caplog):
+    """10 rows at the default 2% used to stop the run ("leaves 0 eval rows"): the README's own
+    example files could not train. Now at least one row (and never all) is held out, with a note."""
+    path = write_jsonl(tmp_path / "ten.jsonl", [sft_row(i) for i in range(10)])
+    with caplog.at_level(logging.INFO, logger="mistral_align.data.load"):
+        data = load_sft_dataset(sft_cfg(path, eval_fraction=0.02), v3)
+    assert (len(data.train), len(data.eval)) == (9, 1)
+    assert data.report["eval"]["rows"] == 1
+    notes = [r.getMessage() for r in caplog.records if "eval_fraction" in r.getMessage()]
+    assert notes == ["SFT data: sft.data.eval_fraction=0.02 of 10 training row(s) is 0.2 rows: holding out 1 "
+                     "row(s) for evaluation (list sft.data.eval sources to choose them)"]
+    two = write_jsonl(tmp_path / "two.jsonl", [sft_row(0), sft_row(1)])
+    data = load_sft_dataset(sft_cfg(two, eval_fraction=0.9), v3)  # 1.8 rounds to 2: one is kept to train on
+    assert (len(data.train), len(data.eval)) == (1, 1)
+    one = write_jsonl(tmp_path / "one.jsonl", [sft_row(0)])
+    data = load_sft_dataset(sft_cfg(one, eval_fraction=0.5), v3)  # nothing to spare: no eval split
+    assert len(data.train) == 1 and data.eval is None
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mistral_align.data.load"):
+        data = load_sft_dataset(sft_cfg(path, eval_fraction=0.2), v3)  # exact: no note
+    assert (len(data.train), len(data.eval)) == (8, 2) and not caplog.records
+
+
+def test_an_empty_file_is_named_as_having_no_rows(v3, tmp_path):
+    for name, text in (("empty.jsonl", ""), ("blank.jsonl", "\n  \n"), ("empty.json", "[]")):
+        path = tmp_path / name
+        path.write_text(text)
+        for load in (load_sft_dataset, load_dpo_dataset):  # DPO used to say "eval_fraction=0.05 of 0 rows"
+            with pytest.raises(DataError) as info:
+                load(DataConfig(train=[SourceConfig(str(path))], eval_fraction=0.05), v3)
+            assert str(info.value) == f"{path}: has no rows"
 
 
 # -- bad rows -----------------------------------------------------------------------------------
@@ -258,7 +285,7 @@ def test_long_rows_are_skipped_and_counted_by_default(v3, long_file):
 def test_long_rows_error(v3, long_file):
     with pytest.raises(DataError, match=r"long\.jsonl:2: \d+ tokens, over max_length 40") as info:
         load_sft_dataset(sft_cfg(long_file, max_length=40, on_long_rows="error"), v3)
-    assert "raise data.max_length" in str(info.value)
+    assert "raise sft.data.max_length" in str(info.value)
 
 
 def test_long_rows_truncate_keeps_bos(v3, long_file):

@@ -122,7 +122,7 @@ def test_kind_mismatch_is_named(tmp_path):
 
 def test_forced_unknown_format(tmp_path):
     with pytest.raises(SourceError, match="unknown format"):
-        read_source(SourceConfig(str(write_jsonl(tmp_path / "d.jsonl", ULTRACHAT_ROWS)), format="sharegpt"))
+        read_source(SourceConfig(str(write_jsonl(tmp_path / "d.jsonl", ULTRACHAT_ROWS)), format="alpaca"))
 
 
 @pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
@@ -175,7 +175,160 @@ def test_parquet_with_weight_on_some_messages_only(tmp_path):
     assert [t for t in want.labels if t != -100] == [*enc.text("right"), enc.eos_id]
 
 
+def test_a_directory_is_named_as_one(tmp_path):
+    # It used to read "no such file", though it is there.
+    (tmp_path / "data").mkdir()
+    with pytest.raises(SourceError, match=rf"^{tmp_path / 'data'}: is a directory; name a .jsonl, .json or .parquet file"):
+        read_source(SourceConfig(str(tmp_path / "data")))
+    with pytest.raises(DataError, match="is a directory"):
+        load_sft_dataset(DataConfig(train=[SourceConfig(str(tmp_path / "data"))]), get_encoder("v3"))
+
+
 def test_not_a_file_nor_hub_id_is_a_clear_error(tmp_path):
     # A path with a data suffix never goes to the Hub, so this fails offline, without a download.
     with pytest.raises(DataError, match="no such file"):
         load_sft_dataset(DataConfig(train=[SourceConfig(str(tmp_path / "missing.jsonl"))]), get_encoder("v3"))
+
+
+# -- row shapes users bring (chat/schema.py "row shapes") ----------------------------------------
+
+SYSTEM = "Answer in French."
+
+
+def _sft_ids(path, enc, **kw):
+    data = load_sft_dataset(DataConfig(train=[SourceConfig(str(path))], **kw), enc)
+    return [(r["input_ids"], r["labels"]) for r in data.train]
+
+
+def _want_sft(enc, messages):
+    e = enc.encode_sft(parse_sft_messages(messages))
+    return (e.input_ids, e.labels)
+
+
+@pytest.mark.parametrize("version", ["v3", "v7"])  # v7: the system prompt has its own block
+def test_sft_shapes_give_the_exact_ids_of_the_messages_they_mean(tmp_path, version):
+    enc = get_encoder(version)
+    rows = [
+        {"system": SYSTEM, "messages": conv("Hello", "Bonjour")},
+        {"conversations": [{"from": "system", "value": SYSTEM}, {"from": "human", "value": "Hello"},
+                           {"from": "gpt", "value": "Bonjour"}, {"from": "user", "value": "Thanks"},
+                           {"from": "assistant", "value": "Merci"}], "id": "sg-1"},
+        {"system": SYSTEM, "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Salut"}]},
+        {"prompt": "Two plus two?", "completion": "Quatre."},
+        {"prompt": "Red?", "completion": "Rouge.", "system": SYSTEM},
+        {"system": "", "messages": conv("Empty system", "Means none")},
+    ]
+    canonical = [
+        conv("Hello", "Bonjour", SYSTEM),
+        conv("Hello", "Bonjour", SYSTEM) + conv("Thanks", "Merci"),
+        conv("Hi", "Salut", SYSTEM),
+        conv("Two plus two?", "Quatre."),
+        conv("Red?", "Rouge.", SYSTEM),
+        conv("Empty system", "Means none"),
+    ]
+    got = _sft_ids(write_jsonl(tmp_path / "shapes.jsonl", rows), enc)
+    assert got == [_want_sft(enc, m) for m in canonical]
+    # The system prompt really is in the ids (the bug: a top-level "system" was dropped without a word).
+    assert got[0] != _want_sft(enc, conv("Hello", "Bonjour"))
+    for row in rows[1:2]:
+        raw = read_source(SourceConfig(str(write_jsonl(tmp_path / "sg.jsonl", [row]))))
+        assert raw.format == "sharegpt"
+    raw = read_source(SourceConfig(str(write_jsonl(tmp_path / "pc.jsonl", rows[3:4]))))
+    assert raw.format == "prompt_completion"
+    with pytest.raises(SourceError, match="SFT data, but DPO data was expected"):
+        check_kind(raw, "dpo")
+
+
+def test_dpo_top_level_system_goes_before_the_prompt(tmp_path):
+    enc = get_encoder("v7")
+    rows = [
+        {"system": SYSTEM, "prompt": "Hello", "chosen": "Bonjour", "rejected": "Hello"},
+        {"system": SYSTEM, "prompt": "Is ice dense?", "chosen": conv("Is ice dense?", "Non."),
+         "rejected": conv("Is ice dense?", "Oui."), "id": 7},
+    ]
+    data = load_dpo_dataset(DataConfig(train=[SourceConfig(str(write_jsonl(tmp_path / "p.jsonl", rows)))]), enc)
+    wants = [
+        {"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello"}],
+         "chosen": "Bonjour", "rejected": "Hello"},
+        {"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Is ice dense?"}],
+         "chosen": "Non.", "rejected": "Oui."},
+    ]
+    for got, want_row in zip(data.train, wants):
+        want = enc.encode_dpo(parse_preference(want_row))
+        assert got == {"prompt_ids": want.prompt_ids, "chosen_ids": want.chosen_ids, "rejected_ids": want.rejected_ids}
+
+
+UNKNOWN_KEY_ROWS = [
+    # (kind, row, reason after "FILE:LINE: ")
+    ("sft", {"messages": conv("a", "b"), "sytem": "typo"},
+     "unknown field(s) ['sytem'] (an SFT row holds 'messages', 'conversations' (ShareGPT) or 'prompt' and "
+     "'completion', optionally with 'system')"),
+    ("sft", {"messages": conv("a", "b"), "prompt": "a"}, "unknown field(s) ['prompt']"),
+    ("sft", {"messages": conv("a", "b"), "conversations": []}, "both 'messages' and 'conversations': a row has one shape"),
+    ("sft", {"prompt": "a"}, "missing field 'completion'"),
+    ("sft", {"prompt": ["a"], "completion": "b"}, "'prompt' must be a string, got list"),
+    ("sft", {"system": SYSTEM, "messages": conv("a", "b", "Other")},
+     "two system prompts: the row's 'system' field and messages[0]; keep one"),
+    ("sft", {"system": 3, "messages": conv("a", "b")}, "'system' must be a string, got int"),
+    ("sft", {"conversations": [{"from": "bot", "value": "a"}]},
+     "conversations[0]: unknown role (from) 'bot' (expected one of human, user, gpt, assistant, system)"),
+    ("sft", {"conversations": [{"from": "human", "content": "a"}]}, "conversations[0]: unknown field(s) ['content']"),
+    ("sft", {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": 1}]},
+     "conversations[1]: 'value' must be a string, got int"),
+    ("dpo", {"prompt": "p", "chosen": "a", "rejected": "b", "messages": conv("p", "a")},
+     "unknown field(s) ['messages'] (a DPO row holds 'prompt', 'chosen' and 'rejected', optionally with 'system')"),
+    ("dpo", {"system": SYSTEM, "prompt": conv("p", "x", "Other")[:1] + [{"role": "user", "content": "p"}],
+             "chosen": "a", "rejected": "b"},
+     "two system prompts: the row's 'system' field and prompt[0]; keep one"),
+]
+
+
+@pytest.mark.parametrize("kind, row, reason", UNKNOWN_KEY_ROWS)
+def test_unknown_row_keys_and_bad_shapes_are_named_with_file_and_line(tmp_path, kind, row, reason):
+    good = {"messages": conv("ok", "fine")} if kind == "sft" else {"prompt": "ok", "chosen": "a", "rejected": "b"}
+    path = write_jsonl(tmp_path / "d.jsonl", [good, row])
+    load = load_sft_dataset if kind == "sft" else load_dpo_dataset
+    with pytest.raises(DataError) as info:
+        load(DataConfig(train=[SourceConfig(str(path))]), get_encoder("v3"))
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith(f"{path}:2: {reason}"), info.value.problems[0]
+
+
+# -- a lone surrogate ("\ud800" in JSON) is a bad row, not a crash in the tokenizer -------------
+
+SURROGATE_ROWS = {
+    "sft": [
+        ('{"messages": [{"role": "user", "content": "hi \\ud800"}, {"role": "assistant", "content": "ok"}]}',
+         "messages[0].content: not valid Unicode: a lone surrogate \\ud800 at character 3"),
+        ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "\\udfff"}]}',
+         "conversations[1].value: not valid Unicode: a lone surrogate \\udfff at character 0"),
+        ('{"prompt": "\\ud83d", "completion": "ok"}', "prompt: not valid Unicode"),
+        ('{"system": "\\ud800", "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}',
+         "system: not valid Unicode"),
+    ],
+    "dpo": [
+        ('{"prompt": "hi \\ud800", "chosen": "a", "rejected": "b"}', "prompt: not valid Unicode"),
+        ('{"prompt": "hi", "chosen": "a \\ud800", "rejected": "b"}', "chosen: not valid Unicode"),
+        ('{"prompt": [{"role": "user", "content": "\\udc00"}], "chosen": "a", "rejected": "b"}',
+         "prompt[0].content: not valid Unicode"),
+    ],
+}
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json"])
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_a_lone_surrogate_is_a_bad_row_named_with_file_line_and_field(tmp_path, kind, suffix):
+    good = '{"messages": [{"role": "user", "content": "a \\ud83d\\ude00"}, {"role": "assistant", "content": "b"}]}' \
+        if kind == "sft" else '{"prompt": "\\ud83d\\ude00 pair is fine", "chosen": "a", "rejected": "b"}'
+    rows = [good] + [text for text, _ in SURROGATE_ROWS[kind]]
+    path = tmp_path / f"s.{suffix}"
+    path.write_text("\n".join(rows) + "\n" if suffix == "jsonl" else "[" + ",\n".join(rows) + "]")
+    load = load_sft_dataset if kind == "sft" else load_dpo_dataset
+    with pytest.raises(DataError) as info:
+        load(DataConfig(train=[SourceConfig(str(path))]), get_encoder("v3"))
+    assert [p.split(": ", 1)[0] for p in info.value.problems] == [f"{path}:{i}" for i in range(2, len(rows) + 1)]
+    for problem, (_, reason) in zip(info.value.problems, SURROGATE_ROWS[kind]):
+        assert problem.split(": ", 1)[1].startswith(reason), problem
+    # on_bad_rows=skip drops them and trains on the rest.
+    data = load(DataConfig(train=[SourceConfig(str(path))], on_bad_rows="skip"), get_encoder("v3"))
+    assert len(data.train) == 1 and data.report["skipped_by_reason"] == {"invalid Unicode": len(rows) - 1}

@@ -126,3 +126,25 @@ def test_dpo_refuses_an_init_from_that_holds_no_adapter(tmp_path):
                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=ENV)  # fmt: skip
     assert out.returncode != 0
     assert f"dpo.init_from: {tmp_path} holds no adapter" in out.stderr
+
+
+def test_dpo_refuses_a_truncated_adapter_before_the_model_loads(tmp_path):
+    """An adapter cut short (a copy that stopped half way) is named, with exit 2, before anything
+    loads; peft used to fail only after the base model had loaded, with safetensors' message alone."""
+    from safetensors.torch import save_file
+    import torch
+
+    adapter = tmp_path / "sft" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    weights = adapter / "adapter_model.safetensors"
+    save_file({"w": torch.zeros(64, 64)}, str(weights))
+    size = weights.stat().st_size
+    os.truncate(weights, size // 2)
+    out = subprocess.run([str(BIN / "python"), str(ROOT / "recipes/dpo.py"), "experiment=test_tiny",
+                          f"dpo.init_from={tmp_path / 'sft'}", f"run.output_dir={tmp_path / 'runs'}"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=ENV)  # fmt: skip
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip() == (f"error: dpo.init_from: {weights}: truncated: {size // 2} bytes, but its header "
+                                  f"describes {size}; copy the adapter again or point dpo.init_from at a whole one")
+    assert not (tmp_path / "runs").exists()  # no run was opened, no model loaded

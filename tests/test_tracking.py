@@ -79,10 +79,11 @@ def trap():
 def run_sft(tmp_path: Path, trap: Trap, *overrides: str, extra_env: dict | None = None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "HTTP_PROXY": trap.url, "HTTPS_PROXY": trap.url, "http_proxy": trap.url, "https_proxy": trap.url,
-           "WANDB_BASE_URL": trap.url, **(extra_env or {})}
+           "WANDB_BASE_URL": trap.url}
     for k in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_DISABLED", "MISTRAL_ALIGN_RUN_DIR",
               "NO_PROXY", "no_proxy", "TENSORBOARD_LOGGING_DIR"):
         env.pop(k, None)
+    env.update(extra_env or {})
     runs = tmp_path / "runs"
     cmd = [sys.executable, str(ROOT / "recipes/sft.py"), "experiment=test_tiny", f"run.output_dir={runs}",
            *overrides]
@@ -163,6 +164,61 @@ def test_wandb_offline_without_key(tmp_path, trap):
     assert exits and exits[-1].exit_code == 0  # the run was finished, not cut off
 
     assert_no_secret(tmp_path, out.stdout, out.stderr)
+
+
+def closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now: a connect is refused at once
+    return port
+
+
+WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"  # fake, 40 characters like a real one
+
+
+def test_wandb_with_a_key_and_no_server_logs_offline_with_one_warning(tmp_path, trap):
+    """WANDB_API_KEY set, the wandb server unreachable: wandb used to retry for about 90 s and then
+    fail with a CommError traceback after the model had loaded. Now the main process tries one
+    connection first (3 s at most) and logs offline, saying so once; the key is written nowhere."""
+    unreachable = f"http://127.0.0.1:{closed_port()}"
+    run, out = run_sft(tmp_path, trap, "run.report_to=wandb", "sft.train.max_steps=2",
+                       extra_env={"WANDB_API_KEY": WANDB_KEY, "WANDB_BASE_URL": unreachable,
+                                  "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"})
+    assert len(list((run / "wandb").glob("offline-run-*/run-*.wandb"))) == 1, list(run.rglob("*"))
+    assert not list((run / "wandb").glob("run-*"))  # no online run
+    warnings = [line for line in out.stderr.splitlines() if "cannot be reached" in line]
+    assert len(warnings) == 1 and unreachable in warnings[0] and "logging offline" in warnings[0], out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "CommError" not in out.stderr
+    for p in tmp_path.rglob("*"):
+        if p.is_file():
+            assert WANDB_KEY.encode() not in p.read_bytes(), p
+    assert WANDB_KEY not in out.stdout + out.stderr
+
+
+def test_wandb_probe_is_quick_and_follows_the_proxy(monkeypatch):
+    import time
+
+    from mistral_align.train.launch import _probe_target, wandb_unreachable
+
+    port = closed_port()
+    t0 = time.monotonic()
+    assert "127.0.0.1:%d" % port in wandb_unreachable(f"http://127.0.0.1:{port}")
+    assert time.monotonic() - t0 < 3
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    try:
+        assert wandb_unreachable(f"http://127.0.0.1:{listener.getsockname()[1]}") is None
+    finally:
+        listener.close()
+    for k in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    assert _probe_target("https://api.wandb.ai") == ("api.wandb.ai", 443)
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    assert _probe_target("https://api.wandb.ai") == ("proxy.example", 3128)  # wandb goes through it
+    monkeypatch.setenv("no_proxy", "wandb.ai")
+    assert _probe_target("https://api.wandb.ai") == ("api.wandb.ai", 443)
 
 
 def test_wandb_disabled_by_config(tmp_path, trap):

@@ -35,6 +35,8 @@ def _quiet_libraries() -> None:
 
 
 def _require_file(path: str) -> None:
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: is a directory; name a .jsonl, .json or .parquet file in it")
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file")
 

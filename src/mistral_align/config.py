@@ -145,7 +145,8 @@ class RunConfig:
     report_to: str = "none"  # none | wandb | tensorboard
     wandb_project: str = "mistral-align"
     wandb_entity: Optional[str] = None
-    # auto: online when WANDB_API_KEY is set (or wandb is logged in), offline otherwise.
+    # auto: online when WANDB_API_KEY is set and the wandb server answers (3 s), offline otherwise (a
+    # warning says so when a key is set); online: refused at start when the server cannot be reached.
     wandb_mode: str = "auto"
     # Rerunning with the same run.dir: auto = continue from the newest complete checkpoint of the
     # unfinished stage; never = start the stage from step 0; or the path of a checkpoint to resume.

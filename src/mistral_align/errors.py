@@ -38,6 +38,13 @@ class RunDirError(UserError):
     """The run directory cannot be used (held by another launch, made by a different config, ...)."""
 
 
+class LaunchError(UserError):
+    """The launch cannot work on this machine (an accelerate config that needs GPUs, and none here).
+    Every rank finds the same, so only the main process prints it."""
+
+    same_on_every_rank = True
+
+
 class Stopped(Exception):
     """Training stopped on a signal after saving a checkpoint; `str(e)` says how to resume."""
 
@@ -51,6 +58,17 @@ def print_user_error(e: UserError, prefix: str = "error") -> None:
 
 
 _task_started = False
+# How long another rank waits for rank 0 to print an error every rank found (see below).
+RANK_0_GRACE_SECONDS = 60.0
+
+
+def _let_rank_0_say_it() -> None:
+    """The launcher (torchrun) stops every process as soon as one exits: were this rank to exit
+    first, rank 0 could be stopped before it printed the one line. So wait until rank 0 has
+    exited and the launcher stops this process too (or, if that never comes, a minute)."""
+    import time
+
+    time.sleep(RANK_0_GRACE_SECONDS)
 
 
 def exit_on_user_error(fn):
@@ -65,7 +83,10 @@ def exit_on_user_error(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            print_user_error(e)
+            if getattr(e, "same_on_every_rank", False) and int(_environ.get("RANK", "0")) != 0:
+                _let_rank_0_say_it()
+            else:
+                print_user_error(e)
             sys.exit(EXIT_USER_ERROR)
         except Stopped as e:
             if int(_environ.get("RANK", "0")) == 0:

@@ -1,6 +1,13 @@
 """Conversations and their exact Mistral encodings (ids and loss masks)."""
 
-from mistral_align.chat.schema import ConversationError, Message, Preference, parse_preference, parse_sft_messages
+from mistral_align.chat.schema import (
+    ConversationError,
+    Message,
+    Preference,
+    parse_preference,
+    parse_sft_messages,
+    parse_sft_row,
+)
 from mistral_align.chat.encoder import IGNORE_INDEX, TOKENIZER_VERSIONS, DpoEncoding, MistralEncoder, SftEncoding, get_encoder
 
 __all__ = [
@@ -15,4 +22,5 @@ __all__ = [
     "get_encoder",
     "parse_preference",
     "parse_sft_messages",
+    "parse_sft_row",
 ]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mistral_align.chat.encoder import IGNORE_INDEX, MistralEncoder
-from mistral_align.chat.schema import ConversationError, parse_preference, parse_sft_messages
+from mistral_align.chat.schema import ConversationError, parse_preference, parse_sft_row
 
 
 # Output columns of encode_batch besides the ids.
@@ -19,6 +19,8 @@ ID_COLUMNS = {"sft": ("input_ids", "labels"), "dpo": ("prompt_ids", "chosen_ids"
 # Report categories, matched against the reason in order (the schema's messages are stable text).
 _CATEGORIES = (
     ("invalid JSON", ("invalid JSON", "invalid UTF-8")),
+    ("invalid Unicode", ("not valid Unicode",)),
+    ("mixed shapes", ("a row has one shape",)),
     ("not an object", ("expected a JSON object",)),
     ("over length", ("tokens, over max_length",)),
     ("missing field", ("missing field",)),
@@ -26,7 +28,8 @@ _CATEGORIES = (
     ("unknown role", ("unknown role",)),
     ("unknown field", ("unknown field",)),
     ("ends with a user turn", ("ends with a user turn",)),
-    ("wrong role order", ("wrong role order", "only allowed as the first", "must end with", "only a system")),
+    ("wrong role order", ("wrong role order", "only allowed as the first", "must end with", "only a system",
+                          "two system prompts")),
     ("empty content", ("empty", "no messages")),
     ("chosen equals rejected", ("the same reply",)),
     ("nothing to train", ("weight 0", "nothing would be trained", "no trained tokens")),
@@ -83,11 +86,7 @@ def check_row(
 
 
 def _check_sft(row: Any, encoder, max_length, train_on, clean, on_long_rows) -> RowResult:
-    if not isinstance(row, dict):
-        raise ConversationError(f"expected a JSON object with 'messages', got {type(row).__name__}")
-    if "messages" not in row:
-        raise ConversationError("missing field 'messages'")
-    messages = parse_sft_messages(row["messages"], "messages", clean)
+    messages = parse_sft_row(row, clean)
     enc = encoder.encode_sft(messages, train_on)
     ids, labels = enc.input_ids, enc.labels
     trained = sum(1 for x in labels if x != IGNORE_INDEX)

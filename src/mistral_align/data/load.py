@@ -11,7 +11,8 @@ needed when it has fewer rows. The choice is random but reproducible: it depends
 `cfg.seed` and the source's position in the list, and the chosen rows keep their file order.
 
 Evaluation rows come from `cfg.eval` sources (weights apply the same way) or, when that list is
-empty, `cfg.eval_fraction` of the mixed training rows is held out (seeded with `cfg.seed`).
+empty, `cfg.eval_fraction` of the mixed training rows is held out (seeded with `cfg.seed`): at
+least one row and never all of them, so a 10-row file still trains and is evaluated (logged).
 
 Long rows (`on_long_rows`): "skip" drops and counts them (and logs a warning), "error" raises
 DataError naming them, "truncate" cuts SFT rows at the end (BOS kept). DPO refuses "truncate":
@@ -124,6 +125,8 @@ def _cache_file(raw: RawRows, settings: dict) -> str | None:
 
 def _encode_source(src: SourceConfig, kind: str, cfg: DataConfig, encoder: MistralEncoder, settings: dict) -> _Source:
     raw = read_source(src)
+    if not raw.rows:  # said here, not later as "0 rows left" or an eval split of nothing
+        raise SourceError(f"{raw.label}: has no rows")
     check_kind(raw, kind)
     table = datasets.Dataset.from_dict({"line": raw.lines, "row": raw.rows, "read_error": raw.read_errors})
     fn_kwargs = {
@@ -233,9 +236,9 @@ def load_data(
     if fatal:
         hints = []
         if cfg.on_bad_rows == "error" and bad:
-            hints.append("fix them, or set data.on_bad_rows=skip to drop them")
+            hints.append(f"fix them, or set {kind}.data.on_bad_rows=skip to drop them")
         if cfg.on_long_rows == "error" and long:
-            hints.append(f"raise data.max_length (now {cfg.max_length}) or set data.on_long_rows=skip")
+            hints.append(f"raise {kind}.data.max_length (now {cfg.max_length}) or set {kind}.data.on_long_rows=skip")
         raise DataError(
             f"{len(fatal)} bad row(s) in the {kind.upper()} data ({'; '.join(hints)}):\n" + format_problems(fatal),
             fatal,
@@ -246,14 +249,10 @@ def load_data(
     if eval_sources:
         eval_ds, eval_kept = _mix(eval_sources, cfg.eval, kind, cfg.seed, len(train_sources))
     elif cfg.eval_fraction > 0:
-        n_eval = int(round(cfg.eval_fraction * len(train)))
-        if n_eval < 1 or n_eval >= len(train):
-            raise DataError(
-                f"data.eval_fraction={cfg.eval_fraction} of {len(train)} training rows leaves "
-                f"{n_eval} eval rows; use a fraction that leaves both sides at least one row, or list data.eval sources"
-            )
-        split = train.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
-        train, eval_ds = split["train"], split["test"]
+        n_eval = _eval_rows(len(train), cfg.eval_fraction, kind)
+        if n_eval:
+            split = train.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
+            train, eval_ds = split["train"], split["test"]
     if len(train) == 0 and not allow_empty:
         raise DataError(
             f"no {kind.upper()} training rows left: read {sum(len(s.encoded) for s in train_sources)}, "
@@ -300,6 +299,19 @@ def load_data(
     train = train.select_columns(keep)
     eval_ds = eval_ds.select_columns(keep) if eval_ds is not None else None
     return LoadedData(train, eval_ds, report, _fingerprint(all_sources, cfg, settings), problems)
+
+
+def _eval_rows(n: int, fraction: float, kind: str) -> int:
+    """How many of `n` training rows `eval_fraction` holds out: the fraction, rounded, but at least
+    one and never all of them. Small data (the README's example files have 10 rows, whose 2% rounds
+    to 0) still trains and is still evaluated; the note says what was done instead of the fraction."""
+    want = int(round(fraction * n))
+    n_eval = min(max(want, 1), n - 1) if n >= 2 else 0
+    if n_eval != want:
+        held = f"holding out {n_eval} row(s) for evaluation" if n_eval else "no evaluation split"
+        log.info("%s data: %s.data.eval_fraction=%g of %d training row(s) is %g rows: %s (list %s.data.eval "
+                 "sources to choose them)", kind.upper(), kind, fraction, n, fraction * n, held, kind)
+    return n_eval
 
 
 def _tagged(s: _Source):

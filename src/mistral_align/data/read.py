@@ -20,14 +20,26 @@ from mistral_align.errors import DataError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
-# format name -> the kind of data it holds. "messages" and "ultrachat" rows are read the same way
-# (ultrachat's extra `prompt` / `prompt_id` columns are ignored), as are "preference" and
+# format name -> the kind of data it holds. Every row is read by its own keys (chat/schema.py,
+# "row shapes"); the format names the shape for reports and lets a stage refuse the other kind of
+# data before any row is checked. "messages" and "ultrachat" rows are read the same way
+# (ultrachat's `prompt` / `prompt_id` columns are Hub metadata), as are "preference" and
 # "ultrafeedback" (parse_preference accepts chosen/rejected conversations that repeat the prompt).
 FORMATS = {
     "messages": "sft",
     "ultrachat": "sft",
+    "sharegpt": "sft",  # {"conversations": [{"from": "human" | "gpt" | "system", "value": ...}]}
+    "prompt_completion": "sft",  # {"prompt": str, "completion": str}
     "preference": "dpo",
     "ultrafeedback": "dpo",
+}
+SHAPE_TEXT = {
+    "messages": "'messages'",
+    "ultrachat": "'messages'",
+    "sharegpt": "'conversations'",
+    "prompt_completion": "'prompt'/'completion'",
+    "preference": "'prompt'/'chosen'/'rejected'",
+    "ultrafeedback": "'prompt'/'chosen'/'rejected'",
 }
 
 
@@ -90,6 +102,9 @@ def read_source(src: SourceConfig) -> RawRows:
         raise SourceError("a data source has no path")
     if is_local(path):
         p = Path(path)
+        if p.is_dir():
+            raise SourceError(f"{path}: is a directory; name a .jsonl, .json or .parquet file in it "
+                              "(several files: list each as a source)")
         if not p.is_file():
             raise SourceError(f"{path}: no such file")
         data = p.read_bytes()
@@ -104,7 +119,9 @@ def read_source(src: SourceConfig) -> RawRows:
             if not isinstance(items, list):
                 raise SourceError(f"{path}: a .json file must hold a list of rows, got {type(items).__name__}")
             lines = list(range(1, len(items) + 1))
-            rows = [json.dumps(r, ensure_ascii=False) for r in items]
+            # ASCII escapes: a lone surrogate ("\ud800") cannot go into an Arrow string, but its
+            # escape can, and the row check then names it like any other bad row.
+            rows = [json.dumps(r) for r in items]
             errors = [None] * len(items)
         elif p.suffix == ".parquet":
             import datasets
@@ -157,13 +174,17 @@ def detect_format(raw: RawRows, forced: str = "auto") -> str:
             return "ultrafeedback" if "score_chosen" in row else "preference"
         if "messages" in row:
             return "ultrachat" if "prompt_id" in row else "messages"
+        if "conversations" in row:
+            return "sharegpt"
+        if "completion" in row:
+            return "prompt_completion"
     return "auto"  # nothing recognisable: every row will fail its own check with a precise reason
 
 
 def check_kind(raw: RawRows, kind: str) -> None:
     found = FORMATS.get(raw.format)
     if found and found != kind:
-        shape = "'prompt'/'chosen'/'rejected'" if found == "dpo" else "'messages'"
+        shape = SHAPE_TEXT[raw.format]
         raise SourceError(
             f"{raw.label}: rows have {shape}, so this is {found.upper()} data, but {kind.upper()} data was expected"
         )

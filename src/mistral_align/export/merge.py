@@ -137,4 +137,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
     (out / "mistral_align_merge.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     for stray in out.glob("*.bin"):
         stray.unlink()
+    from mistral_align.model.files import follow_umask
+
+    follow_umask(out)  # safetensors writes 0600; a merged folder is meant to be served and shared
     return out

@@ -125,6 +125,9 @@ def save_inline_base(model_cfg: Any, vocab_size: int, seed: int, path: str | os.
         state = hub_names(state)
     save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     model.generation_config.to_json_file(os.path.join(path, "generation_config.json"))
+    from mistral_align.model.files import follow_umask
+
+    follow_umask(path)  # safetensors writes 0600; the base is read by whoever loads the adapter
     return path
 
 

@@ -230,4 +230,7 @@ def write_stock_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLi
             shutil.copy2(f, out / f.name)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(converted, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    from mistral_align.model.files import follow_umask
+
+    follow_umask(out)  # safetensors writes 0600, the other files follow the umask
     return out

@@ -34,11 +34,13 @@ def resolve_sft_adapter(init_from: str) -> tuple[str, Path | None]:
     path = Path(init_from).expanduser()
     for adapter in (path / "adapter", path / "sft" / "adapter"):
         if (adapter / "adapter_config.json").is_file():
+            check_adapter_files(adapter)
             # The run's config.yaml sits in the run directory: `path`, or its parent for a
             # pipeline's sft/ stage directory.
             run_dir = next((d for d in (path, path.parent) if (d / "config.yaml").is_file()), None)
             return str(adapter), run_dir
     if (path / "adapter_config.json").is_file():
+        check_adapter_files(path)
         return str(path), None
     if path.exists():
         raise ConfigError(
@@ -47,6 +49,18 @@ def resolve_sft_adapter(init_from: str) -> tuple[str, Path | None]:
     if init_from.count("/") == 1 and not init_from.startswith((".", "/", "~")):
         return init_from, None  # a Hub adapter id; peft downloads it
     raise ConfigError(f"dpo.init_from: {init_from} does not exist")
+
+
+def check_adapter_files(adapter: Path) -> None:
+    """A local adapter that cannot load (a copy cut short, a corrupt config) is refused naming the
+    file, before the base model loads: peft would fail only after it, with safetensors' message and
+    no file name."""
+    from mistral_align.model.files import adapter_problem
+
+    bad = adapter_problem(adapter)
+    if bad is not None:
+        file, why = bad
+        raise ConfigError(f"dpo.init_from: {file}: {why}; copy the adapter again or point dpo.init_from at a whole one")
 
 
 def same_base_as_sft_run(cfg):

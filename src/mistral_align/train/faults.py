@@ -300,6 +300,9 @@ class AtomicCheckpoints:
             object.__setattr__(args, "output_dir", str(final_dir))
         self.accelerator.wait_for_everyone()  # every rank's files (rng_state_<rank>.pth) are written
         if args.should_save:
+            from mistral_align.model.files import follow_umask
+
+            follow_umask(aside / name)  # safetensors writes 0600, the trainer's other files follow the umask
             write_marker(aside / name, {"step": self.state.global_step, "loss_sum": loss_sum})
             shutil.rmtree(final_dir / name, ignore_errors=True)
             os.replace(aside / name, final_dir / name)

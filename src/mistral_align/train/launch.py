@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mistral_align.config import STAGES, check_config
-from mistral_align.errors import ConfigError
+from mistral_align.errors import ConfigError, LaunchError
 from mistral_align.train.callbacks import plot_loss
 from mistral_align.train.distributed import num_nodes, process_group_kwargs, remember_run
 from mistral_align.train.faults import open_checks, release_lock
@@ -44,13 +44,42 @@ class Run:
         write_manifest(self.dir, facts, section)
 
 
+def _gpu_only_launch(environ=os.environ) -> str | None:
+    """What in this `accelerate launch` asks for GPUs, read from the environment its config file
+    sets, or None. cpu_ddp.yaml is MULTI_GPU too (that is how accelerate starts DDP over gloo), but
+    without mixed precision; the GPU configs (multi_gpu, multi_node) ask for bf16, which on the CPU
+    the trainer would not use anyway."""
+    if environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "distributed_type FSDP"
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "distributed_type DEEPSPEED"
+    precision = environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if int(environ.get("WORLD_SIZE", "1")) > 1 and precision in ("bf16", "fp16"):
+        return f"multi-GPU DDP with mixed_precision {precision}"
+    return None
+
+
+def check_launch_fits_machine() -> None:
+    """Refuse, in one line printed once, an accelerate config that needs GPUs on a machine without
+    any: otherwise every one of its processes (8 in multi_gpu.yaml) loads data and a model and then
+    fails with its own traceback."""
+    import torch
+
+    asks = _gpu_only_launch()
+    if asks and not torch.cuda.is_available():
+        raise LaunchError(
+            f"this accelerate config asks for GPUs ({asks}), but torch finds no CUDA GPU on this machine; "
+            "on the CPU, launch with --config_file configs/accelerate/cpu_ddp.yaml (DDP over gloo) or cpu.yaml"
+        )
+
+
 def init_state(dist_timeout_s: float | None = None):
     """accelerate's PartialState for this process (starts torch.distributed under `accelerate launch`).
 
     `accelerate launch --multi_gpu` (configs/accelerate/cpu_ddp.yaml) on a machine without GPUs starts
     N processes with torchrun, but accelerate only picks the CPU backend (MULTI_CPU over gloo) when told
     the run is on the CPU; without that every process would train alone. So: no CUDA and a
-    WORLD_SIZE > 1 means CPU DDP.
+    WORLD_SIZE > 1 means CPU DDP (once check_launch_fits_machine has refused the GPU-only configs).
 
     The process group is created here, once, before the trainers' own Accelerator (which reuses it and
     ignores TrainingArguments.ddp_timeout): `dist_timeout_s` (run.dist_timeout_s) is the longest any
@@ -59,6 +88,7 @@ def init_state(dist_timeout_s: float | None = None):
     import torch
     from accelerate import PartialState
 
+    check_launch_fits_machine()
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if cpu:
         os.environ["ACCELERATE_USE_CPU"] = "true"
@@ -158,21 +188,90 @@ def push_finished_run(run: Run) -> None:
     log.info("pushed %d files to %s", len(result.files), result.commit_url or h.repo_id)
 
 
-def setup_tracking(run_cfg: Any, out_dir: Path) -> list[str]:
+WANDB_DEFAULT_URL = "https://api.wandb.ai"
+# How long the main process waits to learn whether the wandb server answers. Without this check a
+# run with WANDB_API_KEY set and no network hangs about 90 s in wandb.init and then fails with a
+# CommError traceback, after the model has loaded.
+WANDB_PROBE_SECONDS = 3.0
+_wandb_fallback_warned = False
+
+
+def _probe_target(base_url: str) -> tuple[str, int]:
+    """(host, port) that wandb's first connection goes to: the proxy for the URL's scheme when one
+    is set and the host is not in NO_PROXY, else the server itself."""
+    import urllib.parse
+    import urllib.request
+
+    url = urllib.parse.urlsplit(base_url)
+    host = url.hostname or ""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        p = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        return p.hostname or "", p.port or (443 if p.scheme == "https" else 80)
+    return host, port
+
+
+def wandb_unreachable(base_url: str, timeout: float = WANDB_PROBE_SECONDS) -> str | None:
+    """Why the wandb server at `base_url` cannot be reached within `timeout` seconds, or None.
+
+    One TCP connect, in a thread so that a slow DNS lookup is bounded by the same timeout."""
+    import socket
+    import threading
+
+    host, port = _probe_target(base_url)
+    if not host:
+        return f"{base_url} names no host"
+    result: list[str | None] = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except OSError as e:
+            result.append(f"{host}:{port}: {e.strerror or e}")
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return result[0] if result else f"{host}:{port}: no answer in {timeout:g} s"
+
+
+def _wandb_mode(run_cfg: Any, is_main: bool) -> str:
+    """auto: online with WANDB_API_KEY and a reachable server, else offline (one warning).
+    online: refused at once, before the model loads, when the server cannot be reached."""
+    global _wandb_fallback_warned
+    mode = run_cfg.wandb_mode
+    if mode == "offline" or (mode == "auto" and not os.environ.get("WANDB_API_KEY")):
+        return "offline"
+    if not is_main:  # only the main process reports to wandb; the others never connect
+        return "online"
+    base_url = os.environ.get("WANDB_BASE_URL") or WANDB_DEFAULT_URL
+    problem = wandb_unreachable(base_url)
+    if problem is None:
+        return "online"
+    if mode == "online":
+        raise ConfigError(f"run.wandb_mode: 'online', but the wandb server {base_url} cannot be reached ({problem}); "
+                          "use run.wandb_mode=offline (upload later with `wandb sync`) or auto")
+    if not _wandb_fallback_warned:
+        _wandb_fallback_warned = True
+        log.warning("wandb: WANDB_API_KEY is set but %s cannot be reached (%s): logging offline into the run "
+                    "directory instead; upload later with `wandb sync <run dir>/wandb/offline-run-*`", base_url, problem)
+    return "offline"
+
+
+def setup_tracking(run_cfg: Any, out_dir: Path, is_main: bool = True) -> list[str]:
     """Environment for the chosen tracker; returns TrainingArguments.report_to.
 
-    wandb: online when WANDB_API_KEY is set (or run.wandb_mode=online), otherwise offline into
-    <out_dir>/wandb; run.wandb_mode=disabled or run.report_to=none turns it off. No key is ever
-    written anywhere by this code.
+    wandb: online when WANDB_API_KEY is set and the server answers (or run.wandb_mode=online),
+    otherwise offline into <out_dir>/wandb; run.wandb_mode=disabled or run.report_to=none turns it
+    off. No key is ever written anywhere by this code.
     """
     if run_cfg.report_to == "tensorboard":
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(out_dir) / "tensorboard")
         return ["tensorboard"]
     if run_cfg.report_to == "wandb" and run_cfg.wandb_mode != "disabled":
-        mode = run_cfg.wandb_mode
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        os.environ["WANDB_MODE"] = mode
+        os.environ["WANDB_MODE"] = _wandb_mode(run_cfg, is_main)
         os.environ["WANDB_PROJECT"] = run_cfg.wandb_project
         os.environ["WANDB_DIR"] = str(out_dir)
         os.environ.setdefault("WANDB_SILENT", "true")

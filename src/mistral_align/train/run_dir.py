@@ -135,6 +135,24 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def command_facts() -> dict[str, Any]:
+    """The command that made this run, and its Hydra overrides. In a sweep (`-m a=1,2`) sys.argv is
+    the whole sweep; each job records its own overrides (`a=1`) as its command, and the sweep aside."""
+    argv = [os.path.basename(sys.argv[0]), *sys.argv[1:]]
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):  # not launched through @hydra.main
+        return {"command": argv}
+    overrides = list(hc.overrides.task)
+    if hc.mode != RunMode.MULTIRUN:
+        return {"command": argv, "overrides": overrides}
+    return {"command": [argv[0], *overrides], "overrides": overrides,
+            "sweep": {"command": argv, "job": hc.job.num}}
+
+
 def base_manifest(stage: str, state=None) -> dict[str, Any]:
     """The parts of the manifest every stage shares: versions, git, world, command, start time."""
     import torch
@@ -146,7 +164,7 @@ def base_manifest(stage: str, state=None) -> dict[str, Any]:
     return {
         "stage": stage,
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
-        "command": [os.path.basename(sys.argv[0]), *sys.argv[1:]],
+        **command_facts(),
         "versions": versions(),
         "git": git_commit(),
         "world_size": state.num_processes,

@@ -20,6 +20,7 @@ from mistral_align.data.load import LoadedData
 from mistral_align.data.synthetic import skill_of
 from mistral_align.model.build import ensure_inline_base, model_facts
 from mistral_align.model.estimate import parallel_kind, warn_if_wont_fit
+from mistral_align.model.files import follow_umask
 from mistral_align.train.callbacks import MetricsJsonl
 from mistral_align.train.distributed import check_ranks_agree, whole_adapter_saves
 from mistral_align.train.evaluate import generation_eval
@@ -110,7 +111,7 @@ def run_stage(stage: Stage, print_report: bool = True) -> dict:
     record = lambda facts: run.record(facts, stage.section)  # noqa: E731
     if node.synthetic.enabled:
         stage.use_synthetic_data()
-    report_to = setup_tracking(cfg.run, stage.out_dir)
+    report_to = setup_tracking(cfg.run, stage.out_dir, is_main=state.is_main_process)
 
     # 1. Data: exact mistral-common ids and loss masks, every row checked before the model loads.
     with state.main_process_first():
@@ -208,4 +209,6 @@ def save_adapter(trainer, out_dir: Path, tokenizer_version: str | None = None) -
         from mistral_align.chat.hf_tokenizer import save_hf_tokenizer
 
         save_hf_tokenizer(tokenizer_version, out_dir)
+    if trainer.accelerator.is_main_process:
+        follow_umask(out_dir)  # safetensors writes 0600; the folder is meant to be shared
     return Path(out_dir)
