@@ -31,6 +31,7 @@ REPORT_TO = ("none", "wandb", "tensorboard")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")
 BF16 = ("auto", "true", "false")
+ON_NONFINITE = ("stop", "skip")
 STAGES = ("sft", "dpo")
 # TRL 1.16's DPO losses (DPOConfig.loss_type); several may be summed with loss_weights.
 DPO_LOSS_TYPES = (
@@ -196,6 +197,9 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: Optional[int] = 2
     dataloader_num_workers: int = 0
+    # A step whose loss or gradient norm is NaN/Inf: stop (name the step, its rows and the last good
+    # checkpoint) or skip (drop its update, count it in metrics.jsonl and summary.json, go on).
+    on_nonfinite: str = "stop"  # stop | skip
     # Extra keyword arguments passed to TRL's SFTConfig / DPOConfig verbatim (escape hatch; typos fail there).
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -426,6 +430,7 @@ def _check_train(t: Any, key: str) -> None:
     _choice(t.lr_scheduler, f"{key}.lr_scheduler", tuple(s.value for s in SchedulerType))
     _choice(t.optim, f"{key}.optim", tuple(o.value for o in OptimizerNames))
     _choice(bf16_setting(t.bf16), f"{key}.bf16", BF16)
+    _choice(t.on_nonfinite, f"{key}.on_nonfinite", ON_NONFINITE)
 
 
 def _check_eval(e: Any, key: str) -> None:

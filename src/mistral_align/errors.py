@@ -36,6 +36,14 @@ class RunDirError(UserError):
     """The run directory cannot be used (held by another launch, made by a different config, ...)."""
 
 
+class NonFiniteError(UserError):
+    """A training step's loss or gradients were NaN / Inf (`train.on_nonfinite=stop`): the message names
+    the step, its rows and the newest complete checkpoint. Every rank raises it at the same step, so
+    only rank 0 prints it."""
+
+    every_rank = True
+
+
 class Stopped(Exception):
     """Training stopped on a signal after saving a checkpoint; `str(e)` says how to resume."""
 
@@ -62,7 +70,8 @@ def exit_on_user_error(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            print_user_error(e)
+            if not getattr(e, "every_rank", False) or int(_environ.get("RANK", "0")) == 0:
+                print_user_error(e)
             sys.exit(EXIT_USER_ERROR)
         except Stopped as e:
             if int(_environ.get("RANK", "0")) == 0:

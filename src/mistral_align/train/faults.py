@@ -33,7 +33,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from mistral_align.errors import RunDirError, Stopped
+from mistral_align.errors import NonFiniteError, RunDirError, Stopped
 
 log = logging.getLogger("mistral_align")
 
@@ -100,8 +100,9 @@ def release_lock(run_dir: Path) -> None:
 # what is evaluated. Everything else (model, quant, peft, run.seed, each stage's data, train and
 # objective) must match the run directory's config.yaml.
 _RUN_KEYS_THAT_MATTER = ("run.seed",)
+# on_nonfinite only acts on a NaN step: switching a run stopped by one to skip must resume it.
 _TRAIN_KEYS_THAT_DO_NOT = ("logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                           "per_device_eval_batch_size", "dataloader_num_workers")  # fmt: skip
+                           "per_device_eval_batch_size", "dataloader_num_workers", "on_nonfinite")  # fmt: skip
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -275,7 +276,8 @@ def rotate(ckpt_dir: Path, limit: int | None) -> None:
 class AtomicCheckpoints:
     """Trainer mixin: checkpoints are written aside and renamed into place with a marker (see above).
     The marker also keeps the sum of the per-step train losses so far, so that a resumed stage
-    reports the same train loss as one that ran through."""
+    reports the same train loss as one that ran through, and the count of skipped non-finite steps
+    (train/nonfinite.py)."""
 
     resumed_loss_sum: float = 0.0
 
@@ -300,7 +302,8 @@ class AtomicCheckpoints:
             object.__setattr__(args, "output_dir", str(final_dir))
         self.accelerator.wait_for_everyone()  # every rank's files (rng_state_<rank>.pth) are written
         if args.should_save:
-            write_marker(aside / name, {"step": self.state.global_step, "loss_sum": loss_sum})
+            skipped = self.nonfinite.skipped if hasattr(self, "nonfinite") else 0
+            write_marker(aside / name, {"step": self.state.global_step, "loss_sum": loss_sum, "nonfinite_skipped": skipped})
             shutil.rmtree(final_dir / name, ignore_errors=True)
             os.replace(aside / name, final_dir / name)
             rotate(final_dir, args.save_total_limit)
@@ -315,6 +318,7 @@ class ResumePoint:
     checkpoint: str | None = None
     step: int = 0
     loss_sum: float = 0.0
+    nonfinite_skipped: int = 0
 
 
 def recorded_fingerprint(run_dir: Path, section: str | None) -> str | None:
@@ -359,7 +363,8 @@ def resume_point(stage, fingerprint: str | None = None) -> ResumePoint:
                 chosen = [{"checkpoint": None}]
             else:
                 facts = marker_facts(ckpt)
-                chosen = [{"checkpoint": str(ckpt), "step": facts["step"], "loss_sum": facts.get("loss_sum", 0.0)}]
+                chosen = [{"checkpoint": str(ckpt), "step": facts["step"], "loss_sum": facts.get("loss_sum", 0.0),
+                           "nonfinite_skipped": facts.get("nonfinite_skipped", 0)}]
                 log.info("%s: resuming from %s (step %d)", stage.name.upper(), ckpt, facts["step"])
         except RunDirError as e:
             chosen = [{"error": str(e)}]
@@ -427,9 +432,21 @@ def train(trainer, resume: ResumePoint, stage):
     stop = StopOnSignal()
     trainer.add_callback(stop)
     trainer.resumed_loss_sum = resume.loss_sum
+    if hasattr(trainer, "nonfinite"):
+        trainer.nonfinite.skipped = resume.nonfinite_skipped
     stop.install()
     try:
         result = trainer.train(resume_from_checkpoint=resume.checkpoint)
+    except NonFiniteError:
+        # The progress bar is left open mid-line; close it so the error starts a line of its own.
+        for callback in trainer.callback_handler.callbacks:
+            if getattr(callback, "training_bar", None) is not None:
+                callback.training_bar.close()
+        # Every rank raises it at the same step (train/nonfinite.py): close the process group
+        # cleanly, as a clean stop does, so no rank aborts at exit.
+        if stage.run.state.num_processes > 1:
+            stage.run.state.destroy_process_group()
+        raise
     finally:
         stop.uninstall()
     if stop.stopped_at is not None:
@@ -442,8 +459,12 @@ def train(trainer, resume: ResumePoint, stage):
             f"stopped by {stop.signal} at step {stop.stopped_at} of {trainer.state.max_steps}, checkpoint "
             f"saved in {ckpt}; to resume, run the same command with run.dir={stage.run.dir}"
         )
-    if resume.checkpoint is not None and result.global_step:
+    skipped = trainer.nonfinite.skipped if hasattr(trainer, "nonfinite") else 0
+    if (resume.checkpoint is not None or skipped) and result.global_step:
+        # The stage's mean step loss: over its earlier launches too, and without skipped steps
+        # (they added 0 to the sum; train/nonfinite.py).
         ran = result.global_step - resume.step
-        loss = (resume.loss_sum + result.training_loss * ran) / result.global_step
+        counted = result.global_step - skipped
+        loss = (resume.loss_sum + result.training_loss * ran) / counted if counted > 0 else float("nan")
         result = TrainOutput(result.global_step, loss, result.metrics)
     return result

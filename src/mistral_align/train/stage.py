@@ -24,6 +24,7 @@ from mistral_align.train.callbacks import MetricsJsonl
 from mistral_align.train.evaluate import generation_eval
 from mistral_align.train.faults import resume_point, train
 from mistral_align.train.launch import Run, setup_tracking
+from mistral_align.train.nonfinite import NonFinitePolicy, RowNames
 from mistral_align.train.run_dir import write_json
 
 log = logging.getLogger("mistral_align")
@@ -140,6 +141,9 @@ def run_stage(stage: Stage, print_report: bool = True) -> dict:
                         * args.gradient_accumulation_steps, **stage.trainer_facts(args)}})
     metrics = MetricsJsonl(run.dir / "metrics.jsonl", stage.name, resume.step, state.is_main_process)
     trainer = stage.build_trainer(model, tokenizer, args, data, [metrics])
+    # A NaN/Inf step stops the stage naming its rows, or is skipped (train/nonfinite.py).
+    trainer.nonfinite = NonFinitePolicy(node.train.on_nonfinite, f"{stage.name}.train.on_nonfinite",
+                                        RowNames(stage.name, data.train, data.train_rows, args.max_length))
 
     # 3. Evaluate before training: held-out metrics; greedy exact match if asked (main process).
     summary: dict = {stage.name: {}, "eval": {}}
@@ -161,7 +165,7 @@ def run_stage(stage: Stage, print_report: bool = True) -> dict:
     if data.eval is not None:
         summary[stage.name]["after"] = stage.held_out_metrics(trainer)
     summary[stage.name].update(train_loss=result.training_loss, steps=result.global_step,
-                               train_seconds=round(train_seconds, 1))
+                               train_seconds=round(train_seconds, 1), nonfinite_skipped=trainer.nonfinite.skipped)
     gen_after = generation_eval(trainer.model, stage.encoder, gen_rows, **gen) if gen_before is not None else None
     if gen_after is not None:
         summary["eval"] = {"exact_match": {"before": gen_before["exact_match"], "after": gen_after["exact_match"]},
