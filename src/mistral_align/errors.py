@@ -44,6 +44,12 @@ class NonFiniteError(UserError):
     every_rank = True
 
 
+class UntrustedFileError(UserError):
+    """A model folder that would run code when loaded: weights only as pickles (`pytorch_model.bin`,
+    `adapter_model.bin`, ...; allowed by `model.allow_pickle=true` / `--allow-pickle`), or a config.json
+    naming the repository's own Python classes (`auto_map`; allowed by `model.trust_remote_code=true`)."""
+
+
 class Stopped(Exception):
     """Training stopped on a signal after saving a checkpoint; `str(e)` says how to resume."""
 
