@@ -184,9 +184,10 @@ def _mix(sources: list[_Source], specs: list[SourceConfig], kind: str, seed: int
     for i, (s, spec) in enumerate(zip(sources, specs)):
         usable = [j for j, e in enumerate(_col(s.encoded, "error")) if e is None]
         pick = _pick(len(usable), spec.weight, seed, offset + i)
-        rows = s.encoded.select([usable[j] for j in pick])
         # Each row's origin travels with it through the mix and the eval split (dropped at the end).
-        rows = rows.add_column(ROW_COLUMN, [f"{s.raw.label}:{line}" for line in _col(rows, "line")])
+        # Added before select(): on a table without an indices mapping it is one new column, not a copy.
+        labelled = s.encoded.add_column(ROW_COLUMN, [f"{s.raw.label}:{line}" for line in _col(s.encoded, "line")])
+        rows = labelled.select([usable[j] for j in pick])
         kept.append(len(rows))
         parts.append(rows)
     mixed = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
