@@ -132,6 +132,32 @@ def test_a_first_ctrl_c_asks_for_a_checkpoint_and_a_second_stops_at_once():
         stop.uninstall()
 
 
+@pytest.mark.slow
+def test_sigterm_before_training_stops_cleanly_naming_the_newest_checkpoint(tmp_path):
+    """Issue 10 item 4: a signal while the data loads or the model builds (before trainer.train) stops
+    with exit code 3 and one line, not a traceback; nothing is trained, the lock is released."""
+    fresh, resumed = tmp_path / "fresh", tmp_path / "resumed"
+    _fake_checkpoint(resumed / "checkpoints", 2)  # what an earlier launch left: named, never loaded
+    for run_dir, saved in ((fresh, "no checkpoint yet"), (resumed, f"newest checkpoint {resumed}/checkpoints/checkpoint-2")):
+        proc = subprocess.Popen(_cmd("sft.py", run_dir), cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        t0 = time.time()
+        # The stage's generated data is its first write, made after the handler is installed.
+        while not (run_dir / "data" / "train.jsonl").exists():
+            assert proc.poll() is None and time.time() - t0 < 300, proc.stderr.read()[-4000:] if proc.stderr else ""
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == EXIT_STOPPED, err[-4000:]
+        assert "Traceback" not in err
+        (line,) = [x for x in err.splitlines() if x.startswith("stopped: ")]
+        assert line.startswith("stopped: stopped by SIGTERM before training, ") and f"; {saved}; " in line, line
+        assert line.endswith(f"to continue, run the same command with run.dir={run_dir}")
+        assert not (run_dir / "run.lock").exists() and not (run_dir / "adapter").exists()
+        assert not (run_dir / "metrics.jsonl").exists() or "loss" not in (run_dir / "metrics.jsonl").read_text()
+    assert faults.newest_complete(resumed / "checkpoints").name == "checkpoint-2"  # left as it was
+
+
 # -- checkpoints complete or invisible -------------------------------------------------------------
 
 

@@ -280,18 +280,21 @@ def _add_merge(sub) -> None:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--base", choices=("dequantized", "original"), default="dequantized")
     p.add_argument("--stage", choices=("sft", "dpo"), default=None)
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load weights from pickle files (.bin/.pt), which can run code when loaded (default: safetensors only)")
     p.set_defaults(func=_cmd_merge)
 
 
 def _cmd_merge(args) -> int:
     from mistral_align.export.rundir import resolve_source
 
-    resolve_source(args.run_dir, args.stage)  # user mistakes before any model loads
+    resolve_source(args.run_dir, args.stage, args.allow_pickle)  # user mistakes before any model loads
     if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
         raise UsageError(f"--out {args.out}: exists and is not an empty directory")
     from mistral_align.export.merge import merge_run
 
-    out = merge_run(args.run_dir, args.out, dtype=args.dtype, base=args.base, stage=args.stage)
+    out = merge_run(args.run_dir, args.out, dtype=args.dtype, base=args.base, stage=args.stage,
+                    allow_pickle=args.allow_pickle)
     print(f"merged model written to {out}")
     return EXIT_OK
 
@@ -309,13 +312,16 @@ def _add_export_gguf(sub) -> None:
     p.add_argument("--type", choices=("f16", "q8_0", "q4_k_m"), default="f16", dest="gguf_type")
     p.add_argument("--stage", choices=("sft", "dpo"), default=None)
     p.add_argument("--base", choices=("dequantized", "original"), default="dequantized", help="runs only: the merge base")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load weights from pickle files (.bin/.pt), which can run code when loaded (default: safetensors only)")
     p.set_defaults(func=_cmd_export_gguf)
 
 
 def _cmd_export_gguf(args) -> int:
     from mistral_align.export.gguf import export_gguf
 
-    path = export_gguf(args.source, args.out, gguf_type=args.gguf_type, stage=args.stage, base=args.base)
+    path = export_gguf(args.source, args.out, gguf_type=args.gguf_type, stage=args.stage, base=args.base,
+                       allow_pickle=args.allow_pickle)
     print(f"{path}: {os.path.getsize(path)} bytes ({args.gguf_type})")
     return EXIT_OK
 
@@ -341,6 +347,8 @@ def _add_chat(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-stream", action="store_true", help="print each reply when it is complete")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load weights from pickle files (.bin/.pt), which can run code when loaded (default: safetensors only)")
     p.set_defaults(func=_cmd_chat)
 
 
@@ -350,8 +358,9 @@ def _cmd_chat(args) -> int:
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.max_new_tokens, args.seed)
     sampling.check()
-    resolve_source(args.source, args.stage)
-    model, encoder = load_for_chat(args.source, quant=args.quant, stage=args.stage, dtype=args.dtype)
+    resolve_source(args.source, args.stage, args.allow_pickle)
+    model, encoder = load_for_chat(args.source, quant=args.quant, stage=args.stage, dtype=args.dtype,
+                                   allow_pickle=args.allow_pickle)
     session = ChatSession(model, encoder, sampling, system=args.system)
     if args.prompt is not None:
         if args.no_stream:

@@ -16,6 +16,7 @@ before anything loads, raising `ConfigError("sft.train.lr: must be > 0, got 0.0"
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -31,6 +32,12 @@ REPORT_TO = ("none", "wandb", "tensorboard")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")
 BF16 = ("auto", "true", "false")
+ON_NONFINITE = ("stop", "skip")
+# Keys that name a credential (hub_token, api_key, password, ...). Such values are never taken from a
+# config: config.yaml, the pickled trainer arguments in every checkpoint and the trackers would keep
+# them. TRL's pad_token / eos_token name tokenizer tokens, not credentials.
+CREDENTIAL_KEY = re.compile(r"(^|[_-])(token|secret|password|passwd|api[_-]?key|auth)$", re.I)
+TOKENIZER_TOKEN_KEYS = ("pad_token", "eos_token", "bos_token", "unk_token")
 STAGES = ("sft", "dpo")
 # TRL 1.16's DPO losses (DPOConfig.loss_type); several may be summed with loss_weights.
 DPO_LOSS_TYPES = (
@@ -97,7 +104,11 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     # None keeps the model's own setting; an int sets the sliding-window size; 0 disables it.
     sliding_window: Optional[int] = None
+    # Run the model repository's own Python code (config.json `auto_map`). Off: stock classes only.
     trust_remote_code: bool = False
+    # Load weights (base model, dpo.init_from adapter) from pickle files (.bin / .pt), which can run
+    # code when loaded. Off: safetensors only, a folder or repository with only pickles is refused.
+    allow_pickle: bool = False
     # A Hub model's architecture numbers, for `mistral-align estimate` (None: unknown).
     shape: Optional[ShapeConfig] = None
 
@@ -202,6 +213,9 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: Optional[int] = 2
     dataloader_num_workers: int = 0
+    # A step whose loss or gradient norm is NaN/Inf: stop (name the step, its rows and the last good
+    # checkpoint) or skip (drop its update, count it in metrics.jsonl and summary.json, go on).
+    on_nonfinite: str = "stop"  # stop | skip
     # Extra keyword arguments passed to TRL's SFTConfig / DPOConfig verbatim (escape hatch; typos fail there).
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -433,6 +447,21 @@ def _check_train(t: Any, key: str) -> None:
     _choice(t.lr_scheduler, f"{key}.lr_scheduler", tuple(s.value for s in SchedulerType))
     _choice(t.optim, f"{key}.optim", tuple(o.value for o in OptimizerNames))
     _choice(bf16_setting(t.bf16), f"{key}.bf16", BF16)
+    _choice(t.on_nonfinite, f"{key}.on_nonfinite", ON_NONFINITE)
+    _refuse_credentials(t.extra, f"{key}.extra")
+
+
+def _refuse_credentials(node: Any, key: str) -> None:
+    """`train.extra` is passed to TRL verbatim; a credential in it (`+sft.train.extra.hub_token=...`)
+    is refused, naming the key and never echoing the value."""
+    items = node.items() if hasattr(node, "items") else []
+    for name, value in items:
+        if CREDENTIAL_KEY.search(str(name)) and str(name) not in TOKENIZER_TOKEN_KEYS:
+            raise ConfigError(
+                f"{key}.{name}: credentials are not taken from the config (config.yaml, checkpoints and "
+                "trackers would keep them); set HF_TOKEN / WANDB_API_KEY in the environment, or log in"
+            )
+        _refuse_credentials(value, f"{key}.{name}")
 
 
 def _check_eval(e: Any, key: str) -> None:

@@ -45,6 +45,20 @@ class LaunchError(UserError):
     same_on_every_rank = True
 
 
+class NonFiniteError(UserError):
+    """A training step's loss or gradients were NaN / Inf (`train.on_nonfinite=stop`): the message names
+    the step, its rows and the newest complete checkpoint. Every rank raises it at the same step, so
+    only rank 0 prints it."""
+
+    same_on_every_rank = True
+
+
+class UntrustedFileError(UserError):
+    """A model folder that would run code when loaded: weights only as pickles (`pytorch_model.bin`,
+    `adapter_model.bin`, ...; allowed by `model.allow_pickle=true` / `--allow-pickle`), or a config.json
+    naming the repository's own Python classes (`auto_map`; allowed by `model.trust_remote_code=true`)."""
+
+
 class Stopped(Exception):
     """Training stopped on a signal after saving a checkpoint; `str(e)` says how to resume."""
 

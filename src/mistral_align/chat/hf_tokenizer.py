@@ -109,7 +109,8 @@ def load_hf_tokenizer(path: str | Path, **overrides):
     config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
     kwargs = {k: config[k] for k in ("padding_side", "model_max_length") if k in config}
     kwargs.update(overrides)
-    tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    # Our own tokenizer folders: never the folder's Python code, whatever its config names.
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, **kwargs)
     if type(tok).__name__ != BACKEND_CLASS:
         raise TypeError(
             f"{path}: AutoTokenizer loaded {type(tok).__name__}, not {BACKEND_CLASS}; its ids would not match "

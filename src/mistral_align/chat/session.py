@@ -124,14 +124,15 @@ class ChatSession:
         return reply
 
 
-def load_for_chat(path, quant: str = "auto", stage: Optional[str] = None, dtype: str = "auto"):
-    """(model, encoder) for a run directory (base + adapter) or a merged folder."""
+def load_for_chat(path, quant: str = "auto", stage: Optional[str] = None, dtype: str = "auto", allow_pickle: bool = False):
+    """(model, encoder) for a run directory (base + adapter) or a merged folder; safetensors only unless
+    `allow_pickle`, never the folder's own Python code."""
     from transformers import AutoModelForCausalLM
 
     from mistral_align.chat.encoder import get_encoder
     from mistral_align.export.rundir import RunDirError, quantization_config, resolve_source
 
-    src = resolve_source(path, stage)
+    src = resolve_source(path, stage, allow_pickle)
     if not src.tokenizer_version:
         raise RunDirError(f"{src.path}: cannot tell the tokenizer version (no tokenizer_config.json from save_hf_tokenizer)")
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "fp32": torch.float32,
@@ -143,9 +144,12 @@ def load_for_chat(path, quant: str = "auto", stage: Optional[str] = None, dtype:
     encoder = get_encoder(src.tokenizer_version)
     if quant not in ("auto", "none", "nf4", "fp4", "int8"):
         raise RunDirError(f"--quant must be auto, none, nf4, fp4 or int8, got {quant!r}")
+    from mistral_align.model.build import load_config, weights_kwargs
+
     if src.kind == "merged":
+        load_config(str(src.path))  # refuses a folder that would run its own code
         mode = "none" if quant == "auto" else quant
-        model = AutoModelForCausalLM.from_pretrained(str(src.path), dtype=torch_dtype,
+        model = AutoModelForCausalLM.from_pretrained(str(src.path), dtype=torch_dtype, **weights_kwargs(allow_pickle),
                                                      quantization_config=quantization_config({"compute_dtype": "float32" if torch_dtype == torch.float32 else "bfloat16"}, mode))
     else:
         from peft import PeftModel
@@ -156,7 +160,8 @@ def load_for_chat(path, quant: str = "auto", stage: Optional[str] = None, dtype:
             q["compute_dtype"] = "float32"
         from mistral_align.model.build import load_pretrained
 
-        base = load_pretrained(src.base, revision=src.revision, dtype=torch_dtype, quantization_config=quantization_config(q, mode))
+        base = load_pretrained(src.base, revision=src.revision, allow_pickle=allow_pickle, dtype=torch_dtype,
+                               quantization_config=quantization_config(q, mode))
         model = PeftModel.from_pretrained(base, str(src.adapter_dir))
     from mistral_align.model.bnb_cpu import disable_cpu_inference_repacking
 

@@ -41,6 +41,7 @@ from mistral_align.errors import DataError
 log = logging.getLogger(__name__)
 
 MAX_LISTED = 20
+ROW_COLUMN = "row_origin"
 # Bump when the meaning of the cached columns changes in a way the code hash cannot see.
 CACHE_VERSION = "1"
 
@@ -53,6 +54,10 @@ class LoadedData:
     fingerprint: str  # sha256 of the sources' content (Hub: id + config + split) and the data settings
     # Every bad or over-length row as "FILE:LINE: reason", in source order (the report keeps a few).
     problems: list[str] = field(default_factory=list)
+    # Where each training row came from, as "FILE:LINE" (Hub: "ID[SPLIT]:ROW"), aligned with `train`.
+    # Kept beside the dataset, never in it, so nothing but the ids reaches the trainer; a step whose
+    # loss is not finite names its rows with it (train/nonfinite.py).
+    train_rows: list[str] | None = None
 
 
 def load_sft_dataset(cfg: DataConfig, encoder: MistralEncoder) -> LoadedData:
@@ -182,7 +187,10 @@ def _mix(sources: list[_Source], specs: list[SourceConfig], kind: str, seed: int
     for i, (s, spec) in enumerate(zip(sources, specs)):
         usable = [j for j, e in enumerate(_col(s.encoded, "error")) if e is None]
         pick = _pick(len(usable), spec.weight, seed, offset + i)
-        rows = s.encoded.select([usable[j] for j in pick])
+        # Each row's origin travels with it through the mix and the eval split (dropped at the end).
+        # Added before select(): on a table without an indices mapping it is one new column, not a copy.
+        labelled = s.encoded.add_column(ROW_COLUMN, [f"{s.raw.label}:{line}" for line in _col(s.encoded, "line")])
+        rows = labelled.select([usable[j] for j in pick])
         kept.append(len(rows))
         parts.append(rows)
     mixed = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
@@ -296,9 +304,10 @@ def load_data(
         )
 
     keep = list(ID_COLUMNS[kind])
+    train_rows = _col(train, ROW_COLUMN) if len(train) else []
     train = train.select_columns(keep)
     eval_ds = eval_ds.select_columns(keep) if eval_ds is not None else None
-    return LoadedData(train, eval_ds, report, _fingerprint(all_sources, cfg, settings), problems)
+    return LoadedData(train, eval_ds, report, _fingerprint(all_sources, cfg, settings), problems, train_rows)
 
 
 def _eval_rows(n: int, fraction: float, kind: str) -> int:

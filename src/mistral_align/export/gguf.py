@@ -227,13 +227,13 @@ def quantize(src: Path, dst: Path, gguf_type: str) -> Path:
 
 
 def export_gguf(source: str | Path, out: str | Path, *, gguf_type: str = "f16", stage: str | None = None,
-                base: str = "dequantized") -> Path:
+                base: str = "dequantized", allow_pickle: bool = False) -> Path:
     if gguf_type not in TYPES:
         raise GGUFExportError(f"--type must be one of {', '.join(TYPES)}, got {gguf_type!r}")
     out = Path(out)
     if out.is_dir():
         raise GGUFExportError(f"--out {out}: is a directory; give a file name such as model.{gguf_type}.gguf")
-    src = resolve_source(source, stage)
+    src = resolve_source(source, stage, allow_pickle)
     version = src.tokenizer_version
     if version is None:
         raise GGUFExportError(f"{src.path}: cannot tell the tokenizer version")
@@ -256,7 +256,8 @@ def export_gguf(source: str | Path, out: str | Path, *, gguf_type: str = "f16", 
         else:
             from mistral_align.export.merge import merge_run
 
-            model_dir = merge_run(src.path, Path(tmp) / "merged", dtype="fp32", base=base, stage=stage)
+            model_dir = merge_run(src.path, Path(tmp) / "merged", dtype="fp32", base=base, stage=stage,
+                                  allow_pickle=allow_pickle)
         name = src.path.name
         if gguf_type == "f16":
             return write_f16(model_dir, out, version, name)

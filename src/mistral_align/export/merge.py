@@ -39,7 +39,7 @@ DEFAULT_BASE = "dequantized"
 def _load_full(src: RunSource, dtype: torch.dtype):
     from mistral_align.model.build import load_pretrained
 
-    return load_pretrained(src.base, revision=src.revision, dtype=dtype)
+    return load_pretrained(src.base, revision=src.revision, allow_pickle=src.allow_pickle, dtype=dtype)
 
 
 def _dequantized_weights(src: RunSource) -> dict[str, torch.Tensor]:
@@ -53,7 +53,8 @@ def _dequantized_weights(src: RunSource) -> dict[str, torch.Tensor]:
     model_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         (src.config.get("model") or {}).get("dtype", "bfloat16"), torch.bfloat16
     )
-    qmodel = load_pretrained(src.base, revision=src.revision, dtype=model_dtype, quantization_config=qcfg,
+    qmodel = load_pretrained(src.base, revision=src.revision, allow_pickle=src.allow_pickle, dtype=model_dtype,
+                             quantization_config=qcfg,
                              device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"})
     out: dict[str, torch.Tensor] = {}
     for name, module in qmodel.named_modules():
@@ -93,7 +94,7 @@ def load_merged(src: RunSource, dtype: torch.dtype = torch.float32, base: str = 
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", base: str = DEFAULT_BASE,
-              stage: str | None = None, max_shard_size: str = "5GB") -> Path:
+              stage: str | None = None, max_shard_size: str = "5GB", allow_pickle: bool = False) -> Path:
     """Write the merged model folder; returns it."""
     from transformers import GenerationConfig
 
@@ -101,7 +102,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
 
     if dtype not in DTYPES:
         raise RunDirError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    src = resolve_source(run_dir, stage)
+    src = resolve_source(run_dir, stage, allow_pickle)
     if src.kind != "run":
         raise RunDirError(f"{src.path}: already a merged model folder; merge takes a run directory")
     if not src.tokenizer_version:

@@ -32,6 +32,7 @@ class RunSource:
     config: dict = field(default_factory=dict)  # the run's resolved config ({} for merged)
     tokenizer_version: Optional[str] = None
     stage_dir: Optional[Path] = None  # where this stage's summary.json lives
+    allow_pickle: bool = False  # weights may be loaded from pickles (--allow-pickle); else safetensors only
 
     @property
     def quant_mode(self) -> str:
@@ -60,7 +61,27 @@ def _tokenizer_version(folder: Path) -> Optional[str]:
     return None
 
 
-def resolve_source(path: str | Path, stage: str | None = None) -> RunSource:
+def resolve_source(path: str | Path, stage: str | None = None, allow_pickle: bool = False) -> RunSource:
+    """The run (adapter + base) or merged folder at `path`. Weights must be safetensors: a folder whose
+    adapter, base or model weights are only pickles is refused (UnsafeWeightsError) unless `allow_pickle`."""
+    src = _resolve(path, stage)
+    src.allow_pickle = allow_pickle
+    _check_weights(src)
+    return src
+
+
+def _check_weights(src: RunSource) -> None:
+    from mistral_align.model.build import require_safetensors
+
+    if src.kind == "merged":
+        require_safetensors(src.path, "merged model", src.allow_pickle, "--allow-pickle")
+        return
+    require_safetensors(src.adapter_dir, "adapter", src.allow_pickle, "--allow-pickle")
+    if src.base and Path(src.base).is_dir():
+        require_safetensors(src.base, "base model", src.allow_pickle, "--allow-pickle")
+
+
+def _resolve(path: str | Path, stage: str | None) -> RunSource:
     p = Path(path)
     if not p.exists():
         raise RunDirError(f"{p}: no such directory")

@@ -17,11 +17,13 @@ from typing import Any
 
 import torch
 
-from mistral_align.errors import ConfigError, RunDirError
+from mistral_align.errors import ConfigError, RunDirError, UntrustedFileError
 
 log = logging.getLogger(__name__)
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Weight files that torch.load unpickles (and so may run code). Loading them needs an explicit yes.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Leaf names of the per-expert linears of model/mixtral_unfused.py (the Hub's w1 / w3 / w2).
 EXPERT_LINEAR_NAMES = ("gate_proj", "up_proj", "down_proj")
 
@@ -173,13 +175,53 @@ def model_class(config):
     return AutoModelForCausalLM
 
 
-def load_pretrained(source: str, revision: str | None = None, **kwargs):
-    """`from_pretrained` through the class training used (`model_class`): for Mixtral our per-expert
-    class, so adapters trained on it load (merge, chat); anything else as transformers loads it."""
+def require_safetensors(folder: str | os.PathLike, what: str, allow_pickle: bool = False,
+                        how_to_allow: str = "model.allow_pickle=true") -> None:
+    """A local weights folder must hold safetensors: one whose weights are only pickles is refused
+    (UntrustedFileError) unless `allow_pickle`. Not a folder (a Hub id): nothing to look at here."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    if allow_pickle or not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UntrustedFileError(
+            f"{folder}: the {what} weights are only pickles ({', '.join(pickles)}), which can run code when loaded; "
+            f"re-save them as safetensors, or pass {how_to_allow} if you trust where they came from"
+        )
+
+
+def weights_kwargs(allow_pickle: bool = False) -> dict[str, Any]:
+    """from_pretrained keywords: safetensors only unless pickles are allowed, and never the repository's
+    own Python code (a config.json with `auto_map` would otherwise import it)."""
+    return {"use_safetensors": None if allow_pickle else True, "trust_remote_code": False}
+
+
+def load_config(source: str, revision: str | None = None, trust_remote_code: bool = False,
+                how_to_allow: str = "mistral-align loads the stock Mistral / Mixtral classes only"):
+    """AutoConfig for `source`; one whose config.json names the repository's own code (`auto_map`) is
+    refused (UntrustedFileError) unless `trust_remote_code`: that code would run on loading."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(source, revision=revision)
-    return model_class(config).from_pretrained(source, revision=revision, config=config, **kwargs)
+    try:
+        return AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if trust_remote_code or "trust_remote_code" not in str(e):
+            raise
+        raise UntrustedFileError(
+            f"{source}: its config.json asks to run the repository's own Python code (auto_map); {how_to_allow}"
+        ) from None
+
+
+def load_pretrained(source: str, revision: str | None = None, allow_pickle: bool = False, **kwargs):
+    """`from_pretrained` through the class training used (`model_class`): for Mixtral our per-expert
+    class, so adapters trained on it load (merge, chat); anything else as transformers loads it.
+    Safetensors only unless `allow_pickle`; no remote code."""
+    require_safetensors(source, "base model", allow_pickle, "--allow-pickle")
+    config = load_config(source, revision)
+    return model_class(config).from_pretrained(source, revision=revision, config=config, **weights_kwargs(allow_pickle),
+                                               **kwargs)
 
 
 def build_model(
@@ -195,8 +237,6 @@ def build_model(
     An inline model loads from `inline_base` (a folder made by `ensure_inline_base`), whose path the
     model then carries as its name, so adapters record it as their base; without one it is made in
     a temporary folder and named "" (tests and benchmarks that keep no run directory)."""
-    from transformers import AutoConfig
-
     if device_map == "auto-rank":
         device_map = default_device_map()
     temporary = None
@@ -207,7 +247,10 @@ def build_model(
         source, revision = save_inline_base(model_cfg, vocab_size, seed, temporary), None
     else:
         source, revision = model_cfg.hub_id, model_cfg.revision
-    config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=model_cfg.trust_remote_code)
+    allow_pickle = bool(getattr(model_cfg, "allow_pickle", False))
+    require_safetensors(source, "model", allow_pickle)
+    config = load_config(source, revision, model_cfg.trust_remote_code,
+                         "set model.trust_remote_code=true if you trust that code")
     if config.vocab_size < vocab_size:
         raise ConfigError(
             f"model.tokenizer_version: tokenizer {model_cfg.tokenizer_version} has {vocab_size} tokens but "
@@ -215,16 +258,27 @@ def build_model(
         )
     if model_cfg.sliding_window is not None:
         config.sliding_window = model_cfg.sliding_window or None
-    model = model_class(config).from_pretrained(
-        source,
-        revision=revision,
-        config=config,
-        dtype=DTYPE[model_cfg.dtype],
-        attn_implementation=model_cfg.attn_implementation,
-        quantization_config=quantization_config(quant_cfg),
-        device_map=device_map,
-        trust_remote_code=model_cfg.trust_remote_code,
-    )
+    try:
+        model = model_class(config).from_pretrained(
+            source,
+            revision=revision,
+            config=config,
+            dtype=DTYPE[model_cfg.dtype],
+            attn_implementation=model_cfg.attn_implementation,
+            quantization_config=quantization_config(quant_cfg),
+            device_map=device_map,
+            # Safetensors only unless model.allow_pickle (a Hub repository with only .bin weights is
+            # refused); remote code only with model.trust_remote_code.
+            use_safetensors=None if allow_pickle else True,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+    except OSError as e:
+        if allow_pickle or "safetensors" not in str(e):
+            raise
+        raise UntrustedFileError(
+            f"model: {source} has no safetensors weights ({str(e).splitlines()[0]}); set model.allow_pickle=true "
+            "to load pickled ones if you trust where they came from"
+        ) from None
     # Training runs without a KV cache: with one, transformers does not derive the packed-sequence
     # (block-diagonal) mask from position_ids. generate() still caches (generation_config.use_cache).
     model.config.use_cache = False

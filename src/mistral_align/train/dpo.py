@@ -81,11 +81,35 @@ def same_base_as_sft_run(cfg):
     return cfg
 
 
-def load_policy(base_model, adapter: str):
+def safe_adapter(adapter: str, allow_pickle: bool = False) -> str:
+    """The adapter folder to load: a local one must hold adapter_model.safetensors; a Hub one is fetched
+    without its pickles (config and safetensors only), so peft never falls back to adapter_model.bin.
+    With `allow_pickle` the adapter is left to peft as it is."""
+    from mistral_align.model.build import require_safetensors
+
+    if allow_pickle:
+        return adapter
+    if Path(adapter).is_dir():
+        require_safetensors(adapter, "dpo.init_from adapter")
+        return adapter
+    from huggingface_hub import snapshot_download
+
+    folder = snapshot_download(adapter, allow_patterns=["adapter_config.json", "*.safetensors"])
+    if not (Path(folder) / "adapter_model.safetensors").is_file():
+        from mistral_align.errors import UntrustedFileError
+
+        raise UntrustedFileError(
+            f"dpo.init_from: the Hub adapter {adapter} has no adapter_model.safetensors (only pickled weights, which "
+            "can run code when loaded); set model.allow_pickle=true if you trust it"
+        )
+    return folder
+
+
+def load_policy(base_model, adapter: str, allow_pickle: bool = False):
     """The SFT model as a trainable PeftModel (adapter "default"); the trainer adds the frozen "ref" copy."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base_model, adapter, is_trainable=True)
+    return PeftModel.from_pretrained(base_model, safe_adapter(adapter, allow_pickle), is_trainable=True)
 
 
 PREFERENCE_METRICS = {
@@ -164,6 +188,10 @@ class DPOStage(Stage):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.adapter = resolve_sft_adapter(self.node.init_from)[0] if self.node.init_from else None
+        if self.adapter is not None and Path(self.adapter).is_dir():  # known before anything loads
+            from mistral_align.model.build import require_safetensors
+
+            require_safetensors(self.adapter, "dpo.init_from adapter", bool(self.cfg.model.allow_pickle))
 
     def write_synthetic_data(self, data_dir: Path):
         s = self.node.synthetic
@@ -187,7 +215,7 @@ class DPOStage(Stage):
             return apply_peft(base, c.peft, quantized=quantized, gradient_checkpointing=self.node.train.gradient_checkpointing)
         base = prepare_for_adapter(base, quantized, self.node.train.gradient_checkpointing)
         log.info("policy and reference: the SFT adapter %s", self.adapter)
-        return load_policy(base, self.adapter)
+        return load_policy(base, self.adapter, allow_pickle=bool(c.model.allow_pickle))
 
     def model_facts(self) -> dict[str, Any]:
         return {"init_from": self.adapter,

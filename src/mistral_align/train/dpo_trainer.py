@@ -16,17 +16,19 @@ from trl import DPOTrainer
 from mistral_align.train.distributed import (WrapsForTrainingAfterEvaluating, gathered_state_dict,
                                               sharded_checkpoints_only)
 from mistral_align.train.faults import AtomicCheckpoints
+from mistral_align.train.nonfinite import GuardsNonFinite
 from mistral_align.train.precision import KeepsTrainableFloat32
 from mistral_align.train.trl_patches import ScoresLabelledPositionsOnly
 
 DPO_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
-class PretokenizedDPOTrainer(WrapsForTrainingAfterEvaluating, AtomicCheckpoints, ScoresLabelledPositionsOnly,
-                             KeepsTrainableFloat32, DPOTrainer):
+class PretokenizedDPOTrainer(WrapsForTrainingAfterEvaluating, AtomicCheckpoints, GuardsNonFinite,
+                             ScoresLabelledPositionsOnly, KeepsTrainableFloat32, DPOTrainer):
     """DPO on `prompt_ids` / `chosen_ids` / `rejected_ids` rows; `keep_float32` as in train/precision.py;
-    checkpoints complete or invisible (train/faults.py); `padding_free` packs chosen and rejected rows
-    (train/dpo_padding_free.py); DDP wraps the model even after an evaluation (train/distributed.py)."""
+    checkpoints complete or invisible (train/faults.py); a NaN/Inf step stops or is skipped
+    (train/nonfinite.py); `padding_free` packs chosen and rejected rows (train/dpo_padding_free.py);
+    DDP wraps the model even after an evaluation (train/distributed.py)."""
 
     def __init__(self, *args, padding_free: bool = False, **kwargs):
         # Set before TRL's __init__, which may precompute reference log-probs (through the collator).

@@ -5,7 +5,7 @@ and clean stops on SIGTERM / SIGUSR1 / Ctrl-C.
     lock_run_dir(run_dir, state)                 # open_run: one launch per run directory
     check_same_training(run_dir, cfg, ...)       # open_run: a changed config is refused, keys named
     resume = resume_point(stage)                 # run_stage: the newest complete checkpoint (or none)
-    result = train(trainer, resume, stage)       # trainer.train(resume_from_checkpoint=...), clean stops
+    result = train(trainer, resume, stage, stop) # trainer.train(resume_from_checkpoint=...), clean stops
 
 Checkpoints (`AtomicCheckpoints`, mixed into both trainers): every rank writes a checkpoint into
 `checkpoints/.incomplete/checkpoint-N`; after a barrier the main process writes `COMPLETE.json`
@@ -14,7 +14,8 @@ A checkpoint without that marker, or whose files differ from it, is reported and
 loaded. `save_total_limit` counts complete checkpoints only.
 
 Clean stops: SIGTERM, SIGUSR1 and a first Ctrl-C make every rank save a checkpoint at the next
-step boundary and exit with EXIT_STOPPED (3); a second Ctrl-C stops at once.
+step boundary and exit with EXIT_STOPPED (3); before training (data, model, evaluation before) they
+stop at the next point every rank passes, also with exit code 3; a second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from mistral_align.errors import RunDirError, Stopped
+from mistral_align.errors import NonFiniteError, RunDirError, Stopped
 
 log = logging.getLogger("mistral_align")
 
@@ -100,8 +101,9 @@ def release_lock(run_dir: Path) -> None:
 # what is evaluated. Everything else (model, quant, peft, run.seed, each stage's data, train and
 # objective) must match the run directory's config.yaml.
 _RUN_KEYS_THAT_MATTER = ("run.seed",)
+# on_nonfinite only acts on a NaN step: switching a run stopped by one to skip must resume it.
 _TRAIN_KEYS_THAT_DO_NOT = ("logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                           "per_device_eval_batch_size", "dataloader_num_workers")  # fmt: skip
+                           "per_device_eval_batch_size", "dataloader_num_workers", "on_nonfinite")  # fmt: skip
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -275,7 +277,8 @@ def rotate(ckpt_dir: Path, limit: int | None) -> None:
 class AtomicCheckpoints:
     """Trainer mixin: checkpoints are written aside and renamed into place with a marker (see above).
     The marker also keeps the sum of the per-step train losses so far, so that a resumed stage
-    reports the same train loss as one that ran through."""
+    reports the same train loss as one that ran through, and the count of skipped non-finite steps
+    (train/nonfinite.py)."""
 
     resumed_loss_sum: float = 0.0
 
@@ -303,7 +306,8 @@ class AtomicCheckpoints:
             from mistral_align.model.files import follow_umask
 
             follow_umask(aside / name)  # safetensors writes 0600, the trainer's other files follow the umask
-            write_marker(aside / name, {"step": self.state.global_step, "loss_sum": loss_sum})
+            skipped = self.nonfinite.skipped if hasattr(self, "nonfinite") else 0
+            write_marker(aside / name, {"step": self.state.global_step, "loss_sum": loss_sum, "nonfinite_skipped": skipped})
             shutil.rmtree(final_dir / name, ignore_errors=True)
             os.replace(aside / name, final_dir / name)
             rotate(final_dir, args.save_total_limit)
@@ -318,6 +322,7 @@ class ResumePoint:
     checkpoint: str | None = None
     step: int = 0
     loss_sum: float = 0.0
+    nonfinite_skipped: int = 0
 
 
 def recorded_fingerprint(run_dir: Path, section: str | None) -> str | None:
@@ -362,7 +367,8 @@ def resume_point(stage, fingerprint: str | None = None) -> ResumePoint:
                 chosen = [{"checkpoint": None}]
             else:
                 facts = marker_facts(ckpt)
-                chosen = [{"checkpoint": str(ckpt), "step": facts["step"], "loss_sum": facts.get("loss_sum", 0.0)}]
+                chosen = [{"checkpoint": str(ckpt), "step": facts["step"], "loss_sum": facts.get("loss_sum", 0.0),
+                           "nonfinite_skipped": facts.get("nonfinite_skipped", 0)}]
                 log.info("%s: resuming from %s (step %d)", stage.name.upper(), ckpt, facts["step"])
         except RunDirError as e:
             chosen = [{"error": str(e)}]
@@ -379,8 +385,10 @@ def resume_point(stage, fingerprint: str | None = None) -> ResumePoint:
 
 
 class StopOnSignal(TrainerCallback):
-    """SIGTERM / SIGUSR1 / a first Ctrl-C: save at the next step boundary on every rank, then stop.
-    The ranks agree each step (a one-integer all-reduce) so all stop at the same step."""
+    """SIGTERM / SIGUSR1 / a first Ctrl-C: stop cleanly on every rank. Installed for the whole stage
+    (run_stage): during training, save at the next step boundary, then stop; before training (data,
+    model, evaluation before), stop at the next point every rank passes (`stop_here`). The ranks
+    agree each time (a one-integer all-reduce) so all stop at the same place."""
 
     def __init__(self):
         self.signal: str | None = None
@@ -397,56 +405,95 @@ class StopOnSignal(TrainerCallback):
         self._previous = {}
 
     def _handle(self, signum, frame):
+        # Only a flag is set here: the handler may run in the middle of anything (a collective, a
+        # file write), so the stop itself happens where every rank can stop together.
         name = signal.Signals(signum).name
         if name == "SIGINT" and self.signal is not None:
             raise KeyboardInterrupt  # a second Ctrl-C: stop at once
         if self.signal is None:
             self.signal = name
-            log.warning("%s received: saving a checkpoint at the next step boundary, then stopping%s", name,
+            log.warning("%s received: stopping cleanly at the next step boundary (saving a checkpoint) or, "
+                        "before training, at the next safe point%s", name,
                         " (Ctrl-C again to stop at once)" if name == "SIGINT" else "")
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def agreed(self, device) -> bool:
+        """Whether any rank has been signalled. Collective: call it on every rank at the same point."""
         import torch
         import torch.distributed as dist
 
         flag = self.signal is not None
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([int(flag)], dtype=torch.int32, device=args.device)
+            t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = bool(t.item())
-        if flag and state.global_step < state.max_steps:
+        if flag:
+            self.signal = self.signal or "a signal on another rank"
+        return flag
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.agreed(args.device) and state.global_step < state.max_steps:
             control.should_save = True
             control.should_training_stop = True
             self.stopped_at = state.global_step
-            self.signal = self.signal or "a signal on another rank"
         return control
 
+    def stop_here(self, stage, where: str) -> None:
+        """Outside trainer.train, at a point every rank reaches: raise Stopped if any rank was signalled,
+        naming the newest complete checkpoint of the stage (nothing new is saved here)."""
+        state = stage.run.state
+        if not self.agreed(state.device):
+            return
+        # Sizes only, not hashes: a signal comes with a deadline, and a checkpoint can be large.
+        ckpt = next((c for c in checkpoints(stage.out_dir / "checkpoints") if checkpoint_problem(c, hashes=False) is None),
+                    None) if state.is_main_process else None
+        _close_process_group(state)
+        saved = f"newest checkpoint {ckpt}" if ckpt else "no checkpoint yet"
+        raise Stopped(f"stopped by {self.signal} {where}; {saved}; to continue, run the same command with "
+                      f"run.dir={stage.run.dir}")
 
-def train(trainer, resume: ResumePoint, stage):
-    """trainer.train from `resume`, stopping cleanly on a signal (raises Stopped after the checkpoint
-    is saved). Returns the TrainOutput, its training_loss over the whole stage even when resumed."""
+
+def _close_process_group(state) -> None:
+    # Every rank stops at the same point; closing the group keeps a rank from aborting at exit.
+    state.wait_for_everyone()
+    if state.num_processes > 1:
+        state.destroy_process_group()
+
+
+def train(trainer, resume: ResumePoint, stage, stop: StopOnSignal):
+    """trainer.train from `resume`, stopping cleanly on a signal (`stop`, installed by run_stage: raises
+    Stopped after the checkpoint is saved). Returns the TrainOutput, its training_loss over the whole
+    stage even when resumed."""
     from transformers.trainer_utils import TrainOutput
 
-    stop = StopOnSignal()
     trainer.add_callback(stop)
     trainer.resumed_loss_sum = resume.loss_sum
-    stop.install()
+    if hasattr(trainer, "nonfinite"):
+        trainer.nonfinite.skipped = resume.nonfinite_skipped
     try:
         result = trainer.train(resume_from_checkpoint=resume.checkpoint)
-    finally:
-        stop.uninstall()
+    except NonFiniteError:
+        # The progress bar is left open mid-line; close it so the error starts a line of its own.
+        for callback in trainer.callback_handler.callbacks:
+            if getattr(callback, "training_bar", None) is not None:
+                callback.training_bar.close()
+        # Every rank raises it at the same step (train/nonfinite.py): close the process group
+        # cleanly, as a clean stop does, so no rank aborts at exit.
+        if stage.run.state.num_processes > 1:
+            stage.run.state.destroy_process_group()
+        raise
     if stop.stopped_at is not None:
-        state = stage.run.state
         ckpt = stage.out_dir / "checkpoints" / f"checkpoint-{stop.stopped_at}"
-        state.wait_for_everyone()
-        if state.num_processes > 1:
-            state.destroy_process_group()
+        _close_process_group(stage.run.state)
         raise Stopped(
             f"stopped by {stop.signal} at step {stop.stopped_at} of {trainer.state.max_steps}, checkpoint "
             f"saved in {ckpt}; to resume, run the same command with run.dir={stage.run.dir}"
         )
-    if resume.checkpoint is not None and result.global_step:
+    skipped = trainer.nonfinite.skipped if hasattr(trainer, "nonfinite") else 0
+    if (resume.checkpoint is not None or skipped) and result.global_step:
+        # The stage's mean step loss: over its earlier launches too, and without skipped steps
+        # (they added 0 to the sum; train/nonfinite.py).
         ran = result.global_step - resume.step
-        loss = (resume.loss_sum + result.training_loss * ran) / result.global_step
+        counted = result.global_step - skipped
+        loss = (resume.loss_sum + result.training_loss * ran) / counted if counted > 0 else float("nan")
         result = TrainOutput(result.global_step, loss, result.metrics)
     return result

@@ -23,18 +23,19 @@ import json
 import logging
 import os
 import platform
-import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from mistral_align.config import CREDENTIAL_KEY
 
 log = logging.getLogger("mistral_align")
 
 # Set this (same value on every node) to force the run directory, e.g. in a Slurm script.
 RUN_DIR_ENV = "MISTRAL_ALIGN_RUN_DIR"
 # Keys whose values are credentials: token, hf_token, api_key, WANDB_API_KEY, secret, password (not tokenizer_*).
-_SECRET_KEY = re.compile(r"(^|[_-])(token|secret|password|passwd|api[_-]?key|auth)$", re.I)
+_SECRET_KEY = CREDENTIAL_KEY
 
 
 def resolve_run_dir(run_cfg: Any, state=None) -> Path:

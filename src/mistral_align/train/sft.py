@@ -29,18 +29,20 @@ from mistral_align.model.build import apply_peft, build_model
 from mistral_align.train.args import training_arguments
 from mistral_align.train.distributed import WrapsForTrainingAfterEvaluating
 from mistral_align.train.faults import AtomicCheckpoints
+from mistral_align.train.nonfinite import GuardsNonFinite
 from mistral_align.train.precision import KeepsTrainableFloat32
 from mistral_align.train.report import generation_table
 from mistral_align.train.stage import Stage, build_trainer
 from mistral_align.train.trl_patches import ScoresLabelledPositionsOnly
 
 
-class MistralSFTTrainer(WrapsForTrainingAfterEvaluating, AtomicCheckpoints, ScoresLabelledPositionsOnly,
-                        KeepsTrainableFloat32, SFTTrainer):
+class MistralSFTTrainer(WrapsForTrainingAfterEvaluating, AtomicCheckpoints, GuardsNonFinite,
+                        ScoresLabelledPositionsOnly, KeepsTrainableFloat32, SFTTrainer):
     """TRL's SFTTrainer on our pre-tokenised rows: the LM head scores labelled positions only,
     `keep_float32` keeps the adapter float32 where 4-bit layers compute in float32, checkpoints
-    are complete or invisible (train/faults.py), and DDP wraps the model even after an evaluation
-    before training (train/distributed.py)."""
+    are complete or invisible (train/faults.py), a NaN/Inf step stops or is skipped
+    (train/nonfinite.py), and DDP wraps the model even after an evaluation before training
+    (train/distributed.py)."""
 
 
 def make_sft_args(stage_cfg: Any, seed: int, out_dir: Path, report_to: list[str], has_eval: bool):

@@ -24,8 +24,9 @@ from mistral_align.model.files import follow_umask
 from mistral_align.train.callbacks import MetricsJsonl
 from mistral_align.train.distributed import check_ranks_agree, whole_adapter_saves
 from mistral_align.train.evaluate import generation_eval
-from mistral_align.train.faults import resume_point, train
+from mistral_align.train.faults import StopOnSignal, resume_point, train
 from mistral_align.train.launch import Run, setup_tracking
+from mistral_align.train.nonfinite import NonFinitePolicy, RowNames
 from mistral_align.train.run_dir import write_json
 
 log = logging.getLogger("mistral_align")
@@ -106,7 +107,20 @@ class Stage:
 
 
 def run_stage(stage: Stage, print_report: bool = True) -> dict:
-    """Train one stage into `stage.out_dir`; returns its summary (also written to summary.json there)."""
+    """Train one stage into `stage.out_dir`; returns its summary (also written to summary.json there).
+
+    SIGTERM / SIGUSR1 / Ctrl-C stop it cleanly (exit code 3) from its first line on: during training
+    at the next step boundary with a checkpoint, before training at the next `stop.stop_here`, which
+    every rank passes (train/faults.py)."""
+    stop = StopOnSignal()
+    stop.install()
+    try:
+        return _run_stage(stage, stop, print_report)
+    finally:
+        stop.uninstall()
+
+
+def _run_stage(stage: Stage, stop: StopOnSignal, print_report: bool) -> dict:
     cfg, run, node, state = stage.cfg, stage.run, stage.node, stage.run.state
     record = lambda facts: run.record(facts, stage.section)  # noqa: E731
     if node.synthetic.enabled:
@@ -120,6 +134,7 @@ def run_stage(stage: Stage, print_report: bool = True) -> dict:
              len(data.eval) if data.eval is not None else 0)
     # Resuming (train/faults.py): the newest complete checkpoint of this stage, if any, trained on this data.
     resume = resume_point(stage, data.fingerprint)
+    stop.stop_here(stage, "before training, after loading the data")
 
     # 2. Tokenizer and model (each rank's copy on its own device) with its adapter; the trainer.
     from mistral_align.chat.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
@@ -142,6 +157,10 @@ def run_stage(stage: Stage, print_report: bool = True) -> dict:
                         * args.gradient_accumulation_steps, **stage.trainer_facts(args)}})
     metrics = MetricsJsonl(run.dir / "metrics.jsonl", stage.name, resume.step, state.is_main_process)
     trainer = stage.build_trainer(model, tokenizer, args, data, [metrics])
+    # A NaN/Inf step stops the stage naming its rows, or is skipped (train/nonfinite.py).
+    trainer.nonfinite = NonFinitePolicy(node.train.on_nonfinite, f"{stage.name}.train.on_nonfinite",
+                                        RowNames(stage.name, data.train, data.train_rows, args.max_length))
+    stop.stop_here(stage, "before training, after building the model")
 
     # 3. Evaluate before training: held-out metrics; greedy exact match if asked (main process).
     summary: dict = {stage.name: {}, "eval": {}}
@@ -152,19 +171,23 @@ def run_stage(stage: Stage, print_report: bool = True) -> dict:
                batch_size=node.eval.batch_size, group=skill_of if node.synthetic.enabled else None)
     on_main = state.is_main_process
     gen_before = generation_eval(trainer.model, stage.encoder, gen_rows, **gen) if gen_rows is not None and on_main else None
+    stop.stop_here(stage, "before training, just before it started")
 
     # 4. Train, then save the adapter (safetensors) with the exact tokenizer beside it.
     t_train = time.time()
-    result = train(trainer, resume, stage)  # trainer.train from `resume`; a signal stops it cleanly (exit 3)
+    result = train(trainer, resume, stage, stop)  # trainer.train from `resume`; a signal stops it cleanly (exit 3)
     train_seconds = time.time() - t_train
     check_ranks_agree(trainer)  # several processes trained one model, not one each
     save_adapter(trainer, stage.out_dir / "adapter", cfg.model.tokenizer_version)
+    # A signal in the last step or while saving: the stage is not finished (no summary.json), so a
+    # rerun resumes it from its newest checkpoint.
+    stop.stop_here(stage, f"after training, before evaluating (adapter saved in {stage.out_dir / 'adapter'})")
 
     # 5. Evaluate after, and report.
     if data.eval is not None:
         summary[stage.name]["after"] = stage.held_out_metrics(trainer)
     summary[stage.name].update(train_loss=result.training_loss, steps=result.global_step,
-                               train_seconds=round(train_seconds, 1))
+                               train_seconds=round(train_seconds, 1), nonfinite_skipped=trainer.nonfinite.skipped)
     gen_after = generation_eval(trainer.model, stage.encoder, gen_rows, **gen) if gen_before is not None else None
     if gen_after is not None:
         summary["eval"] = {"exact_match": {"before": gen_before["exact_match"], "after": gen_after["exact_match"]},

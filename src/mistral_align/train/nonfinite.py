@@ -1,0 +1,262 @@
+"""Steps whose loss or gradients are not finite (NaN / Inf): `train.on_nonfinite: stop | skip`.
+
+Left alone, one NaN step poisons the weights for good: the trainer clips and applies NaN gradients,
+and transformers' `logging_nan_inf_filter` even hides the NaN loss from the logs. `GuardsNonFinite`
+(mixed into both trainers) checks every optimizer step after its last backward pass and before
+clipping and the optimizer step:
+
+- stop (default): raise `NonFiniteError` naming the step, the rows of the batch and the newest
+  complete checkpoint; the update is never applied. The recipe prints `error: ...` and exits 2.
+- skip: drop the update (every gradient set to None, so the optimizer leaves each weight and its
+  own state untouched, AdamW's momentum included; zeroed gradients would still move the weights
+  through momentum), count it (`nonfinite_skipped` in metrics.jsonl and summary.json), go on. The
+  step still counts as a step: the learning-rate schedule moves on.
+
+All ranks decide together (a two-integer all-reduce each step, as `StopOnSignal` does), so a NaN on
+one rank stops or skips the step on every rank. With gradient accumulation the decision covers the
+whole step (all its micro-batches). Under DeepSpeed the optimizer steps inside the backward pass,
+before this check can run (and ZeRO keeps no `.grad` to look at, only the loss is checked): stop
+still stops with nothing of the step saved, but skip cannot take the update back there.
+
+Which rows: TRL rebuilds the dataset (SFT packing concatenates rows and drops other columns), so no
+index column survives to the batch. Instead the training collator is wrapped (`RowKeysCollator`,
+training data loader only) to add each row's content key (a hash of its ids) to the batch under
+`_row_keys`; `training_step` pops it before anything reaches the model. On a bad step the keys are
+matched against the stage's data, whose rows keep their "FILE:LINE" (data/load.py `train_rows`).
+A packed SFT row is split by its `seq_lengths` first; with packing_strategy=wrapped or bfd_split a
+sequence may be part of a row, and is reported as not traced to a row.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from mistral_align.errors import NonFiniteError
+
+log = logging.getLogger("mistral_align")
+
+ROW_KEYS = "_row_keys"
+MAX_NAMED_ROWS = 10
+
+
+# -- which rows a batch holds ------------------------------------------------------------------------
+
+
+def _key(*seqs: Sequence[int]) -> int:
+    # hash() of a tuple of ints is the same in every process (only str/bytes hashing is salted),
+    # so collator workers, ranks and the lookup below agree.
+    return hash(tuple(tuple(int(t) for t in s) for s in seqs))
+
+
+def example_keys(example: dict[str, Any]) -> list[int]:
+    """Content keys of the rows in one dataset example: a DPO pair, an SFT row, or an SFT packed row
+    (split into its conversations by `seq_lengths`)."""
+    if "prompt_ids" in example:
+        return [_key(example["prompt_ids"], example["chosen_ids"], example["rejected_ids"])]
+    ids = list(example["input_ids"])
+    lengths = example.get("seq_lengths")
+    if lengths is None:
+        return [_key(ids)]
+    keys, start = [], 0
+    for n in lengths:
+        keys.append(_key(ids[start : start + int(n)]))
+        start += int(n)
+    return keys
+
+
+class RowKeysCollator:
+    """The trainer's collator, plus the batch's row keys under `_row_keys` (a list of ints that the
+    data loader passes through untouched and `GuardsNonFinite.training_step` removes)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        keys = [k for example in examples for k in example_keys(example)]
+        batch = self.inner(examples)
+        batch[ROW_KEYS] = keys
+        return batch
+
+
+class RowNames:
+    """Row keys -> "FILE:LINE", from the stage's training data. The lookup is built on first use only
+    (a bad step), so a healthy run never pays for it."""
+
+    def __init__(self, kind: str, dataset, origins: list[str] | None, max_length: int | None = None):
+        self.kind, self.dataset, self.origins, self.max_length = kind, dataset, origins, max_length
+        self._lookup: dict[int, list[str]] | None = None
+
+    def _row_key(self, row: dict[str, Any]) -> int:
+        if self.kind == "dpo":
+            return _key(row["prompt_ids"], row["chosen_ids"], row["rejected_ids"])
+        ids = row["input_ids"]
+        return _key(ids[: self.max_length] if self.max_length else ids)  # TRL cuts rows at max_length
+
+    def lookup(self) -> dict[int, list[str]]:
+        if self._lookup is None:
+            names = ("prompt_ids", "chosen_ids", "rejected_ids") if self.kind == "dpo" else ("input_ids",)
+            table = self.dataset.with_format("arrow")[:]  # whole columns at once, not row by row
+            columns = [table[n].to_pylist() for n in names]
+            self._lookup = {}
+            for origin, *ids in zip(self.origins or [], *columns):
+                self._lookup.setdefault(self._row_key(dict(zip(names, ids))), []).append(origin)
+        return self._lookup
+
+    def __call__(self, keys: Sequence[int]) -> list[str]:
+        names, untraced = [], 0
+        for key in keys:
+            found = self.lookup().get(key)
+            if found is None:
+                untraced += 1
+            names += [n for n in found or [] if n not in names]
+        if untraced:
+            names.append(f"{untraced} sequence(s) not traced to a row")
+        return names
+
+
+def format_rows(names: list[str]) -> str:
+    if not names:
+        return "unknown"
+    shown = ", ".join(names[:MAX_NAMED_ROWS])
+    return shown + (f" and {len(names) - MAX_NAMED_ROWS} more" if len(names) > MAX_NAMED_ROWS else "")
+
+
+# -- the check, once per optimizer step --------------------------------------------------------------
+
+
+@dataclass
+class NonFinitePolicy:
+    """What a trainer does on a non-finite step; run_stage sets it from `<stage>.train.on_nonfinite`."""
+
+    mode: str = "stop"
+    key: str = "train.on_nonfinite"  # the setting, as the user spells it (`sft.train.on_nonfinite`)
+    row_names: Any = None  # RowNames, or None: rows reported as unknown
+    skipped: int = 0  # steps skipped so far in this stage, over resumes (kept in checkpoint markers)
+    # The loss logged for a window of steps leaves the skipped ones out (see GuardsNonFinite.log).
+    skipped_since_log: int = 0
+    last_log_step: int | None = None
+    _window: list = field(default_factory=list)  # (row keys, loss, finite) of each micro-batch of this step
+
+
+def _all_ranks(values: list[int], device) -> list[int]:
+    """Element-wise max over the ranks (the values themselves with one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    t = torch.tensor(values, dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _gather(keys: list[int]) -> list[int]:
+    """Every rank's keys, in rank order, on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return keys
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, keys)
+    return [k for part in out for k in part]
+
+
+def grads_finite(model: torch.nn.Module) -> bool:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+class GuardsNonFinite:
+    """Trainer mixin: every optimizer step with a non-finite loss or gradient stops the stage or is
+    skipped, as `self.nonfinite` (a NonFinitePolicy) says; see the module docstring."""
+
+    @property
+    def nonfinite(self) -> NonFinitePolicy:
+        if "_nonfinite" not in self.__dict__:
+            self._nonfinite = NonFinitePolicy()
+        return self._nonfinite
+
+    @nonfinite.setter
+    def nonfinite(self, policy: NonFinitePolicy) -> None:
+        self._nonfinite = policy
+
+    def get_train_dataloader(self):
+        # Only the training loader carries row keys: evaluation and reference-log-prob passes hand
+        # their batches to the model without going through training_step.
+        inner = self.data_collator
+        self.data_collator = RowKeysCollator(inner)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = inner
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        keys = inputs.pop(ROW_KEYS, [])
+        policy = self.nonfinite
+        if policy.last_log_step is None:  # the step this launch starts from (after a resume, too)
+            policy.last_log_step = self.state.global_step
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        finite = torch.isfinite(loss).all()
+        policy._window.append((keys, loss, finite))
+        # The running loss the trainer logs never sees a NaN: a bad micro-batch adds 0 (transformers'
+        # own logging_nan_inf_filter would add a made-up average instead).
+        reported = torch.where(finite, loss, torch.zeros_like(loss))
+        # The loop marks the last micro-batch of a step: its backward has completed (and, with DDP,
+        # averaged) the step's gradients, and nothing has clipped or applied them yet.
+        if self.accelerator.sync_gradients:
+            window, policy._window = policy._window, []
+            if self._check_step(model, window):
+                # A skipped step adds nothing to the logged loss: take back what its earlier
+                # micro-batches added, and add nothing for this one.
+                for _, earlier, ok in window[:-1]:
+                    self._tr_loss -= torch.where(ok, earlier, torch.zeros_like(earlier)).to(self._tr_loss.device)
+                reported = torch.zeros_like(loss)
+        return reported
+
+    def _check_step(self, model, window: list) -> bool:
+        """Whether the step was skipped; raises NonFiniteError to stop."""
+        bad_loss = [not bool(finite) for _, _, finite in window]
+        flags = _all_ranks([int(any(bad_loss)), int(not grads_finite(model))], self.args.device)
+        if not any(flags):
+            return False
+        # A non-finite loss names the micro-batches that had it (on any rank); non-finite gradients
+        # with finite losses name every row of the step.
+        mine = [k for (keys, _, _), bad in zip(window, bad_loss) if bad or not flags[0] for k in keys]
+        keys = _gather(mine)
+        policy = self.nonfinite
+        names = format_rows(policy.row_names(keys) if policy.row_names is not None else [])
+        what = "loss" if flags[0] else "gradient norm"
+        step = self.state.global_step + 1  # the step being taken, as metrics.jsonl numbers it
+        if policy.mode == "skip":
+            for p in model.parameters():
+                p.grad = None
+            policy.skipped += 1
+            policy.skipped_since_log += 1
+            if self.is_world_process_zero():
+                log.warning("non-finite %s at step %d (rows: %s): update skipped (%d so far; %s=skip)",
+                            what, step, names, policy.skipped, policy.key)
+            return True
+        from mistral_align.train.faults import newest_complete
+
+        ckpt = newest_complete(Path(self.args.output_dir))
+        raise NonFiniteError(
+            f"{policy.key.split('.')[0].upper()}: non-finite {what} at step {step} (rows: {names}); last good "
+            f"checkpoint: {ckpt or 'none'}; lower the learning rate, check those rows, or set {policy.key}=skip "
+            "to drop such steps"
+        )
+
+    def log(self, logs: dict, *args, **kwargs):
+        policy = self.nonfinite
+        if "loss" in logs and policy.last_log_step is not None:  # a training log row
+            # The trainer divides by every step since its last log; skipped steps added 0.
+            steps = self.state.global_step - policy.last_log_step
+            kept = steps - policy.skipped_since_log
+            if policy.skipped_since_log:
+                logs["loss"] = logs["loss"] * steps / kept if kept > 0 else float("nan")
+            policy.last_log_step, policy.skipped_since_log = self.state.global_step, 0
+            logs["nonfinite_skipped"] = policy.skipped
+        return super().log(logs, *args, **kwargs)
