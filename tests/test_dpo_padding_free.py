@@ -63,7 +63,8 @@ def make_trainer(setup, quantized, padding_free, **overrides):
     tmp, data = setup
     args = dict(
         output_dir=str(tmp / "out"), per_device_train_batch_size=8, per_device_eval_batch_size=8, max_steps=1,
-        learning_rate=1e-3, beta=0.1, report_to=[], max_length=256, use_cpu=True, save_strategy="no",
+        learning_rate=1e-3, beta=0.1, report_to=[], max_length=256, save_strategy="no",
+        use_cpu=not torch.cuda.is_available(),  # where a GPU is, bitsandbytes puts the 4-bit model on it
         gradient_checkpointing=False, bf16=False,
     )  # fmt: skip
     args.update(overrides)

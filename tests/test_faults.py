@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from runfixtures import processes_of
 from safetensors.torch import load_file
 
 from mistral_align.errors import EXIT_STOPPED, RunDirError
@@ -322,28 +323,11 @@ def _kill_group_after(cmd, cwd, ckpt_dir: Path, at_step: int) -> None:
     while not any(faults._step(c) >= at_step and (c / faults.MARKER).exists() for c in faults.checkpoints(ckpt_dir)):
         assert proc.poll() is None and time.time() - t0 < 900, proc.stderr.read()[-4000:] if proc.stderr else ""
         time.sleep(0.2)
-    tree = _descendants(proc.pid)  # torchrun starts each rank in a session of its own
+    tree = processes_of(proc.pid)[1:]  # torchrun starts each rank in a session of its own
     assert len(tree) >= 2
     for pid in [proc.pid, *tree]:
         os.kill(pid, signal.SIGKILL)
     proc.communicate(timeout=120)
-
-
-def _descendants(pid: int) -> list[int]:
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parents.items() if pp == p]
-        found += kids
-        todo += kids
-    return found
 
 
 @slow

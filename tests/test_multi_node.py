@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from runfixtures import processes_of
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
@@ -83,23 +84,6 @@ def wait_for_checkpoint(nodes, output_dir: Path, timeout: float = 300) -> Path:
             raise AssertionError("a node ended before the first checkpoint: " + finish(nodes)[0][1][-4000:])
         time.sleep(0.2)
     raise AssertionError("no checkpoint in time")
-
-
-def processes_of(pid: int) -> list[int]:
-    """`pid` and all its descendants (torchrun starts each rank in a session of its own)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    found, todo = [pid], [pid]
-    while todo:
-        parent = todo.pop()
-        kids = [c for c, p in parents.items() if p == parent]
-        found += kids
-        todo += kids
-    return found
 
 
 def signal_node(node: subprocess.Popen, sig: int) -> list[int]:
