@@ -3,6 +3,7 @@ long-tailed length mix, the tiny Mistral, and the A B A B ... driver (one proces
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -93,6 +94,32 @@ def tiny_mistral_configs(layers: int, hidden: int, quant: str, attn: str | None 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def add_shared_arguments(ap, contenders: list[str], max_length: int) -> None:
+    """The options both benchmarks take: model size, rounds, contenders, output; and the ones the
+    parent passes to each child process."""
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--quant", default="nf4", choices=["nf4", "none"])
+    ap.add_argument("--max-length", type=int, default=max_length)
+    ap.add_argument("--contenders", default=",".join(contenders))
+    ap.add_argument("--json", help="write the summary here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+
+
+def model_arguments(args) -> list[str]:
+    """The shared options, as the parent passes them on to a child."""
+    return ["--layers", str(args.layers), "--hidden", str(args.hidden), "--quant", args.quant,
+            "--max-length", str(args.max_length)]  # fmt: skip
+
+
+def write_report(args, summary: dict, results: dict) -> None:
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "summary": summary, "runs": results}, indent=1))
 
 
 def run_rounds(script: str, contenders: list[str], rounds: int, common_args: list[str], workdir: Path) -> dict:

@@ -194,30 +194,18 @@ def report(results: dict, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pairs", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--quant", default="nf4", choices=["nf4", "none"])
-    ap.add_argument("--max-length", type=int, default=1024)
-    ap.add_argument("--contenders", default=",".join(CONTENDERS))
-    ap.add_argument("--json", help="write the summary here")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
-    ap.add_argument("--data", help=argparse.SUPPRESS)
+    bc.add_shared_arguments(ap, CONTENDERS, max_length=1024)
     args = ap.parse_args()
     if args.child:
         return child(args)
     work = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
     data = bc.write_jsonl(work / "pairs.jsonl", bc.dpo_pairs(args.pairs, seed=0))
-    common = ["--data", str(data), "--pairs", str(args.pairs), "--batch", str(args.batch), "--layers", str(args.layers),
-              "--hidden", str(args.hidden), "--quant", args.quant, "--max-length", str(args.max_length)]  # fmt: skip
+    common = ["--data", str(data), "--pairs", str(args.pairs), "--batch", str(args.batch), *bc.model_arguments(args)]
     contenders = args.contenders.split(",")
     results = bc.run_rounds(__file__, contenders, args.rounds, common, work)
-    summary = report(results, args)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "summary": summary, "runs": results}, indent=1))
+    bc.write_report(args, report(results, args), results)
 
 
 if __name__ == "__main__":

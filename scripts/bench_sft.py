@@ -176,31 +176,19 @@ def report(results: dict, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8, help="conversations per padded batch (trl)")
     ap.add_argument("--packed-batch", type=int, default=2, help="packed rows of max_length per batch")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--quant", default="nf4", choices=["nf4", "none"])
-    ap.add_argument("--max-length", type=int, default=2048)
-    ap.add_argument("--contenders", default=",".join(CONTENDERS))
-    ap.add_argument("--json", help="write the summary here")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
-    ap.add_argument("--data", help=argparse.SUPPRESS)
+    bc.add_shared_arguments(ap, CONTENDERS, max_length=2048)
     args = ap.parse_args()
     if args.child:
         return child(args)
     work = Path(tempfile.mkdtemp(prefix="bench_sft_"))
     data = bc.write_jsonl(work / "chats.jsonl", bc.sft_conversations(args.rows, seed=0))
     common = ["--data", str(data), "--rows", str(args.rows), "--batch", str(args.batch), "--packed-batch",
-              str(args.packed_batch), "--layers", str(args.layers), "--hidden", str(args.hidden), "--quant", args.quant,
-              "--max-length", str(args.max_length)]  # fmt: skip
+              str(args.packed_batch), *bc.model_arguments(args)]  # fmt: skip
     results = bc.run_rounds(__file__, args.contenders.split(","), args.rounds, common, work)
-    summary = report(results, args)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "summary": summary, "runs": results}, indent=1))
+    bc.write_report(args, report(results, args), results)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,19 @@ PROMPTS = ["copy: red green blue", "copy: one two three four", "copy: the cat sa
 HELD_OUT = ["copy: sun moon star", "copy: left right", "copy: apple pear plum", "copy: up down"]
 
 
+def save_tiny_mistral(out_dir: Path, vocab_size: int, max_position_embeddings: int, seed: int = 0) -> Path:
+    """A random-init 2 x 64 Mistral (transformers' own init) as a plain model folder, for trainer tests."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    arch = MistralConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=max_position_embeddings, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    MistralForCausalLM(arch).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 def model_config(arch: str):
     from types import SimpleNamespace
 

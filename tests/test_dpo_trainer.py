@@ -10,7 +10,8 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, MistralConfig, MistralForCausalLM
+from runfixtures import save_tiny_mistral
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from trl import DPOConfig
 
 from mistral_align.chat import get_encoder
@@ -26,12 +27,7 @@ pytestmark = pytest.mark.slow
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dpo")
     enc = get_encoder("v3")
-    arch = MistralConfig(
-        vocab_size=enc.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    MistralForCausalLM(arch).save_pretrained(tmp / "base")
+    save_tiny_mistral(tmp / "base", enc.vocab_size, max_position_embeddings=256)
 
     def load_4bit():
         model = AutoModelForCausalLM.from_pretrained(

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from mistral_align.train.run_dir import write_text_atomic
+
 
 class MetricsJsonl(TrainerCallback):
     """Appends every trainer log (train loss, lr, eval loss, ...) to <run_dir>/metrics.jsonl, on the main process.
@@ -26,9 +28,7 @@ class MetricsJsonl(TrainerCallback):
             rows = read_metrics(self.path)
             kept = [r for r in rows if r.get("stage") != stage or r.get("step", 0) <= resume_step]
             if len(kept) != len(rows):
-                tmp = self.path.with_suffix(".jsonl.tmp")
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-                tmp.replace(self.path)
+                write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
             if any(r.get("stage") == stage for r in kept):
                 self.skip_upto = resume_step
 
