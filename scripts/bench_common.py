@@ -50,16 +50,16 @@ def sft_conversations(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def dpo_pairs(n: int, seed: int = 0) -> list[dict]:
-    """`{"prompt", "chosen", "rejected"}` rows (conversational, one user turn): lognormal lengths,
-    ~3% long replies, chosen and rejected of independent lengths."""
+def dpo_pairs(n: int, seed: int = 0, prompt_words: int = 15) -> list[dict]:
+    """`{"prompt", "chosen", "rejected"}` rows (conversational, one user turn): lognormal lengths
+    (prompts of median `prompt_words` words), ~3% long replies, chosen and rejected of independent lengths."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         long_row = rng.random() < 0.03
         reply = lambda: rng.randint(250, 400) if long_row else lognormal_words(rng, 40, 0.9, 1, 400)  # noqa: E731
         rows.append({
-            "prompt": [{"role": "user", "content": text(rng, lognormal_words(rng, 15, 0.8, 2, 150))}],
+            "prompt": [{"role": "user", "content": text(rng, lognormal_words(rng, prompt_words, 0.8, 2, 10 * prompt_words))}],
             "chosen": [{"role": "assistant", "content": text(rng, reply())}],
             "rejected": [{"role": "assistant", "content": text(rng, reply())}],
         })  # fmt: skip

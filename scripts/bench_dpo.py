@@ -13,9 +13,12 @@ the same adapter (kept as the frozen reference, as after SFT), for one epoch, ba
     ours-pf         the same with padding_free=True (one packed row per batch)
     ours-pf-precomp padding_free=True and precompute_ref_log_probs=True (the reference scored once,
                     before training; its time is reported apart and in the end-to-end figure)
+    ours-shared     shared_prompt=True: packed as ours-pf, and each pair's prompt computed once
+    ours-shared-precomp  shared_prompt=True and precompute_ref_log_probs=True
 
 Reported per contender (medians over rounds): pairs/s over training, end to end pairs/s (with
-the reference precompute), batch fill (real tokens / token slots the model computes), steps, peak
+the reference precompute), batch fill (real tokens / token slots the model computes; above 1 where
+prompts are computed once), token slots computed per pair, steps, peak
 RSS, mean train loss; the per-round ratio against `trl`; and how many completion tokens each
 contender trains on, and how many of its sequences equal our exact ids.
 """
@@ -33,7 +36,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 
-CONTENDERS = ["trl", "ours-padded", "ours-pf", "ours-pf-precomp"]
+CONTENDERS = ["trl", "ours-padded", "ours-pf", "ours-pf-precomp", "ours-shared", "ours-shared-precomp"]
 
 
 class CountingCollator:
@@ -72,7 +75,7 @@ def build_policy(args):
     return apply_peft(model, peft_cfg, quantized=args.quant != "none", gradient_checkpointing=False), quant_cfg
 
 
-def our_dpo_trainer(args, data_file: Path, out: Path, padding_free: bool, precompute: bool):
+def our_dpo_trainer(args, data_file: Path, out: Path, padding_free: bool, precompute: bool, shared_prompt: bool):
     """Our DPO stage's pieces, in the recipe's order: exact ids from our loader, tokenizer, model
     with LoRA, PretokenizedDPOTrainer. (Re-point here when the stage moves into the library.)"""
     from mistral_align.chat import get_encoder
@@ -89,7 +92,7 @@ def our_dpo_trainer(args, data_file: Path, out: Path, padding_free: bool, precom
     return PretokenizedDPOTrainer(
         model=model, args=dpo_args(args, out / "ckpt", precompute), train_dataset=data.train, processing_class=tokenizer,
         keep_float32=keeps_float32(SimpleNamespace(quant=quant_cfg, model=SimpleNamespace(dtype=quant_cfg.compute_dtype))),
-        padding_free=padding_free,
+        padding_free=padding_free, shared_prompt=shared_prompt,
     )  # fmt: skip
 
 
@@ -136,7 +139,8 @@ def child(args) -> None:
         trainer = plain_trl_trainer(args, Path(args.data), out)
     else:
         trainer = our_dpo_trainer(args, Path(args.data), out, padding_free=args.child != "ours-padded",
-                                  precompute=args.child.endswith("precomp"))  # fmt: skip
+                                  precompute=args.child.endswith("precomp"),
+                                  shared_prompt=args.child.startswith("ours-shared"))  # fmt: skip
     setup_seconds = time.perf_counter() - t0
     counter = trainer.data_collator = CountingCollator(trainer.data_collator)
     t1 = time.perf_counter()
@@ -147,7 +151,7 @@ def child(args) -> None:
     res = {
         "pairs": pairs, "steps": result.global_step, "train_seconds": train_seconds, "setup_seconds": setup_seconds,
         "pairs_per_s": pairs / train_seconds, "real_tokens_per_s": counter.real / train_seconds,
-        "batch_fill": counter.real / counter.slots, "train_loss": result.training_loss, "last_loss": losses[-1],
+        "batch_fill": counter.real / counter.slots, "slots_per_pair": counter.slots / pairs, "train_loss": result.training_loss, "last_loss": losses[-1],
         "peak_rss_mib": bc.peak_rss_mib(), **token_accounting(trainer, Path(args.data)),
     }  # fmt: skip
     if args.child.endswith("precomp"):
@@ -163,16 +167,17 @@ def report(results: dict, args) -> dict:
     import os
 
     summary = {}
+    base = "trl" if "trl" in results else next(iter(results))  # ratios against plain TRL when it ran
     for name, runs in results.items():
         e2e = [r["pairs"] / (r["train_seconds"] + r.get("precompute_seconds", 0.0)) for r in runs]
         summary[name] = {
             "pairs_per_s": bc.median([r["pairs_per_s"] for r in runs]),
             "pairs_per_s_end_to_end": bc.median(e2e),
-            "ratio_vs_trl": bc.median(bc.pair_ratios(results, name, "trl", "pairs_per_s")),
-            "ratio_vs_trl_per_round": [round(x, 3) for x in bc.pair_ratios(results, name, "trl", "pairs_per_s")],
-            "ratio_end_to_end_vs_trl": bc.median([a / (b["pairs_per_s"]) for a, b in zip(e2e, results["trl"])]),
+            "ratio_vs_trl": bc.median(bc.pair_ratios(results, name, base, "pairs_per_s")),
+            "ratio_vs_trl_per_round": [round(x, 3) for x in bc.pair_ratios(results, name, base, "pairs_per_s")],
+            "ratio_end_to_end_vs_trl": bc.median([a / (b["pairs_per_s"]) for a, b in zip(e2e, results[base])]),
             "real_tokens_per_s": bc.median([r["real_tokens_per_s"] for r in runs]),
-            "batch_fill": runs[0]["batch_fill"], "steps": runs[0]["steps"],
+            "batch_fill": runs[0]["batch_fill"], "slots_per_pair": runs[0]["slots_per_pair"], "steps": runs[0]["steps"],
             "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
             "train_loss": runs[0]["train_loss"], "last_loss": runs[0]["last_loss"],
             "completion_tokens": runs[0]["completion_tokens"], "exact_completion_tokens": runs[0]["exact_completion_tokens"],
@@ -182,12 +187,13 @@ def report(results: dict, args) -> dict:
         if "precompute_seconds" in runs[0]:
             summary[name]["precompute_seconds"] = bc.median([r["precompute_seconds"] for r in runs])
     print(f"\nDPO, {args.pairs} pairs, batch {args.batch}, max_length {args.max_length}, tiny Mistral "
-          f"{args.layers}x{args.hidden} vocab 32768, {args.quant} + LoRA r=16, {args.rounds} rounds, cpu count {os.cpu_count()}")
-    hdr = f"{'contender':<16} {'pairs/s':>8} {'x trl':>6} {'e2e/s':>7} {'x trl':>6} {'fill':>5} {'steps':>5} {'RSS MiB':>8} {'loss':>7} {'compl tok':>9} {'=ours':>7}"
+          f"{args.layers}x{args.hidden} vocab 32768, {args.quant} + LoRA r=16, {args.rounds} rounds, cpu count {os.cpu_count()}, "
+          f"prompts of median {args.prompt_words} words; ratios against {base}")
+    hdr = f"{'contender':<20} {'pairs/s':>8} {'ratio':>6} {'e2e/s':>7} {'ratio':>6} {'fill':>5} {'tok/pair':>8} {'steps':>5} {'RSS MiB':>8} {'loss':>7} {'compl tok':>9} {'=ours':>7}"
     print(hdr)
     for name, s in summary.items():
-        print(f"{name:<16} {s['pairs_per_s']:8.2f} {s['ratio_vs_trl']:6.2f} {s['pairs_per_s_end_to_end']:7.2f} "
-              f"{s['ratio_end_to_end_vs_trl']:6.2f} {s['batch_fill']:5.2f} {s['steps']:5d} {s['peak_rss_mib']:8.0f} "
+        print(f"{name:<20} {s['pairs_per_s']:8.2f} {s['ratio_vs_trl']:6.2f} {s['pairs_per_s_end_to_end']:7.2f} "
+              f"{s['ratio_end_to_end_vs_trl']:6.2f} {s['batch_fill']:5.2f} {s['slots_per_pair']:8.1f} {s['steps']:5d} {s['peak_rss_mib']:8.0f} "
               f"{s['train_loss']:7.4f} {s['completion_tokens']:9d} {s['sequences_equal_to_ours']:>7}")
     return summary
 
@@ -196,12 +202,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt-words", type=int, default=15, help="median words of a pair's prompt (lognormal)")
     bc.add_shared_arguments(ap, CONTENDERS, max_length=1024)
     args = ap.parse_args()
     if args.child:
         return child(args)
     work = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
-    data = bc.write_jsonl(work / "pairs.jsonl", bc.dpo_pairs(args.pairs, seed=0))
+    data = bc.write_jsonl(work / "pairs.jsonl", bc.dpo_pairs(args.pairs, seed=0, prompt_words=args.prompt_words))
     common = ["--data", str(data), "--pairs", str(args.pairs), "--batch", str(args.batch), *bc.model_arguments(args)]
     contenders = args.contenders.split(",")
     results = bc.run_rounds(__file__, contenders, args.rounds, common, work)

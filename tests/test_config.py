@@ -286,3 +286,8 @@ def test_recipe_prints_composed_config():
     assert out.returncode == 0, out.stderr
     cfg = yaml.safe_load(out.stdout)
     assert cfg["peft"]["r"] == 64 and cfg["model"]["tokenizer_version"] == "v1"
+
+
+def test_shared_prompts_need_a_dense_attention_mask():
+    _refused(["experiment=demo", "dpo.shared_prompt=true", "model.attn_implementation=flash_attention_2"],
+             "dpo.shared_prompt", match="sdpa or eager")

@@ -1,6 +1,7 @@
-"""Padding-free DPO (chosen and rejected packed into one row, position ids restarting at 0) gives
-the padded path's loss, metrics and gradients within 1e-5, on a real tiny Mistral, float32 and
-NF4 QLoRA, with a live reference and with precomputed reference log-probs."""
+"""Padding-free DPO (chosen and rejected packed into one row, position ids restarting at 0), and
+shared-prompt DPO (each pair's prompt computed once), give the padded path's loss, metrics and
+gradients within 1e-5, on a real tiny Mistral, float32 and NF4 QLoRA, with a live reference and
+with precomputed reference log-probs."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from mistral_align.chat import get_encoder
 from mistral_align.chat.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
 from mistral_align.chat.schema import parse_preference
 from mistral_align.model.bnb_cpu import disable_cpu_inference_repacking
-from mistral_align.train.dpo_padding_free import PaddingFreePreferenceCollator, unpack_shifted
+from mistral_align.train.dpo_padding_free import (PaddingFreePreferenceCollator, shared_prefix_length,
+                                                  shared_prefix_mask, unpack_shifted)
 from mistral_align.train.dpo_trainer import PretokenizedDPOTrainer
 
 pytestmark = pytest.mark.slow
@@ -38,11 +40,16 @@ def setup(tmp_path_factory):
         pair = parse_preference({"prompt": text(rng.choice([3, 8, 40])), "chosen": text(rng.choice([1, 5, 60])),
                                  "rejected": text(rng.choice([2, 9, 30]))})  # fmt: skip
         rows.append(vars(enc.encode_dpo(pair)))
+    # Replies that begin alike (the shared prefix runs into the completions), and a rejected reply that is
+    # a prefix of the chosen one (all of it but its last token shared).
+    start = text(6)
+    for chosen, rejected in ((start + " " + text(9), start + " " + text(4)), (start + " " + text(5), start)):
+        rows.append(vars(enc.encode_dpo(parse_preference({"prompt": text(5), "chosen": chosen, "rejected": rejected}))))
     return tmp, Dataset.from_list(rows)
 
 
-def load_model(tmp, quantized: bool):
-    kw = {}
+def load_model(tmp, quantized: bool, **config):
+    kw = dict(config)
     if quantized:
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -55,18 +62,19 @@ def load_model(tmp, quantized: bool):
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
 
 
-def make_trainer(setup, quantized, padding_free, **overrides):
+def make_trainer(setup, quantized, padding_free, shared_prompt=False, model_config=None, **overrides):
     tmp, data = setup
     args = dict(
-        output_dir=str(tmp / "out"), per_device_train_batch_size=8, per_device_eval_batch_size=8, max_steps=1,
+        output_dir=str(tmp / "out"), per_device_train_batch_size=10, per_device_eval_batch_size=10, max_steps=1,
         learning_rate=1e-3, beta=0.1, report_to=[], max_length=256, save_strategy="no",
         use_cpu=not torch.cuda.is_available(),  # where a GPU is, bitsandbytes puts the 4-bit model on it
         gradient_checkpointing=False, bf16=False,
     )  # fmt: skip
     args.update(overrides)
     trainer = PretokenizedDPOTrainer(
-        model=load_model(tmp, quantized), args=DPOConfig(**args), train_dataset=data,
+        model=load_model(tmp, quantized, **(model_config or {})), args=DPOConfig(**args), train_dataset=data,
         processing_class=load_hf_tokenizer(tmp / "tok"), keep_float32=quantized, padding_free=padding_free,
+        shared_prompt=shared_prompt,
     )  # fmt: skip
     # The trainer keeps the starting adapter as the frozen "ref": move the policy away from it.
     gen = torch.Generator().manual_seed(2)
@@ -116,6 +124,92 @@ def test_padding_free_equals_padded(setup, quantized, precompute):
     assert grads_a.keys() == grads_b.keys() and grads_a
     for name in grads_a:
         assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4), name
+
+
+def assert_same_step(padded, packed):
+    loss_a, metrics_a, grads_a = loss_metrics_grads(padded, padded.train_dataset)
+    loss_b, metrics_b, grads_b = loss_metrics_grads(packed, packed.train_dataset)
+    assert abs(loss_a - 0.6931) > 1e-3  # the policy really differs from the reference
+    assert loss_b == pytest.approx(loss_a, abs=1e-5)
+    assert metrics_a.keys() == metrics_b.keys()
+    for key in metrics_a:
+        assert metrics_b[key] == pytest.approx(metrics_a[key], abs=1e-5, rel=1e-5), key
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("quantized,precompute", [(False, False), (True, True)], ids=["float32-live-ref", "nf4-precomputed-ref"])
+def test_shared_prompt_equals_padded(setup, quantized, precompute):
+    _, data = setup
+    padded = make_trainer(setup, quantized, padding_free=False, precompute_ref_log_probs=precompute)
+    shared = make_trainer(setup, quantized, padding_free=True, shared_prompt=True, precompute_ref_log_probs=precompute)
+    if precompute:
+        for col in ("ref_chosen_logps", "ref_rejected_logps"):
+            assert torch.allclose(torch.tensor(padded.train_dataset[col]), torch.tensor(shared.train_dataset[col]),
+                                  atol=1e-5, rtol=0)  # fmt: skip
+    seen = []
+    handle = shared.model.base_model.model.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs["input_ids"].numel()), with_kwargs=True)
+    assert_same_step(padded, shared)
+    handle.remove()
+    # Each pair's tokens once, its shared prefix once: fewer token slots than padding-free's real tokens.
+    real = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in data)
+    prompts = sum(len(r["prompt_ids"]) - 1 for r in data)
+    assert seen and seen[0] <= real - prompts + max(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"])
+                                                     for r in data)  # fmt: skip
+    assert seen[0] < real
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_shared_prompt_keeps_the_sliding_window(setup, attn):
+    # A window shorter than the longer rows: a mask that forgot it would differ from the padded path.
+    config = {"sliding_window": 12, "attn_implementation": attn}
+    padded = make_trainer(setup, False, padding_free=False, model_config=config)
+    shared = make_trainer(setup, False, padding_free=True, shared_prompt=True, model_config=config)
+    assert_same_step(padded, shared)
+
+
+def test_shared_prompt_refuses_flash_attention(setup):
+    with pytest.raises(ValueError, match="sdpa or eager"):
+        make_trainer(setup, False, padding_free=True, shared_prompt=True, model_config={"attn_implementation": "flex_attention"})
+
+
+def test_shared_prefix_length_stops_one_short_of_the_common_prefix():
+    ids = lambda *t: torch.tensor(t)  # noqa: E731
+    # prompt [1 2 3], replies [4 5] / [6]: tokens 0..2 common, token 2's output scores 4 in one and 6 in the other
+    assert shared_prefix_length(ids(1, 2, 3, 4, 5), ids(1, 2, 3, 6, 0), ids(0, 0, 0, 1, 1), ids(0, 0, 0, 1, 0), 5, 4) == 2
+    # replies that begin alike: the shared part runs into them
+    assert shared_prefix_length(ids(1, 2, 4, 5, 7), ids(1, 2, 4, 5, 8), ids(0, 0, 1, 1, 1), ids(0, 0, 1, 1, 1), 5, 5) == 3
+    # the same tokens, trained in one and not in the other: nothing past where the masks part
+    assert shared_prefix_length(ids(1, 2, 4, 5), ids(1, 2, 4, 5), ids(0, 0, 1, 1), ids(0, 0, 0, 1), 4, 4) == 1
+    # one sequence a prefix of the other: all of it but its last token
+    assert shared_prefix_length(ids(1, 2, 4, 5), ids(1, 2, 4, 0), ids(0, 0, 1, 1), ids(0, 0, 1, 0), 4, 3) == 2
+    assert shared_prefix_length(ids(9, 2), ids(1, 2), ids(0, 1), ids(0, 1), 2, 2) == 0
+
+
+def test_collator_shares_each_pairs_prompt():
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    collate = PaddingFreePreferenceCollator(DataCollatorForPreference(pad_token_id=0), rows="longest", pad_token_id=0,
+                                            shared_prompt=True)  # fmt: skip
+    batch = collate([{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6]},
+                     {"prompt_ids": [7, 8], "chosen_ids": [9], "rejected_ids": [10, 11]}])  # fmt: skip
+    # units: [1 2 3 4 5 | 3 6] (7 tokens) and [7 8 9 | 8 10 11] (6 tokens) -> two rows of 7
+    assert batch["packed_input_ids"].tolist() == [[1, 2, 3, 4, 5, 3, 6], [7, 8, 9, 8, 10, 11, 0]]
+    assert batch["packed_position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3], [0, 1, 2, 1, 2, 3, 0]]
+    flat = batch["packed_input_ids"].view(-1)
+    assert flat[batch["packed_index"]].tolist() == batch["input_ids"][batch["attention_mask"].bool()].tolist()
+    mask = shared_prefix_mask(batch["packed_position_ids"], batch["packed_segment_ids"], batch["packed_parent_ids"],
+                              batch["packed_shared"], None, True)[:, 0]  # fmt: skip
+    # the copy of token 3 (row 0, slot 5) sees tokens 1 2 and itself; token 6 also sees the copy, never 4 or 5
+    assert mask[0, 5].tolist() == [True, True, False, False, False, True, False]
+    assert mask[0, 6].tolist() == [True, True, False, False, False, True, True]
+    assert mask[0, 4].tolist() == [True, True, True, True, True, False, False]
+    assert mask[1, 6].tolist() == [False] * 6 + [True]  # padding: a block of its own
+    window = shared_prefix_mask(batch["packed_position_ids"], batch["packed_segment_ids"], batch["packed_parent_ids"],
+                                batch["packed_shared"], 2, True)[:, 0]  # fmt: skip
+    assert window[0, 6].tolist() == [False, False, False, False, False, True, True]  # positions 2..3 only
 
 
 def test_padding_free_trains_and_evaluates(setup):

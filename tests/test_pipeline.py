@@ -120,6 +120,22 @@ def test_standalone_dpo_from_an_sft_run_under_two_processes(pipeline_run, tmp_pa
     assert diff <= 1e-5
 
 
+def test_standalone_dpo_with_shared_prompts_trains_the_same_adapter(pipeline_run, tmp_path):
+    # dpo.shared_prompt computes each pair's prompt once; the loss, and so the adapter, stay the padded path's.
+    _, run_dir, _ = pipeline_run
+    out_dir = tmp_path / "shared"
+    run([str(BIN / "python"), str(ROOT / "recipes/dpo.py"), "experiment=test_tiny", f"dpo.init_from={run_dir / 'sft'}",
+         f"run.output_dir={out_dir}", "dpo.beta=0.2", "dpo.shared_prompt=true"], cwd=tmp_path)  # fmt: skip
+    (dpo_run,) = [p for p in out_dir.iterdir() if p.is_dir()]
+    manifest = json.loads((dpo_run / "manifest.json").read_text())
+    assert manifest["trainer"]["shared_prompt"] is True and manifest["trainer"]["padding_free"] is True
+    shared, padded = load_file(str(dpo_run / "adapter/adapter_model.safetensors")), load_file(
+        str(run_dir / "dpo/adapter/adapter_model.safetensors"))
+    diff = max((shared[k] - padded[k]).abs().max().item() for k in padded)
+    print(f"\nshared-prompt DPO vs padded: max |adapter diff| = {diff:.3g}")
+    assert shared.keys() == padded.keys() and diff <= 1e-5
+
+
 def test_dpo_refuses_an_init_from_that_holds_no_adapter(tmp_path):
     out = subprocess.run([str(BIN / "python"), str(ROOT / "recipes/dpo.py"), "experiment=test_tiny",
                           f"dpo.init_from={tmp_path}", f"run.output_dir={tmp_path / 'runs'}"],

@@ -199,7 +199,7 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    optim: str = "adamw_torch"
+    optim: str = "adamw_torch_fused"
     per_device_batch_size: int = 4
     per_device_eval_batch_size: int = 8
     grad_accum: int = 1
@@ -288,6 +288,10 @@ class DPOStageConfig:
     # Run each batch's chosen and rejected sequences packed (position ids restart per sequence, no
     # attention across them) instead of padded: the same loss, less padding (train/dpo_padding_free.py).
     padding_free: bool = False
+    # Also compute each pair's prompt once: the rejected reply sees the chosen sequence's prompt through
+    # the attention mask instead of a second copy of it. The same loss; implies padding_free; needs
+    # model.attn_implementation sdpa or eager (train/dpo_padding_free.py).
+    shared_prompt: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -421,6 +425,9 @@ def check_config(cfg: Any, stages: tuple[str, ...] = STAGES, need_data: bool = T
             raise ConfigError(f"dpo.loss_weights: {len(d.loss_weights)} weights for {len(d.loss_type)} loss types")
         if not 0.0 <= d.label_smoothing < 0.5:
             raise ConfigError(f"dpo.label_smoothing: must be in [0, 0.5), got {d.label_smoothing}")
+        if d.shared_prompt and m.attn_implementation not in ("sdpa", "eager"):
+            raise ConfigError(f"dpo.shared_prompt: needs model.attn_implementation sdpa or eager, not "
+                              f"{m.attn_implementation} (its mask lets a rejected reply see the prompt but not the chosen one)")
         _check_train(d.train, "dpo.train")
         _check_eval(d.eval, "dpo.eval")
         _check_stage_data(d, "dpo", need_data)

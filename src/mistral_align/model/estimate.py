@@ -300,7 +300,7 @@ def estimate_memory(cfg: Any, num_gpus: int = 1, parallel: str = "ddp", stage: s
     full_ft = peft.method == "none"
     param_bytes = 0 if full_ft else 4 * trainable  # LoRA weights are fp32; full fine-tune: counted in weights
     grad_bytes = (DTYPE_BYTES[cfg.model.dtype] if full_ft else 4) * trainable
-    optim = str(train.get("optim", "adamw_torch"))
+    optim = str(train.get("optim", "adamw_torch_fused"))
     opt_bytes = optimizer_bytes(trainable, optim)
     act_bytes = DTYPE_BYTES[quant.compute_dtype] if quant.mode != "none" else DTYPE_BYTES[cfg.model.dtype]
     act_batch = 2 * batch if stage == "dpo" else batch

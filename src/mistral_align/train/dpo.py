@@ -163,12 +163,12 @@ def make_dpo_args(stage_cfg: Any, seed: int, out_dir: Path, report_to: list[str]
 
 
 def build_dpo_trainer(model, tokenizer, args, train_ds, eval_ds=None, callbacks=(), keep_float32: bool = False,
-                      padding_free: bool = False):
+                      padding_free: bool = False, shared_prompt: bool = False):
     """The DPO trainer on pre-tokenised preference rows (prompt_ids, chosen_ids, rejected_ids)."""
     from mistral_align.train.dpo_trainer import PretokenizedDPOTrainer
 
     return build_trainer(PretokenizedDPOTrainer, model, tokenizer, args, train_ds, eval_ds, callbacks, keep_float32,
-                         padding_free=padding_free)
+                         padding_free=padding_free, shared_prompt=shared_prompt)
 
 
 def adapter_base(adapter: str) -> Path | None:
@@ -226,11 +226,11 @@ class DPOStage(Stage):
 
     def trainer_facts(self, args) -> dict[str, Any]:
         return {"beta": args.beta, "loss_type": list(args.loss_type), "precompute_ref_log_probs": args.precompute_ref_log_probs,
-                "padding_free": self.node.padding_free}
+                "padding_free": self.node.padding_free or self.node.shared_prompt, "shared_prompt": self.node.shared_prompt}
 
     def build_trainer(self, model, tokenizer, args, data: LoadedData, callbacks: list):
         return build_dpo_trainer(model, tokenizer, args, data.train, data.eval, callbacks, keeps_float32(self.cfg),
-                                 padding_free=self.node.padding_free)
+                                 padding_free=self.node.padding_free, shared_prompt=self.node.shared_prompt)
 
     def held_out_metrics(self, trainer) -> dict[str, float]:
         return preference_eval(trainer)

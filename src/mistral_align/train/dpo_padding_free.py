@@ -17,6 +17,16 @@ the padded (2B, L-1) layout. Every per-token field of the fused head is 0 where 
 across a boundary is never scored. The loss, rewards and every logged metric are therefore TRL's,
 computed from the same per-token values up to float summation order
 (tests/test_dpo_padding_free.py: within 1e-5 of the padded path, float32 and NF4 QLoRA).
+
+`shared_prompt=True` goes one step further: a pair's chosen and rejected sequences begin with the
+same prompt, so the prompt is computed once. Each pair becomes one unit, [prompt + chosen] then
+[the last prompt token again + rejected], with the rejected tokens' positions continuing from the
+prompt and a 4-D attention mask that lets them see the prompt but not the chosen reply. The last
+prompt token is kept twice because its output scores two different next tokens (the first chosen
+and the first rejected token). In general the shared part is the longest common prefix of the two
+sequences, tokens and completion mask alike, less that one token; a unit's hidden states are then
+exactly those of the two separate sequences. The mask is dense, so this needs sdpa or eager
+attention (FlashAttention's varlen kernel cannot express it).
 """
 
 from __future__ import annotations
@@ -26,6 +36,9 @@ from typing import Any
 import torch
 
 PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_index")
+# shared_prompt only: per packed token, its segment, the segment whose prefix it may also see (-1: none),
+# and how many positions of that prefix it sees.
+SHARED_KEYS = ("packed_segment_ids", "packed_parent_ids", "packed_shared")
 _PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
 
 
@@ -40,30 +53,27 @@ class PaddingFreePreferenceCollator:
     (real tokens x longest) while computing almost no padding in the linear layers.
     """
 
-    def __init__(self, padded_collator, rows: str = "one", pad_token_id: int = 0):
+    def __init__(self, padded_collator, rows: str = "one", pad_token_id: int = 0, shared_prompt: bool = False):
         if rows not in ("one", "longest"):
             raise ValueError(f"rows must be 'one' or 'longest', got {rows!r}")
+        if shared_prompt and rows != "longest":
+            raise ValueError("shared_prompt packs pairs into rows of the longest pair (rows='longest')")
         self.padded_collator, self.rows, self.pad_token_id = padded_collator, rows, pad_token_id
+        self.shared_prompt = shared_prompt
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.padded_collator(examples)
         mask = batch["attention_mask"].bool()  # right-padded: each row's real tokens are a prefix
         lengths = mask.sum(dim=1).tolist()
+        if self.shared_prompt:
+            return self._pack_pairs_sharing_prefixes(batch, lengths)
         if self.rows == "one":
             batch["packed_input_ids"] = batch["input_ids"][mask].unsqueeze(0)
             batch["packed_position_ids"] = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
             batch["packed_index"] = torch.arange(int(mask.sum()))
             return batch
         width = max(lengths)
-        bins: list[list[int]] = []  # sequence indices per packed row
-        room: list[int] = []
-        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-            j = next((j for j, r in enumerate(room) if r >= lengths[i]), None)
-            if j is None:
-                bins.append([]), room.append(width)
-                j = len(bins) - 1
-            bins[j].append(i)
-            room[j] -= lengths[i]
+        bins = first_fit_decreasing(lengths, width)
         ids = torch.full((len(bins), width), self.pad_token_id, dtype=batch["input_ids"].dtype)
         pos = torch.zeros((len(bins), width), dtype=torch.long)
         start = [0] * len(lengths)  # flat packed index of each sequence's first token
@@ -80,6 +90,91 @@ class PaddingFreePreferenceCollator:
         # For each real token in the padded batch's row-major order, its flat index in the packed rows.
         batch["packed_index"] = torch.cat([torch.arange(start[i], start[i] + lengths[i]) for i in range(len(lengths))])
         return batch
+
+
+    def _pack_pairs_sharing_prefixes(self, batch: dict[str, Any], lengths: list[int]) -> dict[str, Any]:
+        """Each pair as one unit [chosen][rejected past the shared prefix], units first-fit decreasing
+        into rows as long as the longest unit; the rest of each row a padding block of its own."""
+        ids, completion = batch["input_ids"], batch["completion_mask"]
+        pairs = len(lengths) // 2  # rows 0..B-1 chosen, B..2B-1 rejected (TRL's order)
+        shared = [shared_prefix_length(ids[i], ids[pairs + i], completion[i], completion[pairs + i],
+                                       lengths[i], lengths[pairs + i]) for i in range(pairs)]  # fmt: skip
+        units = [lengths[i] + lengths[pairs + i] - shared[i] for i in range(pairs)]
+        width = max(units)
+        bins = first_fit_decreasing(units, width)
+        shape = (len(bins), width)
+        packed = torch.full(shape, self.pad_token_id, dtype=ids.dtype)
+        pos, seg = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
+        parent, limit = torch.full(shape, -1, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
+        index: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(lengths)
+        next_segment = 0
+        for r, members in enumerate(bins):
+            c = 0
+            for i in members:
+                lc, lr, s = lengths[i], lengths[pairs + i], shared[i]
+                chosen, rejected = next_segment, next_segment + 1
+                next_segment += 2
+                packed[r, c : c + lc] = ids[i, :lc]
+                pos[r, c : c + lc] = torch.arange(lc)
+                seg[r, c : c + lc] = chosen
+                own = slice(c + lc, c + lc + lr - s)
+                packed[r, own] = ids[pairs + i, s:lr]
+                pos[r, own] = torch.arange(s, lr)
+                seg[r, own], parent[r, own], limit[r, own] = rejected, chosen, s
+                base = r * width + c
+                index[i] = torch.arange(base, base + lc)
+                index[pairs + i] = torch.cat([torch.arange(base, base + s), torch.arange(base + lc, base + lc + lr - s)])
+                c += lc + lr - s
+            pos[r, c:] = torch.arange(width - c)  # the padding is a block of its own
+            seg[r, c:] = next_segment
+            next_segment += 1
+        batch["packed_input_ids"], batch["packed_position_ids"] = packed, pos
+        batch["packed_index"] = torch.cat(index)
+        batch["packed_segment_ids"], batch["packed_parent_ids"], batch["packed_shared"] = seg, parent, limit
+        return batch
+
+
+def first_fit_decreasing(lengths: list[int], width: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into bins of at most `width`, longest first, each into the first bin it fits."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        j = next((j for j, r in enumerate(room) if r >= lengths[i]), None)
+        if j is None:
+            bins.append([]), room.append(width)
+            j = len(bins) - 1
+        bins[j].append(i)
+        room[j] -= lengths[i]
+    return bins
+
+
+def shared_prefix_length(a: torch.Tensor, b: torch.Tensor, mask_a: torch.Tensor, mask_b: torch.Tensor,
+                         len_a: int, len_b: int) -> int:
+    """How many leading tokens two sequences can compute once: their common prefix (tokens and
+    completion mask alike) less one, since the last common token's output scores a different next
+    token in each; never the whole of either sequence."""
+    n = min(len_a, len_b)
+    differs = (a[:n] != b[:n]) | (mask_a[:n] != mask_b[:n])
+    common = int(differs.int().argmax()) if bool(differs.any()) else n
+    return max(common - 1, 0)
+
+
+def shared_prefix_mask(position_ids: torch.Tensor, segments: torch.Tensor, parents: torch.Tensor,
+                       shared: torch.Tensor, sliding_window: int | None, boolean: bool) -> torch.Tensor:
+    """The (R, 1, T, T) attention mask of shared-prompt rows: causal within a segment, plus a rejected
+    segment's view of its chosen segment's first `shared` positions; Mistral's sliding window, if any.
+    Boolean (True: attend) for sdpa, additive float32 for eager."""
+    q_pos, k_pos = position_ids[:, :, None], position_ids[:, None, :]
+    same = segments[:, :, None] == segments[:, None, :]
+    prefix = (parents[:, :, None] == segments[:, None, :]) & (k_pos < shared[:, :, None])
+    visible = (same | prefix) & (k_pos <= q_pos)
+    if sliding_window:
+        visible &= q_pos - k_pos < sliding_window
+    visible = visible[:, None]
+    if boolean:
+        return visible
+    return torch.zeros(visible.shape, dtype=torch.float32, device=visible.device).masked_fill(
+        ~visible, torch.finfo(torch.float32).min)
 
 
 def packing_stats(batch: dict[str, Any]) -> tuple[int, int]:
@@ -116,22 +211,37 @@ class PackedForward:
         input_ids = kwargs.pop("packed_input_ids")
         position_ids = kwargs.pop("packed_position_ids")
         index = kwargs.pop("packed_index")
+        segments, parents, shared = (kwargs.pop(key, None) for key in SHARED_KEYS)
         kwargs.pop("input_ids")
         mask = kwargs.pop("attention_mask").bool()
         labels = kwargs.pop("labels", None)
         kwargs["input_ids"] = input_ids
         kwargs["position_ids"] = position_ids
-        kwargs["attention_mask"] = None
+        if segments is None:
+            kwargs["attention_mask"] = None  # transformers derives the block-diagonal mask from the positions
+            starts = position_ids == 0
+        else:
+            config = module.config
+            attn = getattr(config, "_attn_implementation", None) or "sdpa"
+            if attn not in ("sdpa", "eager"):
+                raise ValueError(f"shared-prompt DPO needs sdpa or eager attention, not {attn}")
+            kwargs["attention_mask"] = shared_prefix_mask(position_ids, segments, parents, shared,
+                                                          getattr(config, "sliding_window", None), attn == "sdpa")
+            starts = torch.ones_like(segments, dtype=torch.bool)
+            starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
         if labels is not None:
             packed = labels.new_full(input_ids.shape, -100)
+            # A shared prefix token is written by both of its sequences, with equal labels.
             packed.view(-1)[index] = labels[mask]
-            packed[position_ids == 0] = -100  # never score a prediction across a sequence boundary
+            packed[starts] = -100  # never score a prediction across a sequence boundary
             kwargs["labels"] = packed
         self._masks.append((mask, index))
         return args, kwargs
 
     def _post(self, module, args, kwargs, output):
-        if not self._masks or kwargs.get("position_ids") is None or kwargs.get("attention_mask", 0) is not None:
+        attention_mask = kwargs.get("attention_mask", 0)
+        packed_call = attention_mask is None or (torch.is_tensor(attention_mask) and attention_mask.dim() == 4)
+        if not self._masks or kwargs.get("position_ids") is None or not packed_call:
             return None
         mask, index = self._masks.pop()
         if not hasattr(output, "log_probs") or output.log_probs is None:

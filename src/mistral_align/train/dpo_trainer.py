@@ -6,7 +6,8 @@ replaced: rows arrive with `prompt_ids`, `chosen_ids`, `rejected_ids` made by
 `MistralEncoder.encode_dpo`, and go to TRL's collator untouched.
 
 `padding_free=True` runs each batch's chosen and rejected sequences as one packed row instead of
-a padded batch (train/dpo_padding_free.py); the loss and metrics are TRL's, unchanged.
+a padded batch (train/dpo_padding_free.py); `shared_prompt=True` also computes each pair's prompt
+once. The loss and metrics are TRL's, unchanged.
 """
 
 from __future__ import annotations
@@ -27,15 +28,17 @@ class PretokenizedDPOTrainer(WrapsForTrainingAfterEvaluating, AtomicCheckpoints,
                              ScoresLabelledPositionsOnly, KeepsTrainableFloat32, DPOTrainer):
     """DPO on `prompt_ids` / `chosen_ids` / `rejected_ids` rows; `keep_float32` as in train/precision.py;
     checkpoints complete or invisible (train/faults.py); a NaN/Inf step stops or is skipped
-    (train/nonfinite.py); `padding_free` packs chosen and rejected rows (train/dpo_padding_free.py);
+    (train/nonfinite.py); `padding_free` packs chosen and rejected rows and `shared_prompt` also
+    computes each pair's prompt once (train/dpo_padding_free.py);
     DDP wraps the model even after an evaluation (train/distributed.py)."""
 
-    def __init__(self, *args, padding_free: bool = False, **kwargs):
+    def __init__(self, *args, padding_free: bool = False, shared_prompt: bool = False, **kwargs):
         # Set before TRL's __init__, which may precompute reference log-probs (through the collator).
-        self._pack_pairs = padding_free
+        self._pack_pairs = padding_free or shared_prompt
+        self._shared_prompt = shared_prompt
         self._packed_forward = None
         super().__init__(*args, **kwargs)
-        if padding_free:
+        if self._pack_pairs:
             self._enable_padding_free()
         self._sync_reference_to_policy()
 
@@ -47,9 +50,13 @@ class PretokenizedDPOTrainer(WrapsForTrainingAfterEvaluating, AtomicCheckpoints,
             # FlashAttention's varlen kernel takes one row of everything; kernels that build the block-diagonal
             # mask densely (sdpa, eager) get rows as long as the batch's longest sequence instead.
             attn = getattr(self.accelerator.unwrap_model(self.model).config, "_attn_implementation", None) or ""
-            rows = "one" if "flash" in attn else "longest"
+            if self._shared_prompt and attn not in ("sdpa", "eager"):
+                raise ValueError(f"dpo.shared_prompt needs model.attn_implementation sdpa or eager, not {attn}: "
+                                 "its attention mask lets a rejected reply see the prompt but not the chosen reply")
+            rows = "one" if "flash" in attn and not self._shared_prompt else "longest"
             pad = getattr(self.data_collator, "pad_token_id", 0)
-            self.data_collator = PaddingFreePreferenceCollator(self.data_collator, rows=rows, pad_token_id=pad)
+            self.data_collator = PaddingFreePreferenceCollator(self.data_collator, rows=rows, pad_token_id=pad,
+                                                               shared_prompt=self._shared_prompt)
         if self._packed_forward is None:
             self._packed_forward = PackedForward()
             self._packed_forward.attach(self.accelerator.unwrap_model(self.model))
