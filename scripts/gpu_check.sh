@@ -7,7 +7,8 @@
 # Offline machines: put wheels in .whl/ at the repo root, downloaded for the GPU machine's Python
 # (e.g. `pip download -d .whl --no-deps --python-version 3.12 --platform manylinux2014_x86_64
 # trl==1.16.0 peft==0.21.2 transformers==5.23.0 "mistral-common==1.13.1" hydra-core omegaconf datasets ...`,
-# and bitsandbytes unpacked into .whl/bnb_site/); they are unpacked as they are, next to the image's
+# plus liger-kernel, hjson and deepspeed's source archive, which installs as pure Python: its CUDA ops
+# build on first use), and bitsandbytes unpacked into .whl/bnb_site/); they are unpacked as they are, next to the image's
 # CUDA torch. Without .whl/ the registry is used. Environment knobs: GPU_CHECK_STEPS (default
 # "tests sft dpo"), BENCH_ROUNDS (default 3), BENCH_SFT_ROWS (512), BENCH_DPO_PAIRS (128).
 set -uo pipefail
