@@ -121,6 +121,20 @@ def test_validate_dpo(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[0] == f"{bad}:1: chosen and rejected are the same reply"
 
 
+def test_validate_and_preview_drop_the_fields_named(tmp_path, capsys):
+    data = tmp_path / "extra.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "x", "rejected": "y", "score": 3, "source": "web"}\n')
+    assert main(["validate", "--kind", "dpo", "--data", str(data)]) == 1
+    assert "unknown field(s) ['score', 'source']" in capsys.readouterr().out
+    assert main(["validate", "--kind", "dpo", "--data", str(data), "--ignore-fields", "score, source"]) == 0
+    capsys.readouterr()
+    assert main(["preview", "--tokenizer", "v3", "--kind", "dpo", "--data", str(data), "--jsonl",
+                 "--ignore-fields", "score,source"]) == 0  # fmt: skip
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    want = get_encoder("v3").encode_dpo(parse_preference({"prompt": "p", "chosen": "x", "rejected": "y"}))
+    assert row["prompt_ids"] == want.prompt_ids and row["chosen_ids"] == want.chosen_ids
+
+
 def test_validate_wrong_kind_and_empty_file(tmp_path, capsys):
     assert main(["validate", "--kind", "dpo", "--data", SFT, "--json"]) == 1
     out = json.loads(capsys.readouterr().out)

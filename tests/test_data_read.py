@@ -332,3 +332,25 @@ def test_a_lone_surrogate_is_a_bad_row_named_with_file_line_and_field(tmp_path, 
     # on_bad_rows=skip drops them and trains on the rest.
     data = load(DataConfig(train=[SourceConfig(str(path))], on_bad_rows="skip"), get_encoder("v3"))
     assert len(data.train) == 1 and data.report["skipped_by_reason"] == {"invalid Unicode": len(rows) - 1}
+
+
+# -- a source's extra columns can be dropped by name --------------------------------------------
+
+
+def test_ignore_fields_drops_a_sources_extra_columns_by_name(tmp_path):
+    extra = {"score": 7.5, "source": "forum", "id": "r1"}
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b", **extra}, {"prompt": "q", "chosen": "c", "rejected": "d"}]
+    path = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    with pytest.raises(DataError) as info:
+        load_dpo_dataset(DataConfig(train=[SourceConfig(str(path))]), get_encoder("v3"))
+    assert info.value.problems[0].startswith(f"{path}:1: unknown field(s) ['score', 'source']")
+    assert "ignore_fields" in info.value.problems[0]
+    kept = load_dpo_dataset(DataConfig(train=[SourceConfig(str(path), ignore_fields=["score", "source"])]),
+                            get_encoder("v3"))  # fmt: skip
+    clean = write_jsonl(tmp_path / "clean.jsonl", [{k: v for k, v in r.items() if k in ("prompt", "chosen", "rejected")}
+                                                   for r in rows])  # fmt: skip
+    want = load_dpo_dataset(DataConfig(train=[SourceConfig(str(clean))]), get_encoder("v3"))
+    assert kept.train.to_list() == want.train.to_list() and len(kept.train) == 2
+    # What is dropped is part of what was read: the encoded-data cache tells the two apart.
+    assert read_source(SourceConfig(str(path), ignore_fields=["score", "source"])).content_hash != read_source(
+        SourceConfig(str(path))).content_hash

@@ -57,12 +57,24 @@ def _add_validate(sub) -> None:
     p.add_argument("--max-length", type=int, default=2048, metavar="N")
     p.add_argument("--train-on", choices=("all", "last"), default="all", help="SFT: which replies are trained")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    _add_ignore_fields(p)
     p.set_defaults(func=_cmd_validate)
+
+
+def _add_ignore_fields(p) -> None:
+    p.add_argument("--ignore-fields", default="", metavar="KEY,KEY",
+                   help="top-level keys to drop from every row first (a source's ignore_fields)")
+
+
+def _source(args):
+    from mistral_align.data.config import SourceConfig
+
+    return SourceConfig(path=args.data, ignore_fields=[k.strip() for k in args.ignore_fields.split(",") if k.strip()])
 
 
 def _cmd_validate(args) -> int:
     from mistral_align.chat.encoder import get_encoder
-    from mistral_align.data.config import SFTDataConfig, SourceConfig
+    from mistral_align.data.config import SFTDataConfig
     from mistral_align.data.load import load_data
     from mistral_align.errors import DataError
 
@@ -72,7 +84,7 @@ def _cmd_validate(args) -> int:
     # Skip mode on both counts collects every problem instead of stopping at the first batch;
     # the loader is the training loader, so validate and training cannot disagree.
     cfg = SFTDataConfig(
-        train=[SourceConfig(path=args.data)],
+        train=[_source(args)],
         max_length=args.max_length,
         train_on=args.train_on,
         on_bad_rows="skip",
@@ -156,12 +168,12 @@ def _add_preview(sub) -> None:
     p.add_argument("--max-rows", type=int, default=None, metavar="N", help="stop after N rows")
     p.add_argument("--train-on", choices=("all", "last"), default="all", help="SFT: which replies are trained")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    _add_ignore_fields(p)
     p.set_defaults(func=_cmd_preview)
 
 
 def _cmd_preview(args) -> int:
     from mistral_align.chat.encoder import get_encoder
-    from mistral_align.data.config import SourceConfig
     from mistral_align.data.read import SourceError, read_source
     from mistral_align.data.encode import check_row
 
@@ -169,7 +181,7 @@ def _cmd_preview(args) -> int:
     if args.max_rows is not None and args.max_rows < 0:
         raise UsageError(f"--max-rows must be >= 0, got {args.max_rows}")
     try:
-        raw = read_source(SourceConfig(path=args.data))
+        raw = read_source(_source(args))
     except SourceError as e:
         raise UsageError(str(e)) from None
     encoder = get_encoder(args.tokenizer)

@@ -180,7 +180,8 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 def _refuse_unknown_keys(row: dict, allowed: frozenset, shape: str) -> None:
     unknown = set(row) - allowed - ID_KEYS - {"system"}
     if unknown:
-        raise ConversationError(f"unknown field(s) {sorted(unknown)} ({shape}, optionally with 'system')")
+        raise ConversationError(f"unknown field(s) {sorted(unknown)} ({shape}, optionally with 'system'); "
+                                "to drop such columns, list them in the source's ignore_fields")
 
 
 def _system(row: dict, clean: bool) -> Message | None:

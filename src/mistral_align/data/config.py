@@ -29,6 +29,9 @@ class SourceConfig:
     name: Optional[str] = None
     # Row shape: "auto" detects messages / prompt-chosen-rejected / ultrachat / ultrafeedback.
     format: str = "auto"
+    # Top-level keys to drop from every row of this source before it is checked: the extra columns of
+    # a dataset (scores, ids, metadata), which are otherwise refused by name.
+    ignore_fields: list[str] = field(default_factory=list)
 
 
 @dataclass
