@@ -167,6 +167,22 @@ def test_shared_prompt_refuses_flash_attention(setup):
         make_trainer(setup, False, padding_free=True, shared_prompt=True, model_config={"attn_implementation": "flex_attention"})
 
 
+@pytest.mark.parametrize("shared_prompt", [False, True], ids=["padding-free", "shared-prompt"])
+def test_packed_dpo_refuses_a_mixture_of_experts(setup, tmp_path, shared_prompt):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tmp, data = setup
+    config = MixtralConfig(vocab_size=get_encoder("v3").vocab_size, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                           num_experts_per_tok=2, router_aux_loss_coef=0.02)  # fmt: skip
+    model = get_peft_model(MixtralForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to=[], max_length=256,
+                     use_cpu=True, bf16=False)  # fmt: skip
+    with pytest.raises(ValueError, match="Mixture-of-Experts"):
+        PretokenizedDPOTrainer(model=model, args=args, train_dataset=data, processing_class=load_hf_tokenizer(tmp / "tok"),
+                               padding_free=True, shared_prompt=shared_prompt)  # fmt: skip
+
+
 def test_shared_prefix_length_stops_one_short_of_the_common_prefix():
     ids = lambda *t: torch.tensor(t)  # noqa: E731
     # prompt [1 2 3], replies [4 5] / [6]: tokens 0..2 common, token 2's output scores 4 in one and 6 in the other
