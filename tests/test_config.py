@@ -267,6 +267,8 @@ def test_recipe_fails_at_start_on_a_mistake_with_one_line(tmp_path):
         (["+sft.train.lrr=1"], "error: sft.train.lrr: not a setting"),
         (["dpo.beta=0.3"], "error: dpo.beta: recipes/sft.py runs no DPO stage"),
         (["data@dpo.data=example"], "error: dpo.data: recipes/sft.py runs no DPO stage"),
+        # a GPU-only option on a machine without it (not installed, or no CUDA): refused, never a traceback
+        (["sft.train.use_liger_kernel=true"], "error: sft.train.use_liger_kernel: "),
     ]:
         out = _recipe("experiment=test_tiny", f"run.output_dir={tmp_path}", *args)
         assert out.returncode == 2, out.stderr[-2000:]
@@ -298,3 +300,14 @@ def test_shared_prompts_need_a_dense_attention_mask():
 def test_packed_dpo_is_refused_for_mixture_of_experts(override, model):
     # The router's load-balancing loss would see packed rows, not the padded ones the loss is defined on.
     _refused(["experiment=demo", f"model={model}", override], override.split("=")[0], match="Mixture-of-Experts")
+
+
+def test_gpu_options_reach_the_trainer_arguments(tmp_path):
+    from mistral_align.train.dpo import make_dpo_args
+    from mistral_align.train.sft import make_sft_args
+
+    cfg = _compose(["experiment=test_tiny", "sft.train.torch_compile=true", "dpo.train.use_liger_kernel=true"])
+    sft, dpo = make_sft_args(cfg.sft, 0, tmp_path, [], False), make_dpo_args(cfg.dpo, 0, tmp_path, [], False)
+    assert (sft.torch_compile, sft.use_liger_kernel) == (True, False)
+    assert (dpo.torch_compile, dpo.use_liger_kernel) == (False, True)
+    assert sft.optim == dpo.optim == "adamw_torch_fused"

@@ -213,6 +213,11 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: Optional[int] = 2
     dataloader_num_workers: int = 0
+    # Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (a CUDA GPU and `pip install '.[gpu]'`). TRL keeps
+    # its own chunked LM head, so Liger's fused linear cross-entropy is not used.
+    use_liger_kernel: bool = False
+    # torch.compile the model (GPU; tests/test_gpu.py checks it with 4-bit layers).
+    torch_compile: bool = False
     # A step whose loss or gradient norm is NaN/Inf: stop (name the step, its rows and the last good
     # checkpoint) or skip (drop its update, count it in metrics.jsonl and summary.json, go on).
     on_nonfinite: str = "stop"  # stop | skip

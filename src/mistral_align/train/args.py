@@ -52,6 +52,8 @@ def training_arguments(t: Any, seed: int, out_dir: Path, report_to: list[str], h
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         dataloader_num_workers=t.dataloader_num_workers,
+        use_liger_kernel=t.use_liger_kernel,
+        torch_compile=t.torch_compile,
         dataloader_pin_memory=torch.cuda.is_available(),
         report_to=report_to,
         ddp_find_unused_parameters=False,

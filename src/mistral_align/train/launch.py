@@ -73,6 +73,23 @@ def check_launch_fits_machine() -> None:
         )
 
 
+def check_machine_has_what_the_config_asks(cfg, stages: tuple[str, ...]) -> None:
+    """Refuse, before anything loads, a setting this machine cannot run: Liger's kernels are Triton
+    kernels for CUDA, in an optional package."""
+    import importlib.util
+
+    import torch
+
+    for stage in stages:
+        if not cfg[stage].train.use_liger_kernel:
+            continue
+        key = f"{stage}.train.use_liger_kernel"
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise LaunchError(f"{key}: liger-kernel is not installed (pip install '.[gpu]' on a CUDA machine)")
+        if not torch.cuda.is_available():
+            raise LaunchError(f"{key}: Liger's kernels need a CUDA GPU, and torch finds none on this machine")
+
+
 def init_state(dist_timeout_s: float | None = None):
     """accelerate's PartialState for this process (starts torch.distributed under `accelerate launch`).
 
@@ -142,6 +159,7 @@ def open_run(cfg, recipe: str, stages: tuple[str, ...]) -> Run:
     """Check the config, start this process, and open the run directory every rank shares."""
     refuse_overrides_of_other_stages(stages, recipe)
     check_config(cfg, stages)
+    check_machine_has_what_the_config_asks(cfg, stages)
     state = init_state(cfg.run.dist_timeout_s)
     setup_logging(state)
     run_dir = resolve_run_dir(cfg.run, state)
