@@ -89,7 +89,8 @@ def test_a_pipeline_rerun_with_another_seed_or_shape_is_refused_naming_the_keys(
         write_resolved_config(tmp_path, first, ("sft", "dpo"))
         faults.check_same_training(tmp_path, first, ("sft", "dpo"), "sft_dpo")  # the same: fine
         logging_only = compose("sft_dpo", overrides=["experiment=test_tiny", "run.report_to=tensorboard",
-                                                     "sft.train.logging_steps=3", "dpo.eval.max_prompts=2"])  # fmt: skip
+                                                     "sft.train.logging_steps=3", "dpo.eval.max_prompts=2",
+                                                     "dpo.shared_prompt=true", "sft.train.torch_compile=true"])  # fmt: skip
         faults.check_same_training(tmp_path, logging_only, ("sft", "dpo"), "sft_dpo")
         changed = compose("sft_dpo", overrides=["experiment=test_tiny", "run.seed=7", "model.architecture.hidden_size=32",
                                                 "dpo.beta=0.5"])  # fmt: skip

@@ -101,9 +101,12 @@ def release_lock(run_dir: Path) -> None:
 # what is evaluated. Everything else (model, quant, peft, run.seed, each stage's data, train and
 # objective) must match the run directory's config.yaml.
 _RUN_KEYS_THAT_MATTER = ("run.seed",)
-# on_nonfinite only acts on a NaN step: switching a run stopped by one to skip must resume it.
+# on_nonfinite only acts on a NaN step: switching a run stopped by one to skip must resume it. Kernels
+# and batch layouts change how a step is computed, not the loss (tested equal to the padded path).
 _TRAIN_KEYS_THAT_DO_NOT = ("logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                           "per_device_eval_batch_size", "dataloader_num_workers", "on_nonfinite")  # fmt: skip
+                           "per_device_eval_batch_size", "dataloader_num_workers", "on_nonfinite",
+                           "use_liger_kernel", "torch_compile")  # fmt: skip
+_STAGE_KEYS_THAT_DO_NOT = ("padding_free", "shared_prompt")
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -126,6 +129,8 @@ def _ignored(key: str, cfg: Any, recipe: str) -> bool:
         if len(parts) > 1 and parts[1] == "eval":
             return True
         if len(parts) > 2 and parts[1] == "train" and parts[2] in _TRAIN_KEYS_THAT_DO_NOT:
+            return True
+        if len(parts) == 2 and parts[1] in _STAGE_KEYS_THAT_DO_NOT:
             return True
         # Synthetic data is regenerated from the synthetic.* settings (compared) into the run directory.
         if len(parts) > 2 and parts[1] == "data" and parts[2] in ("train", "eval"):
