@@ -91,7 +91,6 @@ class PaddingFreePreferenceCollator:
         batch["packed_index"] = torch.cat([torch.arange(start[i], start[i] + lengths[i]) for i in range(len(lengths))])
         return batch
 
-
     def _pack_pairs_sharing_prefixes(self, batch: dict[str, Any], lengths: list[int]) -> dict[str, Any]:
         """Each pair as one unit [chosen][rejected past the shared prefix], units first-fit decreasing
         into rows as long as the longest unit; the rest of each row a padding block of its own."""
