@@ -295,13 +295,6 @@ def test_shared_prompts_need_a_dense_attention_mask():
              "dpo.shared_prompt", match="sdpa or eager")
 
 
-@pytest.mark.parametrize("override", ["dpo.padding_free=true", "dpo.shared_prompt=true"])
-@pytest.mark.parametrize("model", ["tiny-mixtral", "mixtral-8x7b-v0.1"])
-def test_packed_dpo_is_refused_for_mixture_of_experts(override, model):
-    # The router's load-balancing loss would see packed rows, not the padded ones the loss is defined on.
-    _refused(["experiment=demo", f"model={model}", override], override.split("=")[0], match="Mixture-of-Experts")
-
-
 def test_gpu_options_reach_the_trainer_arguments(tmp_path):
     from mistral_align.train.dpo import make_dpo_args
     from mistral_align.train.sft import make_sft_args

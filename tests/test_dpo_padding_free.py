@@ -48,21 +48,21 @@ def setup(tmp_path_factory):
     return tmp, Dataset.from_list(rows)
 
 
-def load_model(tmp, quantized: bool, **config):
+def load_model(tmp, quantized: bool, base: str = "base", **config):
     kw = dict(config)
     if quantized:
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32,
         )  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(tmp / "base", dtype=torch.float32, **kw)
+    model = AutoModelForCausalLM.from_pretrained(tmp / base, dtype=torch.float32, **kw)
     if quantized:
         disable_cpu_inference_repacking(model)
     torch.manual_seed(1)
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
 
 
-def make_trainer(setup, quantized, padding_free, shared_prompt=False, model_config=None, **overrides):
+def make_trainer(setup, quantized, padding_free, shared_prompt=False, model_config=None, base="base", **overrides):
     tmp, data = setup
     args = dict(
         output_dir=str(tmp / "out"), per_device_train_batch_size=10, per_device_eval_batch_size=10, max_steps=1,
@@ -72,7 +72,7 @@ def make_trainer(setup, quantized, padding_free, shared_prompt=False, model_conf
     )  # fmt: skip
     args.update(overrides)
     trainer = PretokenizedDPOTrainer(
-        model=load_model(tmp, quantized, **(model_config or {})), args=DPOConfig(**args), train_dataset=data,
+        model=load_model(tmp, quantized, base, **(model_config or {})), args=DPOConfig(**args), train_dataset=data,
         processing_class=load_hf_tokenizer(tmp / "tok"), keep_float32=quantized, padding_free=padding_free,
         shared_prompt=shared_prompt,
     )  # fmt: skip
@@ -168,19 +168,24 @@ def test_shared_prompt_refuses_flash_attention(setup):
 
 
 @pytest.mark.parametrize("shared_prompt", [False, True], ids=["padding-free", "shared-prompt"])
-def test_packed_dpo_refuses_a_mixture_of_experts(setup, tmp_path, shared_prompt):
+def test_mixture_of_experts_router_loss_stays_the_padded_batchs(setup, shared_prompt):
+    # TRL adds Mixtral's load-balancing loss; packed rows (padding blocks, shared prefixes, a 4-D mask)
+    # must give the padded batch's value, not one over the packed rows.
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    tmp, data = setup
-    config = MixtralConfig(vocab_size=get_encoder("v3").vocab_size, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                           num_experts_per_tok=2, router_aux_loss_coef=0.02)  # fmt: skip
-    model = get_peft_model(MixtralForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to=[], max_length=256,
-                     use_cpu=True, bf16=False)  # fmt: skip
-    with pytest.raises(ValueError, match="Mixture-of-Experts"):
-        PretokenizedDPOTrainer(model=model, args=args, train_dataset=data, processing_class=load_hf_tokenizer(tmp / "tok"),
-                               padding_free=True, shared_prompt=shared_prompt)  # fmt: skip
+    tmp, _ = setup
+    if not (tmp / "mixtral").exists():
+        config = MixtralConfig(vocab_size=get_encoder("v3").vocab_size, hidden_size=64, intermediate_size=96,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                               num_experts_per_tok=2, router_aux_loss_coef=0.5, max_position_embeddings=512,
+                               tie_word_embeddings=False)  # fmt: skip
+        torch.manual_seed(0)
+        MixtralForCausalLM(config).save_pretrained(tmp / "mixtral")
+    padded = make_trainer(setup, False, padding_free=False, base="mixtral")
+    packed = make_trainer(setup, False, padding_free=True, shared_prompt=shared_prompt, base="mixtral")
+    assert padded.aux_loss_enabled and packed.aux_loss_enabled
+    assert_same_step(padded, packed)
+    assert padded._metrics["train"]["aux_loss"][-1] > 0
 
 
 def test_shared_prefix_length_stops_one_short_of_the_common_prefix():

@@ -356,11 +356,6 @@ def bf16_setting(value: Any) -> str:
     return str(value).lower()
 
 
-def is_mixture_of_experts(m: Any) -> bool:
-    """Whether the model node names a Mixtral (inline architecture or a Hub model's shape)."""
-    return any(node is not None and node.type == "mixtral" for node in (m.architecture, m.shape))
-
-
 def check_config(cfg: Any, stages: tuple[str, ...] = STAGES, need_data: bool = True) -> None:
     """Everything types alone cannot check, for the shared nodes and the `stages` a recipe runs.
     Raises ConfigError naming the key. Call it before anything loads. `need_data=False` (estimate)
@@ -435,11 +430,6 @@ def check_config(cfg: Any, stages: tuple[str, ...] = STAGES, need_data: bool = T
             raise ConfigError(f"dpo.loss_weights: {len(d.loss_weights)} weights for {len(d.loss_type)} loss types")
         if not 0.0 <= d.label_smoothing < 0.5:
             raise ConfigError(f"dpo.label_smoothing: must be in [0, 0.5), got {d.label_smoothing}")
-        packs = "dpo.shared_prompt" if d.shared_prompt else "dpo.padding_free" if d.padding_free else None
-        if packs and is_mixture_of_experts(m):
-            raise ConfigError(f"{packs}: not with a Mixture-of-Experts model: its router's load-balancing loss would "
-                              "count packed rows differently from padded ones (padding blocks, prompts once), so the "
-                              "loss would no longer be the padded path's; use padded DPO (the default) for Mixtral")
         if d.shared_prompt and m.attn_implementation not in ("sdpa", "eager"):
             raise ConfigError(f"dpo.shared_prompt: needs model.attn_implementation sdpa or eager, not "
                               f"{m.attn_implementation} (its mask lets a rejected reply see the prompt but not the chosen one)")

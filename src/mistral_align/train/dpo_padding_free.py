@@ -27,6 +27,13 @@ and the first rejected token). In general the shared part is the longest common 
 sequences, tokens and completion mask alike, less that one token; a unit's hidden states are then
 exactly those of the two separate sequences. The mask is dense, so this needs sdpa or eager
 attention (FlashAttention's varlen kernel cannot express it).
+
+Mixture-of-Experts models (Mixtral): TRL adds the router's load-balancing loss, which the model
+computes over the rows it is given, counting every unmasked token once. Packed rows hold padding
+blocks, a 4-D mask it cannot read, and shared prefixes that stand for two tokens of the padded
+batch; so for packed calls the model is asked for no router loss, the router logits are recorded
+instead, and the loss is computed here with each packed token weighted by how many real tokens of
+the padded batch it stands for (0, 1 or 2): exactly the padded batch's router loss.
 """
 
 from __future__ import annotations
@@ -190,12 +197,19 @@ class PackedForward:
     """
 
     def __init__(self):
-        self._masks: list[torch.Tensor] = []
+        self._masks: list[tuple] = []
         self.handles: list[Any] = []
+        self._router_logits: list[torch.Tensor] | None = None  # recorded during a packed MoE forward
 
     def attach(self, module: torch.nn.Module) -> None:
         self.handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
         self.handles.append(module.register_forward_hook(self._post, with_kwargs=True))
+        for router in _routers(module):
+            self.handles.append(router.register_forward_hook(self._record_router))
+
+    def _record_router(self, module, args, output):
+        if self._router_logits is not None:
+            self._router_logits.append(output[0] if isinstance(output, tuple) else output)
 
     def detach(self) -> None:
         for handle in self.handles:
@@ -234,7 +248,14 @@ class PackedForward:
             packed.view(-1)[index] = labels[mask]
             packed[starts] = -100  # never score a prediction across a sequence boundary
             kwargs["labels"] = packed
-        self._masks.append((mask, index))
+        weights = None
+        if kwargs.get("output_router_logits"):
+            # How many real tokens of the padded batch each packed token stands for (module docstring).
+            weights = torch.zeros(input_ids.numel(), device=input_ids.device).index_add_(
+                0, index, torch.ones(index.numel(), device=input_ids.device)).view(input_ids.shape)
+            kwargs["output_router_logits"] = False
+            self._router_logits = []
+        self._masks.append((mask, index, weights))
         return args, kwargs
 
     def _post(self, module, args, kwargs, output):
@@ -242,14 +263,32 @@ class PackedForward:
         packed_call = attention_mask is None or (torch.is_tensor(attention_mask) and attention_mask.dim() == 4)
         if not self._masks or kwargs.get("position_ids") is None or not packed_call:
             return None
-        mask, index = self._masks.pop()
+        mask, index, weights = self._masks.pop()
         if not hasattr(output, "log_probs") or output.log_probs is None:
             raise ValueError("padding-free DPO needs TRL's fused LM head (model(..., fused_lm_head=True))")
         fields = {}
         for name in _PER_TOKEN_FIELDS:
             value = getattr(output, name, None)
             fields[name] = None if value is None else unpack_shifted(value, mask, index)
+        if weights is not None:
+            fields["aux_loss"] = router_loss(module.config, self._router_logits, weights)
+            self._router_logits = None
         return type(output)(**{**{k: getattr(output, k, None) for k in output.keys()}, **fields})
+
+
+def _routers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose outputs are a MoE model's router logits (transformers records them by class)."""
+    recorders = [getattr(m, "_can_record_outputs", None) or {} for m in module.modules()]
+    found = [r["router_logits"] for r in recorders if "router_logits" in r]
+    classes = tuple({getattr(r, "target_class", r) for r in found})
+    return [m for m in module.modules() if classes and isinstance(m, classes)]
+
+
+def router_loss(config: Any, router_logits: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """transformers' load-balancing loss, each token weighted (a 0/1 attention mask there)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    return load_balancing_loss_func(tuple(router_logits), config.num_local_experts, config.num_experts_per_tok, weights)
 
 
 def unpack_shifted(packed: torch.Tensor, mask: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:

@@ -46,12 +46,6 @@ class PretokenizedDPOTrainer(WrapsForTrainingAfterEvaluating, AtomicCheckpoints,
         """Wrap the collator and hook the model(s) once; see train/dpo_padding_free.py."""
         from mistral_align.train.dpo_padding_free import PackedForward, PaddingFreePreferenceCollator
 
-        if self.aux_loss_enabled:
-            # MoE: the router's load-balancing loss is computed inside the model over the rows it sees, so
-            # packed rows (padding blocks, prompts computed once) would change the loss.
-            raise ValueError("padding-free and shared-prompt DPO are not for Mixture-of-Experts models with a "
-                             "router auxiliary loss: it would no longer be the padded path's loss")
-
         if not isinstance(self.data_collator, PaddingFreePreferenceCollator):
             # FlashAttention's varlen kernel takes one row of everything; kernels that build the block-diagonal
             # mask densely (sdpa, eager) get rows as long as the batch's longest sequence instead.
