@@ -178,7 +178,7 @@ def test_mixture_of_experts_router_loss_stays_the_padded_batchs(setup, shared_pr
         config = MixtralConfig(vocab_size=get_encoder("v3").vocab_size, hidden_size=64, intermediate_size=96,
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                                num_experts_per_tok=2, router_aux_loss_coef=0.5, max_position_embeddings=512,
-                               tie_word_embeddings=False)  # fmt: skip
+                               tie_word_embeddings=False, output_router_logits=True)  # as model/build.py sets it  # fmt: skip
         torch.manual_seed(0)
         MixtralForCausalLM(config).save_pretrained(tmp / "mixtral")
     padded = make_trainer(setup, False, padding_free=False, base="mixtral")

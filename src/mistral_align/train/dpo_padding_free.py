@@ -249,7 +249,8 @@ class PackedForward:
             packed[starts] = -100  # never score a prediction across a sequence boundary
             kwargs["labels"] = packed
         weights = None
-        if kwargs.get("output_router_logits"):
+        # Asked for by TRL's policy forward, or by the config (our inline Mixtral sets it) in any forward.
+        if kwargs.get("output_router_logits", getattr(module.config, "output_router_logits", False)):
             # How many real tokens of the padded batch each packed token stands for (module docstring).
             weights = torch.zeros(input_ids.numel(), device=input_ids.device).index_add_(
                 0, index, torch.ones(index.numel(), device=input_ids.device)).view(input_ids.shape)
