@@ -65,15 +65,21 @@ def _make_message(role: str, raw: dict, where: str, clean: bool, content_key: st
     return Message(role=role, content=content, weight=int(weight))
 
 
-def _parse_message(raw: Any, where: str, clean: bool) -> Message:
+def _check_turn_object(raw: Any, where: str, role_key: str, content_key: str) -> None:
+    """A turn is an object of its role, its content and an optional weight (messages: role/content;
+    ShareGPT: from/value), with its role present."""
     if not isinstance(raw, dict):
-        raise ConversationError(f"{where}: expected an object with 'role' and 'content', got {type(raw).__name__}")
-    unknown = set(raw) - {"role", "content", "weight"}
+        raise ConversationError(f"{where}: expected an object with '{role_key}' and '{content_key}', got {type(raw).__name__}")
+    unknown = set(raw) - {role_key, content_key, "weight"}
     if unknown:
         raise ConversationError(f"{where}: unknown field(s) {sorted(unknown)}")
-    role = raw.get("role")
-    if "role" not in raw:
-        raise ConversationError(f"{where}: missing field 'role'")
+    if role_key not in raw:
+        raise ConversationError(f"{where}: missing field '{role_key}'")
+
+
+def _parse_message(raw: Any, where: str, clean: bool) -> Message:
+    _check_turn_object(raw, where, "role", "content")
+    role = raw["role"]
     if role not in ROLES:
         raise ConversationError(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
     return _make_message(role, raw, where, clean)
@@ -205,13 +211,7 @@ def _with_system(system: Message | None, messages: list[Message], where: str) ->
 
 
 def _sharegpt_turn(raw: Any, where: str, clean: bool) -> Message:
-    if not isinstance(raw, dict):
-        raise ConversationError(f"{where}: expected an object with 'from' and 'value', got {type(raw).__name__}")
-    unknown = set(raw) - {"from", "value", "weight"}
-    if unknown:
-        raise ConversationError(f"{where}: unknown field(s) {sorted(unknown)}")
-    if "from" not in raw:
-        raise ConversationError(f"{where}: missing field 'from'")
+    _check_turn_object(raw, where, "from", "value")
     role = SHAREGPT_ROLES.get(raw["from"]) if isinstance(raw["from"], str) else None
     if role is None:
         raise ConversationError(f"{where}: unknown role (from) {raw['from']!r} (expected one of {', '.join(SHAREGPT_ROLES)})")
