@@ -60,6 +60,15 @@ def save_tiny_mistral(out_dir: Path, vocab_size: int, max_position_embeddings: i
     return Path(out_dir)
 
 
+def adapter_max_diff(a: Path, b: Path) -> float:
+    """Max |difference| between two saved adapters (folders), which must hold the same tensors."""
+    from safetensors.torch import load_file
+
+    ta, tb = (load_file(str(Path(d) / "adapter_model.safetensors")) for d in (a, b))
+    assert ta.keys() == tb.keys(), sorted(set(ta) ^ set(tb))[:5]
+    return max((ta[k].float() - tb[k].float()).abs().max().item() for k in ta)
+
+
 def model_config(arch: str):
     from types import SimpleNamespace
 

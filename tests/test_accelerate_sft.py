@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
+from runfixtures import adapter_max_diff
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
@@ -88,9 +88,7 @@ def test_two_processes_share_one_run_directory_and_train_one_model(tmp_path, one
     assert "[rank 1] INFO" not in log
     # Gradients are averaged over the ranks (DDP really wraps the model, also after the evaluation
     # before training: train/distributed.py), so the saved adapter is the one-process adapter.
-    a, b = load_file(str(one_process / "adapter/adapter_model.safetensors")), load_file(str(run / "adapter/adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    diff = adapter_max_diff(one_process / "adapter", run / "adapter")  # also: the same tensors
     print(f"\nDDP: 2 processes vs 1, same global batch: max |adapter diff| = {diff:.3g}")
     assert diff <= 1e-5
 

@@ -14,10 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
-from runfixtures import processes_of
-from safetensors.torch import load_file
+from runfixtures import adapter_max_diff, processes_of
 
 from mistral_align.errors import EXIT_STOPPED, RunDirError
 from mistral_align.train import faults
@@ -233,16 +231,6 @@ def _start_and_signal(cmd, cwd, ckpt_dir: Path, at_step: int, sig: int, timeout=
     raise AssertionError("timed out waiting for a checkpoint")
 
 
-def _adapter(d: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(d / "adapter_model.safetensors"))
-
-
-def _max_diff(a: Path, b: Path) -> float:
-    ta, tb = _adapter(a), _adapter(b)
-    assert ta.keys() == tb.keys()
-    return max((ta[k].float() - tb[k].float()).abs().max().item() for k in ta)
-
-
 def _train_rows(run_dir: Path, stage: str) -> list[tuple[int, float]]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in rows if r["stage"] == stage and "loss" in r]
@@ -279,7 +267,7 @@ def test_sft_killed_then_resumed_equals_uninterrupted_and_sigterm_stops_cleanly(
     assert (cut / "run.lock").exists() and not (cut / "summary.json").exists()  # stale lock: taken over below
     _run(_cmd("sft.py", cut, *steps), tmp_path)
 
-    diff = _max_diff(ref / "adapter", cut / "adapter")
+    diff = adapter_max_diff(ref / "adapter", cut / "adapter")
     loss_ref = json.loads((ref / "summary.json").read_text())["sft"]["train_loss"]
     loss_cut = json.loads((cut / "summary.json").read_text())["sft"]["train_loss"]
     _report("SFT 1 process", diff, loss_ref, loss_cut)
@@ -306,7 +294,7 @@ def test_pipeline_killed_inside_dpo_resumes_to_the_same_result(tmp_path):
     assert not (cut / "dpo" / "summary.json").exists()
     out = _run(_cmd("sft_dpo.py", cut, *steps), tmp_path)
     assert "SFT stage already finished" in out.stderr and "DPO: resuming from" in out.stderr
-    diff = _max_diff(ref / "dpo" / "adapter", cut / "dpo" / "adapter")
+    diff = adapter_max_diff(ref / "dpo" / "adapter", cut / "dpo" / "adapter")
     loss_ref = json.loads((ref / "dpo" / "summary.json").read_text())["dpo"]["train_loss"]
     loss_cut = json.loads((cut / "dpo" / "summary.json").read_text())["dpo"]["train_loss"]
     _report("DPO (pipeline) 1 process", diff, loss_ref, loss_cut)
@@ -350,7 +338,7 @@ def test_sft_two_processes_stopped_killed_then_resumed_equals_uninterrupted(tmp_
     assert not (cut / "summary.json").exists()  # killed for real, before the end
     out = _run(_launch("sft.py", cut, *steps), tmp_path)
     assert "SFT: resuming from" in out.stderr
-    diff = _max_diff(ref / "adapter", cut / "adapter")
+    diff = adapter_max_diff(ref / "adapter", cut / "adapter")
     loss_ref = json.loads((ref / "summary.json").read_text())["sft"]["train_loss"]
     loss_cut = json.loads((cut / "summary.json").read_text())["sft"]["train_loss"]
     _report("SFT 2 processes", diff, loss_ref, loss_cut)
@@ -367,7 +355,7 @@ def test_pipeline_two_processes_killed_inside_dpo_resumes_to_the_same_result(tmp
     assert not (cut / "dpo" / "summary.json").exists()  # killed for real, inside DPO
     out = _run(_launch("sft_dpo.py", cut, *steps), tmp_path)
     assert "DPO: resuming from" in out.stderr
-    diff = _max_diff(ref / "dpo" / "adapter", cut / "dpo" / "adapter")
+    diff = adapter_max_diff(ref / "dpo" / "adapter", cut / "dpo" / "adapter")
     loss_ref = json.loads((ref / "dpo" / "summary.json").read_text())["dpo"]["train_loss"]
     loss_cut = json.loads((cut / "dpo" / "summary.json").read_text())["dpo"]["train_loss"]
     _report("DPO (pipeline) 2 processes", diff, loss_ref, loss_cut)

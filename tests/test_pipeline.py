@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from runfixtures import adapter_max_diff
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -113,9 +113,7 @@ def test_standalone_dpo_from_an_sft_run_under_two_processes(pipeline_run, tmp_pa
     metrics = [json.loads(line) for line in (dpo_run / "metrics.jsonl").read_text().splitlines()]
     assert len([m for m in metrics if "loss" in m]) == 4  # one writer, not one per rank
     # DDP averages the gradients of both ranks: the adapter is the one one process trains.
-    two, one = load_file(str(dpo_run / "adapter/adapter_model.safetensors")), load_file(
-        str(run_dir / "dpo/adapter/adapter_model.safetensors"))
-    diff = max((two[k] - one[k]).abs().max().item() for k in one)
+    diff = adapter_max_diff(dpo_run / "adapter", run_dir / "dpo" / "adapter")
     print(f"\nDDP DPO: 2 processes vs 1, same global batch: max |adapter diff| = {diff:.3g}")
     assert diff <= 1e-5
 
@@ -129,11 +127,9 @@ def test_standalone_dpo_with_shared_prompts_trains_the_same_adapter(pipeline_run
     (dpo_run,) = [p for p in out_dir.iterdir() if p.is_dir()]
     manifest = json.loads((dpo_run / "manifest.json").read_text())
     assert manifest["trainer"]["shared_prompt"] is True and manifest["trainer"]["padding_free"] is True
-    shared, padded = load_file(str(dpo_run / "adapter/adapter_model.safetensors")), load_file(
-        str(run_dir / "dpo/adapter/adapter_model.safetensors"))
-    diff = max((shared[k] - padded[k]).abs().max().item() for k in padded)
+    diff = adapter_max_diff(dpo_run / "adapter", run_dir / "dpo" / "adapter")  # also: the same tensors
     print(f"\nshared-prompt DPO vs padded: max |adapter diff| = {diff:.3g}")
-    assert shared.keys() == padded.keys() and diff <= 1e-5
+    assert diff <= 1e-5
 
 
 def test_dpo_refuses_an_init_from_that_holds_no_adapter(tmp_path):
