@@ -147,6 +147,11 @@ def median(values):
     return statistics.median(values)
 
 
+def ratio_base(results: dict) -> str:
+    """The contender ratios are taken against: plain TRL (`trl`) when it ran, else the first one."""
+    return "trl" if "trl" in results else next(iter(results))
+
+
 def pair_ratios(results: dict, name: str, base: str, key: str) -> list[float]:
     """Per-round ratio name/base of `key` (rounds run back to back, so each pair shares the load)."""
     return [a[key] / b[key] for a, b in zip(results[name], results[base])]

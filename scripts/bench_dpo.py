@@ -167,7 +167,7 @@ def report(results: dict, args) -> dict:
     import os
 
     summary = {}
-    base = "trl" if "trl" in results else next(iter(results))  # ratios against plain TRL when it ran
+    base = bc.ratio_base(results)
     for name, runs in results.items():
         e2e = [r["pairs"] / (r["train_seconds"] + r.get("precompute_seconds", 0.0)) for r in runs]
         summary[name] = {

@@ -164,7 +164,7 @@ def report(results: dict, args) -> dict:
     import os
 
     summary = {}
-    base = "trl" if "trl" in results else next(iter(results))  # ratios against the handbook-style run when it ran
+    base = bc.ratio_base(results)
     for name, runs in results.items():
         ratios = bc.pair_ratios(results, name, base, "real_tokens_per_s")
         summary[name] = {
