@@ -10,10 +10,10 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from mistral_align.config import check_config, register_configs
-from mistral_align.errors import exit_on_user_error, run_hydra_recipe
+from mistral_align.entry.recipe import exit_on_user_error, run_hydra_recipe
+from mistral_align.schema.recipe import check_config, register_configs
 from mistral_align.train.dpo import DPOStage, same_base_as_sft_run
-from mistral_align.train.launch import finish_run, open_run
+from mistral_align.train.run import finish_run, open_run
 from mistral_align.train.stage import run_stage
 
 register_configs()

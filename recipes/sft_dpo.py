@@ -18,12 +18,12 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from mistral_align.config import register_configs
-from mistral_align.errors import exit_on_user_error, run_hydra_recipe
+from mistral_align.entry.recipe import exit_on_user_error, run_hydra_recipe
+from mistral_align.rundir.layout import finished_stage
+from mistral_align.schema.recipe import register_configs
 from mistral_align.train.dpo import DPOStage
-from mistral_align.train.launch import finish_run, open_run
 from mistral_align.train.report import pipeline_summary, pipeline_table
-from mistral_align.train.run_dir import finished_stage, lift_stage_facts
+from mistral_align.train.run import finish_run, open_run
 from mistral_align.train.sft import SFTStage
 from mistral_align.train.stage import run_stage
 
@@ -57,7 +57,7 @@ def main(cfg: DictConfig) -> dict:
 
     # 4. One summary: SFT's gain, then DPO's, on the same held-out prompts; the model facts at the
     #    top of the manifest too, where a single-stage run keeps them.
-    lift_stage_facts(run.dir, "sft")
+    run.lift_stage_facts("sft")
     summary = finish_run(run, pipeline_summary(sft, dpo), title=f"SFT -> DPO {cfg.model.name}")
     if run.state.is_main_process:
         print("\n" + pipeline_table(summary), flush=True)

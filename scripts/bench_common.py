@@ -80,7 +80,7 @@ def tiny_mistral_configs(layers: int, hidden: int, quant: str, attn: str | None 
     BENCH_ATTN environment variable, else sdpa (flash_attention_2 on a GPU with flash-attn)."""
     import torch
 
-    from mistral_align.config import ArchitectureConfig, ModelConfig, PeftConfig, QuantConfig
+    from mistral_align.schema.model import ArchitectureConfig, ModelConfig, PeftConfig, QuantConfig
 
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     attn = attn or os.environ.get("BENCH_ATTN", "sdpa")

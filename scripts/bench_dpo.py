@@ -68,7 +68,8 @@ def dpo_args(args, out: Path, precompute: bool):
 def build_policy(args):
     """The tiny base model with a fresh LoRA adapter: what every contender starts from."""
     from mistral_align.chat import get_encoder
-    from mistral_align.model.build import apply_peft, build_model
+    from mistral_align.model.load import build_model
+    from mistral_align.model.lora import apply_peft
 
     model_cfg, quant_cfg, peft_cfg = bc.tiny_mistral_configs(args.layers, args.hidden, args.quant)
     model = build_model(model_cfg, quant_cfg, vocab_size=get_encoder("v3").vocab_size, seed=0)
@@ -79,9 +80,9 @@ def our_dpo_trainer(args, data_file: Path, out: Path, padding_free: bool, precom
     """Our DPO stage's pieces, in the recipe's order: exact ids from our loader, tokenizer, model
     with LoRA, PretokenizedDPOTrainer. (Re-point here when the stage moves into the library.)"""
     from mistral_align.chat import get_encoder
-    from mistral_align.data.config import DataConfig, SourceConfig
-    from mistral_align.data.load import load_dpo_dataset
     from mistral_align.chat.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
+    from mistral_align.data.load import load_dpo_dataset
+    from mistral_align.schema.data import DataConfig, SourceConfig
     from mistral_align.train.dpo_trainer import PretokenizedDPOTrainer
     from mistral_align.train.sft import keeps_float32
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import datasets
 
 from mistral_align.chat.encoder import TOKENIZER_VERSIONS, get_encoder
-from mistral_align.data.config import DataConfig, SourceConfig
 from mistral_align.data.load import load_sft_dataset
+from mistral_align.schema.data import DataConfig, SourceConfig
 
 WORDS = "the a river stone cloud music paper light quickly answer because model token data über café 東京 ☕".split()
 

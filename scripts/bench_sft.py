@@ -57,7 +57,7 @@ class CountingCollator:
 
 
 def train_config(args, packing: bool, batch: int):
-    from mistral_align.config import SFTTrainConfig
+    from mistral_align.schema.train import SFTTrainConfig
 
     return SFTTrainConfig(epochs=1, lr=1e-4, lr_scheduler="constant", warmup_ratio=0.0, per_device_batch_size=batch,
                        grad_accum=1, packing=packing, packing_strategy="bfd", max_length=args.max_length,
@@ -67,12 +67,13 @@ def train_config(args, packing: bool, batch: int):
 def our_sft_stage(args, data_file: Path, out: Path, cpu_changes: bool = True):
     """Our SFT stage's calls in the order `train/stage.run_stage` makes them (data, tokenizer, model
     with LoRA, trainer), with the same functions `SFTStage` uses. `cpu_changes=False` switches off
-    the two CPU-only changes (train/trl_patches.py, train/precision.py)."""
+    the two CPU-only changes (train/lm_head.py, train/precision.py)."""
     from mistral_align.chat import get_encoder
     from mistral_align.chat.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
-    from mistral_align.data.config import SFTDataConfig, SourceConfig
     from mistral_align.data.load import load_sft_dataset
-    from mistral_align.model.build import apply_peft, build_model
+    from mistral_align.model.load import build_model
+    from mistral_align.model.lora import apply_peft
+    from mistral_align.schema.data import SFTDataConfig, SourceConfig
     from mistral_align.train.sft import build_sft_trainer, keeps_float32, make_sft_args
 
     model_cfg, quant_cfg, peft_cfg = bc.tiny_mistral_configs(args.layers, args.hidden, args.quant)
@@ -89,9 +90,9 @@ def our_sft_stage(args, data_file: Path, out: Path, cpu_changes: bool = True):
     if not cpu_changes:
         import contextlib
 
-        import mistral_align.train.trl_patches as patches
+        import mistral_align.train.hooks as hooks
 
-        patches.lm_head_scores_labelled_positions_only = contextlib.nullcontext
+        hooks.lm_head_scores_labelled_positions_only = contextlib.nullcontext
     return build_sft_trainer(model, tokenizer, sft_args, data.train, None, keep_float32=cpu_changes and keeps_float32(cfg))
 
 
@@ -101,7 +102,8 @@ def plain_trl(args, data_file: Path, out: Path, packing: bool):
     from trl import SFTConfig, SFTTrainer
 
     from mistral_align.chat import get_encoder
-    from mistral_align.model.build import apply_peft, build_model
+    from mistral_align.model.load import build_model
+    from mistral_align.model.lora import apply_peft
 
     model_cfg, quant_cfg, peft_cfg = bc.tiny_mistral_configs(args.layers, args.hidden, args.quant)
     model = build_model(model_cfg, quant_cfg, vocab_size=get_encoder("v3").vocab_size, seed=0)

@@ -27,10 +27,12 @@ from transformers import TrainerCallback
 
 from mistral_align.chat import get_encoder
 from mistral_align.chat.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
-from mistral_align.config import ArchitectureConfig, ModelConfig, PeftConfig, QuantConfig, TrainConfig
-from mistral_align.data.synthetic import SKILLS, generate_items, sft_row
 from mistral_align.chat.schema import parse_sft_messages
-from mistral_align.model.build import apply_peft, build_model
+from mistral_align.data.synthetic import SKILLS, generate_items, sft_row
+from mistral_align.model.load import build_model
+from mistral_align.model.lora import apply_peft
+from mistral_align.schema.model import ArchitectureConfig, ModelConfig, PeftConfig, QuantConfig
+from mistral_align.schema.train import TrainConfig
 from mistral_align.train.args import training_arguments
 from mistral_align.train.sft import build_sft_trainer
 

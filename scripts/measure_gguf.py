@@ -50,7 +50,7 @@ def hf_greedy(model_dir: str, prompts: list[list[int]], n: int, eos: int = 2) ->
 def main(argv=None) -> int:
     from mistral_align.chat.encoder import get_encoder
     from mistral_align.chat.schema import Message
-    from mistral_align.export.rundir import resolve_source
+    from mistral_align.rundir.finished import resolve_source
 
     ap = argparse.ArgumentParser()
     ap.add_argument("merged")

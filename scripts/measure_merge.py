@@ -24,8 +24,8 @@ def main(argv=None) -> int:
     from mistral_align.chat.encoder import get_encoder
     from mistral_align.chat.schema import Message
     from mistral_align.export.merge import load_merged
-    from mistral_align.export.rundir import quantization_config, resolve_source
     from mistral_align.model.bnb_cpu import disable_cpu_inference_repacking
+    from mistral_align.rundir.finished import quantization_config, resolve_source
 
     ap = argparse.ArgumentParser()
     ap.add_argument("run_dir")

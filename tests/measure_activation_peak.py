@@ -31,7 +31,8 @@ def main() -> None:
     from test_model_build import cfg_for
 
     from mistral_align.chat import get_encoder
-    from mistral_align.model.build import apply_peft, build_model
+    from mistral_align.model.load import build_model
+    from mistral_align.model.lora import apply_peft
 
     torch.set_num_threads(1)
     model, gc, batch, length = sys.argv[1], sys.argv[2] == "gc", int(sys.argv[3]), int(sys.argv[4])

@@ -72,7 +72,7 @@ def adapter_max_diff(a: Path, b: Path) -> float:
 def model_config(arch: str):
     from types import SimpleNamespace
 
-    from mistral_align.model.build import inline_config
+    from mistral_align.model.inline import inline_config
 
     a = dict(ARCH[arch])
     if a["type"] == "mistral":
@@ -96,7 +96,7 @@ def load_trained(base_dir: Path, adapter_dir: Path, quant: str):
     from peft import PeftModel
 
     from mistral_align.model.bnb_cpu import disable_cpu_inference_repacking
-    from mistral_align.model.build import load_pretrained
+    from mistral_align.model.load import load_pretrained
 
     base = load_pretrained(str(base_dir), dtype=torch.float32, quantization_config=_bnb(quant))
     disable_cpu_inference_repacking(base)
@@ -163,7 +163,8 @@ def make_run(run_dir: Path, arch: str = "mistral", quant: str = "nf4", pipeline:
     from mistral_align.chat.encoder import get_encoder
     from mistral_align.chat.hf_tokenizer import save_hf_tokenizer
     from mistral_align.model.bnb_cpu import disable_cpu_inference_repacking
-    from mistral_align.model.build import linear_module_names, load_pretrained, model_class
+    from mistral_align.model.load import load_pretrained, model_class
+    from mistral_align.model.lora import linear_module_names
 
     run_dir = Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)

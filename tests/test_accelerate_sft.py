@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from runfixtures import adapter_max_diff
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,8 +87,8 @@ def test_two_processes_share_one_run_directory_and_train_one_model(tmp_path, one
     log = out.stdout + out.stderr
     assert log.count("run directory:") == 1
     assert "[rank 1] INFO" not in log
-    # Gradients are averaged over the ranks (DDP really wraps the model, also after the evaluation
-    # before training: train/distributed.py), so the saved adapter is the one-process adapter.
+    # Gradients are averaged over the ranks (DDP really wraps the model, also with the held-out
+    # evaluation before training: train/hooks.py), so the saved adapter is the one-process adapter.
     diff = adapter_max_diff(one_process / "adapter", run / "adapter")  # also: the same tensors
     print(f"\nDDP: 2 processes vs 1, same global batch: max |adapter diff| = {diff:.3g}")
     assert diff <= 1e-5
@@ -143,7 +144,7 @@ def test_a_gpu_only_config_on_the_cpu_stops_every_process_with_one_line(tmp_path
 
 
 def test_which_launches_ask_for_gpus():
-    from mistral_align.train.launch import _gpu_only_launch
+    from mistral_align.train.process import _gpu_only_launch
 
     two = {"WORLD_SIZE": "2"}
     assert _gpu_only_launch({**two, "ACCELERATE_USE_FSDP": "true"}) == "distributed_type FSDP"

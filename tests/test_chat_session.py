@@ -29,7 +29,7 @@ def _greedy(model, ids, n):
 def test_one_shot_prints_the_greedy_reply(run, capsys):
     from mistral_align.chat.encoder import get_encoder
     from mistral_align.chat.schema import Message
-    from mistral_align.cli import main
+    from mistral_align.entry.cli import main
 
     enc = get_encoder("v3")
     ids = enc.encode_prompt([Message("user", "copy: sun moon")])
@@ -42,7 +42,7 @@ def test_one_shot_prints_the_greedy_reply(run, capsys):
 def test_typed_inst_stays_text_and_history_is_kept():
     from mistral_align.chat.encoder import get_encoder
     from mistral_align.chat.schema import Message
-    from mistral_align.chat.session import ChatSession, Sampling
+    from mistral_align.inference.session import ChatSession, Sampling
 
     enc = get_encoder("v3")
 
@@ -66,7 +66,7 @@ def test_typed_inst_stays_text_and_history_is_kept():
 
 
 def test_sampling_seed_is_reproducible_and_bad_knobs_exit_2(run, capsys):
-    from mistral_align.cli import main
+    from mistral_align.entry.cli import main
 
     argv = ["chat", str(run), "--prompt", "hello", "--temperature", "1.0", "--top-k", "20", "--top-p", "0.9",
             "--repetition-penalty", "1.1", "--max-new-tokens", "8", "--seed", "7", "--no-stream"]
@@ -84,7 +84,7 @@ def test_scripted_interactive_session(run):
 
     src = str(__import__("pathlib").Path(mistral_align.__file__).parents[1])
     env = {**os.environ, "PYTHONPATH": src}
-    r = subprocess.run([sys.executable, "-m", "mistral_align.cli", "chat", str(run), "--temperature", "0",
+    r = subprocess.run([sys.executable, "-m", "mistral_align.entry.cli", "chat", str(run), "--temperature", "0",
                         "--max-new-tokens", "6"], input=script, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout

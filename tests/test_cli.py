@@ -13,7 +13,7 @@ import pytest
 
 from mistral_align.chat.encoder import IGNORE_INDEX, TOKENIZER_VERSIONS, get_encoder, load_mistral_tokenizer
 from mistral_align.chat.schema import parse_preference, parse_sft_messages
-from mistral_align.cli import main
+from mistral_align.entry.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "data"

@@ -14,8 +14,11 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-import mistral_align.config as c
-from mistral_align.config import ConfigError, RecipeConfig, check_config, register_configs
+from mistral_align.errors import ConfigError
+from mistral_align.schema.data import SFTDataConfig
+from mistral_align.schema.model import ModelConfig, PeftConfig, QuantConfig
+from mistral_align.schema.recipe import RecipeConfig, check_config, register_configs
+from mistral_align.schema.train import SFTTrainConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -144,7 +147,7 @@ def test_misspelt_key_in_a_yaml_file_names_the_key():
         OmegaConf.merge(schema, {"sft": {"train": {"per_device_bach_size": 2}}})
     assert "per_device_bach_size" in str(e.value)
     with pytest.raises(ValidationError) as e:
-        OmegaConf.merge(OmegaConf.structured(c.TrainConfig), {"epochs": "many"})
+        OmegaConf.merge(OmegaConf.structured(TrainConfig), {"epochs": "many"})
     assert "epochs" in str(e.value)
 
 
@@ -158,16 +161,16 @@ def test_a_key_added_with_plus_is_refused():
 def test_shipped_yaml_files_have_no_unknown_keys():
     # Composition above merges each file into the schema; this also reads every file of every group
     # directly, so a file no test selects cannot hide a stale key.
-    schemas = {"model": c.ModelConfig, "quant": c.QuantConfig, "peft": c.PeftConfig}
+    schemas = {"model": ModelConfig, "quant": QuantConfig, "peft": PeftConfig}
     for group, schema in schemas.items():
         for path in (CONFIGS / group).glob("*.yaml"):
             content = yaml.safe_load(path.read_text()) or {}
             content.pop("defaults", None)  # an alias file (model/mixtral-8x7b.yaml) composes another option
             OmegaConf.merge(OmegaConf.structured(schema), content)
-    OmegaConf.merge(OmegaConf.structured(c.SFTTrainConfig), yaml.safe_load((CONFIGS / "train/sft.yaml").read_text()))
-    OmegaConf.merge(OmegaConf.structured(c.TrainConfig), yaml.safe_load((CONFIGS / "train/dpo.yaml").read_text()))
+    OmegaConf.merge(OmegaConf.structured(SFTTrainConfig), yaml.safe_load((CONFIGS / "train/sft.yaml").read_text()))
+    OmegaConf.merge(OmegaConf.structured(TrainConfig), yaml.safe_load((CONFIGS / "train/dpo.yaml").read_text()))
     for path in (CONFIGS / "data").glob("*.yaml"):
-        OmegaConf.merge(OmegaConf.structured(c.SFTDataConfig), yaml.safe_load(path.read_text()))
+        OmegaConf.merge(OmegaConf.structured(SFTDataConfig), yaml.safe_load(path.read_text()))
 
 
 # -- the checks ----------------------------------------------------------------------------------

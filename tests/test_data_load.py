@@ -12,10 +12,10 @@ import pytest
 
 from mistral_align.chat.encoder import IGNORE_INDEX, get_encoder
 from mistral_align.chat.schema import parse_preference, parse_sft_messages
-from mistral_align.data.config import DataConfig, SFTDataConfig, SourceConfig
-from mistral_align.errors import ConfigError
 from mistral_align.data.load import DataError, load_dpo_dataset, load_sft_dataset
 from mistral_align.data.packing import packing_efficiency
+from mistral_align.errors import ConfigError
+from mistral_align.schema.data import DataConfig, SFTDataConfig, SourceConfig
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 

@@ -9,9 +9,9 @@ import pytest
 
 from mistral_align.chat.encoder import get_encoder
 from mistral_align.chat.schema import parse_preference, parse_sft_messages
-from mistral_align.data.config import DataConfig, SourceConfig
 from mistral_align.data.load import DataError, load_dpo_dataset, load_sft_dataset
 from mistral_align.data.read import SourceError, check_kind, read_source
+from mistral_align.schema.data import DataConfig, SourceConfig
 
 
 @pytest.fixture(autouse=True)

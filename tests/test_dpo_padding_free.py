@@ -11,7 +11,6 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from runfixtures import save_tiny_mistral
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from trl import DPOConfig
 
@@ -19,9 +18,15 @@ from mistral_align.chat import get_encoder
 from mistral_align.chat.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
 from mistral_align.chat.schema import parse_preference
 from mistral_align.model.bnb_cpu import disable_cpu_inference_repacking
-from mistral_align.train.dpo_padding_free import (PaddingFreePreferenceCollator, shared_prefix_length,
-                                                  shared_prefix_mask, unpack_shifted)
+from mistral_align.train.dpo_padding_free import (
+    PaddingFreePreferenceCollator,
+    shared_prefix_length,
+    shared_prefix_mask,
+    unpack_shifted,
+)
 from mistral_align.train.dpo_trainer import PretokenizedDPOTrainer
+
+from runfixtures import save_tiny_mistral
 
 pytestmark = pytest.mark.slow
 WORDS = "the cat sat on a mat while seven blue birds sang about rain and old maps".split()
@@ -178,7 +183,7 @@ def test_mixture_of_experts_router_loss_stays_the_padded_batchs(setup, shared_pr
         config = MixtralConfig(vocab_size=get_encoder("v3").vocab_size, hidden_size=64, intermediate_size=96,
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                                num_experts_per_tok=2, router_aux_loss_coef=0.5, max_position_embeddings=512,
-                               tie_word_embeddings=False, output_router_logits=True)  # as model/build.py sets it  # fmt: skip
+                               tie_word_embeddings=False, output_router_logits=True)  # as model/inline.py sets it  # fmt: skip
         torch.manual_seed(0)
         MixtralForCausalLM(config).save_pretrained(tmp / "mixtral")
     padded = make_trainer(setup, False, padding_free=False, base="mixtral")

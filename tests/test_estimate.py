@@ -3,19 +3,17 @@ the real-shape figures match the issue's arithmetic; activations against measure
 
 from __future__ import annotations
 
-import os
-
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from test_config import CONFIGS, ROOT
 
 from mistral_align.chat import get_encoder
-from mistral_align.config import check_config, register_configs
-from mistral_align.model.build import apply_peft, build_model, parameter_bytes
 from mistral_align.model.estimate import (
     GiB,
     activation_bytes,
@@ -25,8 +23,10 @@ from mistral_align.model.estimate import (
     nf4_layer_bytes,
     weight_bytes,
 )
-
-from test_config import CONFIGS, ROOT
+from mistral_align.model.facts import parameter_bytes
+from mistral_align.model.load import build_model
+from mistral_align.model.lora import apply_peft
+from mistral_align.schema.recipe import check_config, register_configs
 
 register_configs()
 
@@ -104,7 +104,7 @@ def test_sharding_divides_weights_and_state():
 
 
 def test_cli_estimate_json_and_table():
-    cmd = [sys.executable, "-m", "mistral_align.cli", "estimate", "model=mixtral-8x7b-v0.1", "quant=nf4"]
+    cmd = [sys.executable, "-m", "mistral_align.entry.cli", "estimate", "model=mixtral-8x7b-v0.1", "quant=nf4"]
     out = subprocess.run([*cmd, "--json"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)

@@ -33,7 +33,7 @@ needs_llama = pytest.mark.skipif(not _has_llama_cpp(), reason="llama-cpp-python 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from mistral_align.cli import main
+    from mistral_align.entry.cli import main
 
     root = tmp_path_factory.mktemp("gguf")
     run = make_run(root / "run", arch="mistral-small", quant="nf4", steps=16)
@@ -117,7 +117,7 @@ def test_llama_cpp_tokenizes_text_like_our_encoder(exported):
 def test_quantised_types_are_written_and_run(exported, tmp_path):
     from llama_cpp import Llama
 
-    from mistral_align.cli import main
+    from mistral_align.entry.cli import main
 
     _, merged, f16 = exported
     sizes = {"f16": f16.stat().st_size}
@@ -131,7 +131,7 @@ def test_quantised_types_are_written_and_run(exported, tmp_path):
 
 
 def test_tekken_and_bad_targets_are_one_line_errors(exported, tmp_path, capsys):
-    from mistral_align.cli import main
+    from mistral_align.entry.cli import main
 
     _, merged, _ = exported
     tek = tmp_path / "tek"
@@ -176,7 +176,7 @@ def test_mixtral_gguf_logits_match_transformers(tmp_path):
     from llama_cpp import Llama
     from transformers import AutoModelForCausalLM
 
-    from mistral_align.cli import main
+    from mistral_align.entry.cli import main
 
     run = make_run(tmp_path / "mix", arch="mixtral", quant="none", steps=8)
     assert main(["merge", str(run), "--out", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0

@@ -35,7 +35,7 @@ def _logits(model, rows):
 
 def test_dequantized_merge_is_the_trained_model_original_is_not(qlora_run):
     from mistral_align.export.merge import load_merged
-    from mistral_align.export.rundir import resolve_source
+    from mistral_align.rundir.finished import resolve_source
 
     _, rows = _rows()
     ref = _logits(load_trained(qlora_run / "base", qlora_run / "adapter", "nf4"), rows)
@@ -51,7 +51,7 @@ def test_dequantized_merge_is_the_trained_model_original_is_not(qlora_run):
 def test_merge_cli_writes_a_plain_transformers_folder(qlora_run, tmp_path):
     from mistral_align.chat.encoder import get_encoder
     from mistral_align.chat.schema import Message
-    from mistral_align.cli import main
+    from mistral_align.entry.cli import main
 
     out = tmp_path / "merged"
     assert main(["merge", str(qlora_run), "--out", str(out), "--dtype", "fp32"]) == 0
@@ -99,13 +99,13 @@ def test_mixtral_merge_equals_the_adapter_model(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from mistral_align.cli import main
+    from mistral_align.entry.cli import main
 
     run = make_run(tmp_path / "mix", arch="mixtral", quant="none", steps=8)
     out = tmp_path / "merged"
     assert main(["merge", str(run), "--out", str(out), "--dtype", "fp32"]) == 0
     _, rows = _rows()
-    from mistral_align.model.build import load_pretrained
+    from mistral_align.model.load import load_pretrained
 
     ref = PeftModel.from_pretrained(load_pretrained(str(run / "base")), str(run / "adapter")).eval()
     merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()  # stock transformers, fused experts
@@ -116,7 +116,7 @@ def test_mixtral_merge_equals_the_adapter_model(tmp_path):
 
 
 def test_merge_user_mistakes_are_one_line_exit_2(qlora_run, tmp_path, capsys):
-    from mistral_align.cli import main
+    from mistral_align.entry.cli import main
 
     assert main(["merge", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err

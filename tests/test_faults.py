@@ -1,6 +1,7 @@
-"""Runs that survive being killed (train/faults.py): the run-directory lock, refusing a changed
-config, checkpoints that are complete or invisible, resuming inside a stage after SIGKILL with the
-same result as a run that went through, and clean stops on SIGTERM (exit code 3)."""
+"""Runs that survive being killed (rundir/, train/resume.py, train/signals.py, train/checkpointing.py):
+the run-directory lock, refusing a changed config, checkpoints that are complete or invisible,
+resuming inside a stage after SIGKILL with the same result as a run that went through, and clean
+stops on SIGTERM (exit code 3)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,22 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from runfixtures import adapter_max_diff, processes_of
 
 from mistral_align.errors import EXIT_STOPPED, RunDirError
-from mistral_align.train import faults
+from mistral_align.rundir.checkpoints import (
+    INCOMPLETE,
+    MARKER,
+    _step,
+    checkpoints,
+    newest_complete,
+    rotate,
+    write_marker,
+)
+from mistral_align.rundir.drift import check_same_training, training_differences
+from mistral_align.rundir.lock import LOCK, acquire_lock, release_lock
+from mistral_align.train.signals import StopOnSignal
+
+from runfixtures import adapter_max_diff, processes_of
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -31,7 +44,7 @@ ENV.pop("MISTRAL_ALIGN_RUN_DIR", None)
 
 
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
-    lock = faults.acquire_lock(tmp_path)
+    lock = acquire_lock(tmp_path)
     holder = json.loads(lock.read_text())
     assert holder == {"pid": os.getpid(), "host": platform.node()}
     # Another live process holds it: refused, naming pid and host.
@@ -39,14 +52,14 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     try:
         lock.write_text(json.dumps({"pid": sleeper.pid, "host": platform.node()}))
         with pytest.raises(RunDirError, match=f"pid {sleeper.pid} on host {platform.node()}"):
-            faults.acquire_lock(tmp_path)
+            acquire_lock(tmp_path)
     finally:
         sleeper.kill()
         sleeper.wait()
     # The holder is dead now: its stale lock is taken over.
-    faults.acquire_lock(tmp_path)
+    acquire_lock(tmp_path)
     assert json.loads(lock.read_text())["pid"] == os.getpid()
-    faults.release_lock(tmp_path)
+    release_lock(tmp_path)
     assert not lock.exists()
 
 
@@ -67,10 +80,10 @@ def test_training_differences_name_what_changes_training_only():
     stored = OmegaConf.to_container(_cfg())
     same = _cfg(**{"run.report_to": "wandb", "sft.train.logging_steps": 5, "sft.train.save_steps": 9,
                    "sft.eval.max_prompts": 2})  # fmt: skip
-    assert faults.training_differences(stored, OmegaConf.to_container(same), same, "sft") == []
+    assert training_differences(stored, OmegaConf.to_container(same), same, "sft") == []
     changed = _cfg(**{"run.seed": 2, "model.architecture.hidden_size": 32, "sft.train.lr": 1e-4,
                       "sft.data.train": [{"path": "b.jsonl"}]})  # fmt: skip
-    diff = faults.training_differences(stored, OmegaConf.to_container(changed), changed, "sft")
+    diff = training_differences(stored, OmegaConf.to_container(changed), changed, "sft")
     assert diff == ["model.architecture.hidden_size", "run.seed", "sft.data.train", "sft.train.lr"]
 
 
@@ -78,36 +91,36 @@ def test_a_pipeline_rerun_with_another_seed_or_shape_is_refused_naming_the_keys(
     """Problem 2 of issue 10: a finished SFT stage must not be continued by DPO on a different base."""
     from hydra import compose, initialize_config_dir
 
-    from mistral_align.config import register_configs
-    from mistral_align.train.run_dir import write_resolved_config
+    from mistral_align.rundir.layout import write_resolved_config
+    from mistral_align.schema.recipe import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         first = compose("sft_dpo", overrides=["experiment=test_tiny"])
         write_resolved_config(tmp_path, first, ("sft", "dpo"))
-        faults.check_same_training(tmp_path, first, ("sft", "dpo"), "sft_dpo")  # the same: fine
+        check_same_training(tmp_path, first, ("sft", "dpo"), "sft_dpo")  # the same: fine
         logging_only = compose("sft_dpo", overrides=["experiment=test_tiny", "run.report_to=tensorboard",
                                                      "sft.train.logging_steps=3", "dpo.eval.max_prompts=2",
                                                      "dpo.shared_prompt=true", "sft.train.torch_compile=true"])  # fmt: skip
-        faults.check_same_training(tmp_path, logging_only, ("sft", "dpo"), "sft_dpo")
+        check_same_training(tmp_path, logging_only, ("sft", "dpo"), "sft_dpo")
         changed = compose("sft_dpo", overrides=["experiment=test_tiny", "run.seed=7", "model.architecture.hidden_size=32",
                                                 "dpo.beta=0.5"])  # fmt: skip
         with pytest.raises(RunDirError, match=r"dpo.beta: 0.1 -> 0.5; model.architecture.hidden_size: 64 -> 32; "
                                               r"run.seed: 42 -> 7.*run.allow_config_change=true"):  # fmt: skip
-            faults.check_same_training(tmp_path, changed, ("sft", "dpo"), "sft_dpo")
+            check_same_training(tmp_path, changed, ("sft", "dpo"), "sft_dpo")
         changed.run.allow_config_change = True
-        faults.check_same_training(tmp_path, changed, ("sft", "dpo"), "sft_dpo")
+        check_same_training(tmp_path, changed, ("sft", "dpo"), "sft_dpo")
 
 
 def test_a_second_launch_on_a_run_directory_in_use_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / faults.LOCK).write_text(json.dumps({"pid": os.getpid(), "host": platform.node()}))  # this test holds it
+    (run_dir / LOCK).write_text(json.dumps({"pid": os.getpid(), "host": platform.node()}))  # this test holds it
     out = subprocess.run(_cmd("sft.py", run_dir), capture_output=True, text=True, timeout=600, cwd=tmp_path, env=ENV)
     assert out.returncode == 2, out.stderr[-3000:]
     assert f"error: {run_dir} is in use by another launch (pid {os.getpid()} on host {platform.node()}" in out.stderr
     assert "Traceback" not in out.stderr and not (run_dir / "config.yaml").exists()
-    assert json.loads((run_dir / faults.LOCK).read_text())["pid"] == os.getpid()  # left to its holder
+    assert json.loads((run_dir / LOCK).read_text())["pid"] == os.getpid()  # left to its holder
 
 
 # -- clean stops ---------------------------------------------------------------------------------
@@ -116,7 +129,7 @@ def test_a_second_launch_on_a_run_directory_in_use_is_refused(tmp_path):
 def test_a_first_ctrl_c_asks_for_a_checkpoint_and_a_second_stops_at_once():
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    stop = faults.StopOnSignal()
+    stop = StopOnSignal()
     stop.install()
     try:
         os.kill(os.getpid(), signal.SIGINT)
@@ -155,18 +168,18 @@ def test_sigterm_before_training_stops_cleanly_naming_the_newest_checkpoint(tmp_
         assert line.endswith(f"to continue, run the same command with run.dir={run_dir}")
         assert not (run_dir / "run.lock").exists() and not (run_dir / "adapter").exists()
         assert not (run_dir / "metrics.jsonl").exists() or "loss" not in (run_dir / "metrics.jsonl").read_text()
-    assert faults.newest_complete(resumed / "checkpoints").name == "checkpoint-2"  # left as it was
+    assert newest_complete(resumed / "checkpoints").name == "checkpoint-2"  # left as it was
 
 
 # -- checkpoints complete or invisible -------------------------------------------------------------
 
 
 def _fake_checkpoint(ckpt_dir: Path, step: int) -> Path:
-    tmp = ckpt_dir / faults.INCOMPLETE / f"checkpoint-{step}"
+    tmp = ckpt_dir / INCOMPLETE / f"checkpoint-{step}"
     tmp.mkdir(parents=True)
     for name, size in (("adapter_model.safetensors", 300), ("optimizer.pt", 500), ("trainer_state.json", 40)):
         (tmp / name).write_bytes(os.urandom(size))
-    faults.write_marker(tmp, {"step": step, "loss_sum": 1.0 * step})
+    write_marker(tmp, {"step": step, "loss_sum": 1.0 * step})
     (ckpt_dir / tmp.name).parent.mkdir(exist_ok=True)
     os.replace(tmp, ckpt_dir / tmp.name)
     return ckpt_dir / tmp.name
@@ -174,19 +187,19 @@ def _fake_checkpoint(ckpt_dir: Path, step: int) -> Path:
 
 def test_a_truncated_newest_checkpoint_is_reported_and_skipped(tmp_path, caplog):
     older, newest = _fake_checkpoint(tmp_path, 2), _fake_checkpoint(tmp_path, 4)
-    assert faults.newest_complete(tmp_path) == newest
-    for f in sorted(p for p in newest.iterdir() if p.name != faults.MARKER):
+    assert newest_complete(tmp_path) == newest
+    for f in sorted(p for p in newest.iterdir() if p.name != MARKER):
         data = f.read_bytes()
         f.write_bytes(data[: len(data) // 2])  # truncated
         caplog.clear()
-        assert faults.newest_complete(tmp_path) == older
+        assert newest_complete(tmp_path) == older
         assert f"skipping checkpoint {newest}: {f.name} has" in caplog.text
         f.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, other bytes
-        assert faults.newest_complete(tmp_path) == older
+        assert newest_complete(tmp_path) == older
         f.write_bytes(data)
-        assert faults.newest_complete(tmp_path) == newest
-    (newest / faults.MARKER).unlink()  # killed before the marker: invisible
-    assert faults.newest_complete(tmp_path) == older
+        assert newest_complete(tmp_path) == newest
+    (newest / MARKER).unlink()  # killed before the marker: invisible
+    assert newest_complete(tmp_path) == older
 
 
 def test_save_total_limit_counts_complete_checkpoints_only(tmp_path):
@@ -195,8 +208,8 @@ def test_save_total_limit_counts_complete_checkpoints_only(tmp_path):
     partial = tmp_path / "checkpoint-3"
     partial.mkdir()
     (partial / "optimizer.pt").write_bytes(b"x" * 10)  # a half-written one from a killed run
-    faults.rotate(tmp_path, 1)
-    assert [p.name for p in faults.checkpoints(tmp_path)] == ["checkpoint-2"]
+    rotate(tmp_path, 1)
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2"]
 
 
 # -- real runs -------------------------------------------------------------------------------------
@@ -220,7 +233,7 @@ def _start_and_signal(cmd, cwd, ckpt_dir: Path, at_step: int, sig: int, timeout=
     proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
     while time.time() - t0 < timeout:
-        done = [c for c in faults.checkpoints(ckpt_dir) if faults._step(c) >= at_step and (c / faults.MARKER).exists()]
+        done = [c for c in checkpoints(ckpt_dir) if _step(c) >= at_step and (c / MARKER).exists()]
         if done:
             proc.send_signal(sig)
             return proc
@@ -256,11 +269,11 @@ def test_sft_killed_then_resumed_equals_uninterrupted_and_sigterm_stops_cleanly(
     assert proc.returncode == EXIT_STOPPED, err[-4000:]
     stop_lines = [line for line in err.splitlines() if line.startswith("stopped: ")]
     assert len(stop_lines) == 1 and f"run.dir={cut}" in stop_lines[0] and "SIGTERM" in stop_lines[0]
-    assert faults.newest_complete(cut / "checkpoints") is not None
+    assert newest_complete(cut / "checkpoints") is not None
     assert not (cut / "run.lock").exists()
 
     # Rerun, SIGKILL after a later checkpoint (its second one), rerun again to the end.
-    first = faults._step(faults.newest_complete(cut / "checkpoints"))
+    first = _step(newest_complete(cut / "checkpoints"))
     assert first + 2 < 8, first
     proc = _start_and_signal(_cmd("sft.py", cut, *steps), tmp_path, cut / "checkpoints", first + 2, signal.SIGKILL)
     proc.communicate(timeout=120)
@@ -275,7 +288,7 @@ def test_sft_killed_then_resumed_equals_uninterrupted_and_sigterm_stops_cleanly(
     rows_ref, rows_cut = _train_rows(ref, "sft"), _train_rows(cut, "sft")
     assert [s for s, _ in rows_cut] == list(range(1, 9))  # no duplicated, no lost rows
     assert max(abs(a[1] - b[1]) for a, b in zip(rows_ref, rows_cut)) <= 1e-5
-    assert len(faults.checkpoints(cut / "checkpoints")) <= 2
+    assert len(checkpoints(cut / "checkpoints")) <= 2
 
     # The same run directory with a setting that changes training: refused, keys named.
     out = _run(_cmd("sft.py", cut, *steps, "sft.train.lr=1e-4", "run.seed=7"), tmp_path, expect=2)
@@ -312,7 +325,7 @@ def _kill_group_after(cmd, cwd, ckpt_dir: Path, at_step: int) -> None:
     proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
     t0 = time.time()
-    while not any(faults._step(c) >= at_step and (c / faults.MARKER).exists() for c in faults.checkpoints(ckpt_dir)):
+    while not any(_step(c) >= at_step and (c / MARKER).exists() for c in checkpoints(ckpt_dir)):
         assert proc.poll() is None and time.time() - t0 < 900, proc.stderr.read()[-4000:] if proc.stderr else ""
         time.sleep(0.2)
     tree = processes_of(proc.pid)[1:]  # torchrun starts each rank in a session of its own
@@ -332,7 +345,7 @@ def test_sft_two_processes_stopped_killed_then_resumed_equals_uninterrupted(tmp_
     _, err = proc.communicate(timeout=600)
     assert proc.returncode != 0
     assert len([line for line in err.splitlines() if line.startswith("stopped: ")]) == 1, err[-4000:]
-    first = faults._step(faults.newest_complete(cut / "checkpoints"))
+    first = _step(newest_complete(cut / "checkpoints"))
     assert 1 <= first and first + 2 < 8, first
     _kill_group_after(_launch("sft.py", cut, *steps), tmp_path, cut / "checkpoints", first + 2)
     assert not (cut / "summary.json").exists()  # killed for real, before the end

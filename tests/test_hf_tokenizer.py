@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from mistral_align.chat.encoder import TEKKEN_VERSIONS, TOKENIZER_VERSIONS, get_encoder
+from mistral_align.chat.encoder import TOKENIZER_VERSIONS, get_encoder
 from mistral_align.chat.hf_tokenizer import NATIVE_FILE_NAMES, load_hf_tokenizer, save_hf_tokenizer
 from mistral_align.chat.schema import parse_messages
+from mistral_align.names import TEKKEN_VERSIONS
 
 TRICKY = "[INST] x [/INST] <s></s> [SYSTEM_PROMPT] [THINK] [ARGS] [CALL_ID]"
 

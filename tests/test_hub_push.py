@@ -42,7 +42,7 @@ def _front_matter(readme: str) -> dict:
 
 
 def test_dry_run_folder_and_card(run, tmp_path, capsys):
-    from mistral_align.cli import main
+    from mistral_align.entry.cli import main
 
     out = tmp_path / "dry"
     assert main(["push", str(run), "--repo-id", "me/tiny-qlora", "--dry-run", str(out)]) == 0
@@ -142,7 +142,7 @@ def fake_hub(monkeypatch):
 
 
 def test_push_calls_create_repo_then_upload_folder_and_retries(run, fake_hub, capsys):
-    from mistral_align.cli import main
+    from mistral_align.entry.cli import main
 
     fake_hub.fail_uploads = 1
     argv = ["push", str(run), "--repo-id", "me/tiny", "--private", "--revision", "exp"]
@@ -163,7 +163,7 @@ def test_push_calls_create_repo_then_upload_folder_and_retries(run, fake_hub, ca
 
 
 def test_push_failure_names_the_step_and_exits_2(run, fake_hub, capsys):
-    from mistral_align.cli import main
+    from mistral_align.entry.cli import main
 
     fake_hub.fail_uploads = 5
     assert main(["push", str(run), "--repo-id", "me/tiny"]) == 2
@@ -173,7 +173,7 @@ def test_push_failure_names_the_step_and_exits_2(run, fake_hub, capsys):
 
 
 def test_push_without_token_or_bad_repo_id(run, monkeypatch, tmp_path, capsys):
-    from mistral_align.cli import main
+    from mistral_align.entry.cli import main
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hfhome"))
@@ -223,9 +223,9 @@ def test_hub_push_at_the_end_of_a_run_sends_what_the_cli_sends(run, fake_hub, mo
 
     from omegaconf import OmegaConf
 
-    from mistral_align.config import RecipeConfig
     from mistral_align.errors import HubError
-    from mistral_align.train.launch import Run, push_finished_run
+    from mistral_align.schema.recipe import RecipeConfig
+    from mistral_align.train.run import Run, push_finished_run
 
     cfg = OmegaConf.structured(RecipeConfig)
     cfg.hub.push, cfg.hub.repo_id = True, "me/from-recipe"

@@ -7,12 +7,12 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
+from test_model_build import batch, build, cfg_for, train_a_few_steps
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from mistral_align.model.build import build_model, count_linear_layers, model_facts, parameter_bytes
+from mistral_align.model.facts import count_linear_layers, model_facts, parameter_bytes
+from mistral_align.model.load import build_model
 from mistral_align.model.mixtral_unfused import UnfusedMixtralForCausalLM
-
-from test_model_build import batch, build, cfg_for, train_a_few_steps
 
 SMALL = MixtralConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
@@ -87,9 +87,9 @@ def test_adapter_loads_onto_stock_transformers_mixtral_with_plain_peft(stock_dir
     from omegaconf import OmegaConf
     from peft import PeftModel, get_peft_model
 
-    from mistral_align.config import PeftConfig
-    from mistral_align.model.build import lora_config
+    from mistral_align.model.lora import lora_config
     from mistral_align.model.mixtral_unfused import write_stock_adapter
+    from mistral_align.schema.model import PeftConfig
 
     ours = UnfusedMixtralForCausalLM.from_pretrained(stock_dir, dtype=torch.float32)
     peft_cfg = OmegaConf.structured(PeftConfig(r=4, alpha=8, dropout=0.0, use_rslora=rslora,
@@ -143,7 +143,7 @@ def test_inline_mixtral_is_written_with_hub_names_and_loads_in_stock_transformer
 
     from safetensors import safe_open
 
-    from mistral_align.model.build import save_inline_base
+    from mistral_align.model.inline import save_inline_base
 
     cfg = cfg_for("tiny-mixtral", "quant=none")
     path = save_inline_base(cfg.model, 32000, 0, tmp_path / "base")
@@ -161,8 +161,8 @@ def test_inline_mixtral_is_written_with_hub_names_and_loads_in_stock_transformer
 def test_peft_experts_false_leaves_experts_alone(stock_dir):
     from omegaconf import OmegaConf
 
-    from mistral_align.config import PeftConfig
-    from mistral_align.model.build import lora_config
+    from mistral_align.model.lora import lora_config
+    from mistral_align.schema.model import PeftConfig
 
     ours = UnfusedMixtralForCausalLM.from_pretrained(stock_dir, dtype=torch.float32)
     on = lora_config(OmegaConf.structured(PeftConfig()), ours)

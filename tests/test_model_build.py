@@ -7,12 +7,14 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from test_config import CONFIGS
 
 from mistral_align.chat import Message, get_encoder
-from mistral_align.config import ConfigError, check_config, register_configs
-from mistral_align.model.build import apply_peft, build_model, model_facts
-
-from test_config import CONFIGS
+from mistral_align.errors import ConfigError
+from mistral_align.model.facts import model_facts
+from mistral_align.model.load import build_model
+from mistral_align.model.lora import apply_peft
+from mistral_align.schema.recipe import check_config, register_configs
 
 register_configs()
 

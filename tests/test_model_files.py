@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mistral_align.errors import ConfigError
-from mistral_align.model.files import adapter_problem, follow_umask, safetensors_problem
+from mistral_align.files import follow_umask
+from mistral_align.model.weights import adapter_problem, safetensors_problem
 from mistral_align.train.dpo import resolve_sft_adapter
 
 

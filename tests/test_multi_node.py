@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from runfixtures import processes_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +168,7 @@ def test_a_hung_node_ends_the_other_within_run_dist_timeout(tmp_path):
 
 
 def test_num_nodes_comes_from_the_launcher_then_the_scheduler(monkeypatch):
-    from mistral_align.train.distributed import num_nodes
+    from mistral_align.train.ranks import num_nodes
 
     for name in ("GROUP_WORLD_SIZE", "NUM_NODES", "SLURM_NNODES"):
         monkeypatch.delenv(name, raising=False)
@@ -181,22 +182,23 @@ def test_num_nodes_comes_from_the_launcher_then_the_scheduler(monkeypatch):
 def test_the_lost_peer_line_names_the_peer_the_timeout_and_the_resume(monkeypatch):
     import torch.distributed as dist
 
-    from mistral_align.train import distributed
+    import mistral_align.train.ranks as ranks
+    from mistral_align.train.ranks import lost_peer_message
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(distributed, "_RUN", {"dir": "/runs/r1", "hosts": ["a", "b"], "rank": 0, "world": 2,
+    monkeypatch.setattr(ranks, "_RUN", {"dir": "/runs/r1", "hosts": ["a", "b"], "rank": 0, "world": 2,
                                               "timeout_s": 30})  # fmt: skip
     gone = RuntimeError("[/x/gloo/gloo/transport/tcp/pair.cc:537] Read error [10.0.0.2]:41234: Connection reset by "
                         "peer. This is typically caused by a remote worker hanging. GLHF!")  # fmt: skip
-    line = distributed.lost_peer_message(gone)
+    line = lost_peer_message(gone)
     assert "lost contact with rank 1 on b" in line and "Read error [10.0.0.2]:41234: Connection reset by peer" in line
     assert line.endswith("run.dir=/runs/r1") and "pair.cc" not in line and "GLHF" not in line
     silent = RuntimeError("[/x/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 30000ms for recv "
                           "operation to complete")  # fmt: skip
-    assert "rank 1 on b did not answer rank 0" in distributed.lost_peer_message(silent)
-    assert "run.dist_timeout_s=30 s" in distributed.lost_peer_message(silent)
+    assert "rank 1 on b did not answer rank 0" in lost_peer_message(silent)
+    assert "run.dist_timeout_s=30 s" in lost_peer_message(silent)
     wrapped = ValueError("while saving")
     wrapped.__cause__ = gone
-    assert distributed.lost_peer_message(wrapped) is not None  # found through the exception chain
-    assert distributed.lost_peer_message(RuntimeError("CUDA out of memory")) is None  # a real bug keeps its traceback
+    assert lost_peer_message(wrapped) is not None  # found through the exception chain
+    assert lost_peer_message(RuntimeError("CUDA out of memory")) is None  # a real bug keeps its traceback

@@ -23,9 +23,9 @@ import torch
 from safetensors.torch import load_file
 
 from mistral_align.chat.encoder import get_encoder
-from mistral_align.data.config import DataConfig, SFTDataConfig, SourceConfig
 from mistral_align.data.encode import check_row
 from mistral_align.data.load import load_dpo_dataset, load_sft_dataset
+from mistral_align.schema.data import DataConfig, SFTDataConfig, SourceConfig
 from mistral_align.train.nonfinite import ROW_KEYS, RowKeysCollator, RowNames
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,8 +96,8 @@ def test_preference_batches_name_their_pairs(tmp_path):
 def test_on_nonfinite_is_checked_in_both_stages():
     from hydra import compose, initialize_config_dir
 
-    from mistral_align.config import check_config, register_configs
     from mistral_align.errors import ConfigError
+    from mistral_align.schema.recipe import check_config, register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):

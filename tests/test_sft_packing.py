@@ -18,8 +18,8 @@ import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from mistral_align.chat import Message, get_encoder
-from mistral_align.config import ArchitectureConfig, ModelConfig, QuantConfig
-from mistral_align.model.build import build_model
+from mistral_align.model.load import build_model
+from mistral_align.schema.model import ArchitectureConfig, ModelConfig, QuantConfig
 
 ENC = get_encoder("v3")
 CONVERSATIONS = [
@@ -100,7 +100,7 @@ def test_trl_fused_loss_on_trained_positions_only_is_the_same():
     import trl.trainer.utils as trl_utils
     from trl.trainer.utils import add_fused_lm_head
 
-    from mistral_align.train.trl_patches import lm_head_scores_labelled_positions_only
+    from mistral_align.train.lm_head import lm_head_scores_labelled_positions_only
 
     model = tiny("sdpa").train()
     packed = packed_batch(rows())

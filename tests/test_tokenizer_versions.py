@@ -17,7 +17,6 @@ import datasets
 import pytest
 
 from mistral_align.chat.encoder import (
-    DERIVED_TOKENIZER_VERSIONS,
     IGNORE_INDEX,
     TOKENIZER_VERSIONS,
     get_encoder,
@@ -26,7 +25,8 @@ from mistral_align.chat.encoder import (
 )
 from mistral_align.chat.schema import parse_preference, parse_sft_messages
 from mistral_align.chat.tekken_files import DERIVED_VERSIONS, derived_tekken_file, special_tokens
-from mistral_align.cli import main
+from mistral_align.entry.cli import main
+from mistral_align.names import DERIVED_TOKENIZER_VERSIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "data"

@@ -199,7 +199,7 @@ def test_wandb_with_a_key_and_no_server_logs_offline_with_one_warning(tmp_path, 
 def test_wandb_probe_is_quick_and_follows_the_proxy(monkeypatch):
     import time
 
-    from mistral_align.train.launch import _probe_target, wandb_unreachable
+    from mistral_align.train.tracking import _probe_target, wandb_unreachable
 
     port = closed_port()
     t0 = time.monotonic()

@@ -112,3 +112,43 @@ def test_the_patch_holds_only_while_our_trainer_runs(parts):
     assert result.global_step == 2
     trainer.evaluate(parts[3])
     assert trl_utils._use_triton(CPU) is False
+
+
+def test_the_trainer_internals_our_hooks_rely_on_are_still_there():
+    """Canaries for train/hooks.py's table: each fails the day transformers or TRL moves what a hook needs."""
+    from transformers import Trainer
+    from trl import DPOTrainer, SFTTrainer
+
+    # DPO (private): TRL still prepares, that is tokenises, every data set in its constructor through
+    # _prepare_dataset(dataset, processing_class, args, dataset_name), which ours replaces.
+    assert list(inspect.signature(DPOTrainer._prepare_dataset).parameters) == [
+        "self", "dataset", "processing_class", "args", "dataset_name"]  # fmt: skip
+    assert "self._prepare_dataset(" in inspect.getsource(DPOTrainer.__init__)
+    assert "_tokenize(" in inspect.getsource(DPOTrainer._prepare_dataset)
+    # eval_on_start: the held-out metrics before training are measured after the model is prepared
+    # (wrapped for DDP), not before it.
+    loop = inspect.getsource(Trainer._inner_training_loop)
+    assert loop.index("self._prepare_for_training(") < loop.index("if args.eval_on_start:")
+    # on_save runs once the checkpoint's files are written.
+    save = inspect.getsource(Trainer._maybe_log_save_evaluate)
+    assert save.index("self._save_checkpoint(") < save.index("self.callback_handler.on_save(")
+    # TRL writes its model card into each checkpoint through the public create_model_card.
+    for trainer in (SFTTrainer, DPOTrainer):
+        assert "self.create_model_card(" in inspect.getsource(trainer._save_checkpoint)
+
+
+@pytest.mark.slow
+def test_checkpoints_are_renamed_into_place_complete_and_hold_no_model_card(parts):
+    from mistral_align.rundir.checkpoints import checkpoint_problem, newest_complete
+    from mistral_align.train.checkpointing import checkpoint_dirs
+
+    tmp, qlora, tok, sft_ds, _ = parts
+    aside, final = checkpoint_dirs(tmp / "ckpt" / "checkpoints")
+    args = SFTConfig(output_dir=str(aside), max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                     save_strategy="steps", save_steps=1, save_total_limit=1, bf16=False, max_length=64)  # fmt: skip
+    build_sft_trainer(qlora(), tok, args, sft_ds).train()
+    newest = newest_complete(final)
+    assert newest is not None and newest.name == "checkpoint-2" and checkpoint_problem(newest) is None
+    assert sorted(p.name for p in final.glob("checkpoint-*")) == ["checkpoint-2"]  # save_total_limit=1
+    assert not any(aside.iterdir())  # nothing left aside: TRL's card (README.md there) is not written either
+    assert not (final / "README.md").exists()  # (peft's adapter card inside checkpoint-2 is another file)

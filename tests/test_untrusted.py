@@ -38,7 +38,7 @@ assert len(WANDB_SECRET) == 40
 def _compose(*overrides: str):
     from hydra import compose, initialize_config_dir
 
-    from mistral_align.config import register_configs
+    from mistral_align.schema.recipe import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
@@ -51,7 +51,7 @@ def _compose(*overrides: str):
     (f"+sft.train.extra.wandb_api_key={WANDB_SECRET}", "sft.train.extra.wandb_api_key"),
 ])  # fmt: skip
 def test_a_credential_in_the_config_is_refused_naming_the_key_not_the_value(override, key):
-    from mistral_align.config import check_config
+    from mistral_align.schema.recipe import check_config
 
     with pytest.raises(ConfigError) as e:
         check_config(_compose(override))
@@ -64,8 +64,9 @@ def test_a_credential_in_the_config_is_refused_naming_the_key_not_the_value(over
 
 
 def _tiny_model():
-    from runfixtures import model_config
     from transformers import AutoModelForCausalLM
+
+    from runfixtures import model_config
 
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(model_config("mistral-small"))
@@ -106,8 +107,8 @@ def _run_dir(root: Path, pickled_adapter: bool, pickled_base: bool) -> Path:
 
 
 def test_pickle_only_weights_are_refused_unless_allowed(tmp_path):
-    from mistral_align.chat.session import load_for_chat
-    from mistral_align.export.rundir import resolve_source
+    from mistral_align.inference.load import load_for_chat
+    from mistral_align.rundir.finished import resolve_source
     from mistral_align.train.dpo import safe_adapter
 
     adapter_pickled = _run_dir(tmp_path / "a", pickled_adapter=True, pickled_base=False)
@@ -133,7 +134,7 @@ def test_pickle_only_weights_are_refused_unless_allowed(tmp_path):
 def test_the_cli_refuses_a_pickled_run_in_one_line(tmp_path):
     run = _run_dir(tmp_path / "run", pickled_adapter=True, pickled_base=False)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "mistral_align.cli", "merge", str(run), "--out", str(tmp_path / "m")],
+    out = subprocess.run([sys.executable, "-m", "mistral_align.entry.cli", "merge", str(run), "--out", str(tmp_path / "m")],
                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     (line,) = [x for x in out.stderr.splitlines() if x.startswith("mistral-align merge: error: ")]
@@ -157,9 +158,9 @@ def _evil_folder(folder: Path, model_type: str) -> Path:
 def test_remote_code_is_never_run(tmp_path, monkeypatch):
     import transformers
 
-    from mistral_align.chat.session import load_for_chat
-    from mistral_align.config import ModelConfig, QuantConfig
-    from mistral_align.model.build import build_model, load_pretrained
+    from mistral_align.inference.load import load_for_chat
+    from mistral_align.model.load import build_model, load_pretrained
+    from mistral_align.schema.model import ModelConfig, QuantConfig
 
     seen = []
     for cls in (transformers.AutoConfig, transformers.AutoModelForCausalLM):
@@ -220,7 +221,7 @@ def test_no_secret_lands_in_any_file_written(tmp_path):
               f"+sft.train.extra.hub_token={HF_SECRET}", expect=2)
     assert "error: sft.train.extra.hub_token: credentials are not taken from the config" in out.stderr
     assert not refused.exists()
-    cli = ("-m", "mistral_align.cli")
+    cli = ("-m", "mistral_align.entry.cli")
     run(*cli, "push", pipeline, "--repo-id", "someone/tiny", "--dry-run", tmp_path / "upload")
     run(*cli, "merge", pipeline, "--out", tmp_path / "merged", "--dtype", "fp32")
     try:

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from mistral_align.chat.schema import Message, Preference
+from mistral_align.chat.tekken_files import derived_tekken_file
+from mistral_align.names import DERIVED_TOKENIZER_VERSIONS, TOKENIZER_VERSIONS
 
 IGNORE_INDEX = -100
 
@@ -35,14 +37,12 @@ TOKENIZER_FILES = {
     "v7": "mistral_instruct_tokenizer_241114.model.v7",
     "v3-tekken": "tekken_240718.json",
 }
-# Versions mistral-common encodes but ships no file for: a tekken file is made from the shipped
-# Nemo one with the version's special tokens (see chat/tekken_files.py).
-DERIVED_TOKENIZER_VERSIONS = ("v7-tekken", "v11", "v13")
-TOKENIZER_VERSIONS = (*TOKENIZER_FILES, *DERIVED_TOKENIZER_VERSIONS)
+# Versions mistral-common encodes but ships no file for (DERIVED_TOKENIZER_VERSIONS): a tekken file
+# is made from the shipped Nemo one with the version's special tokens (see chat/tekken_files.py).
+assert set(TOKENIZER_FILES) | set(DERIVED_TOKENIZER_VERSIONS) == set(TOKENIZER_VERSIONS)
 # The system prompt is its own [SYSTEM_PROMPT] block after BOS (v7 and later); before v7 it is
 # written into a user message.
 SYSTEM_BLOCK_VERSIONS = frozenset({"v7", "v7-tekken", "v11", "v13"})
-TEKKEN_VERSIONS = frozenset({"v3-tekken", *DERIVED_TOKENIZER_VERSIONS})
 
 TrainOn = Literal["all", "last"]
 
@@ -65,8 +65,6 @@ def tokenizer_file(version: str) -> Path:
     if version not in TOKENIZER_VERSIONS:
         raise ValueError(f"unknown tokenizer version {version!r}; expected one of {', '.join(TOKENIZER_VERSIONS)}")
     if version in DERIVED_TOKENIZER_VERSIONS:
-        from mistral_align.chat.tekken_files import derived_tekken_file
-
         return derived_tekken_file(version)
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 

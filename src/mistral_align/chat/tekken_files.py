@@ -32,6 +32,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from mistral_align.files import write_text_atomic
+
 SOURCE_FILE = "tekken_240718.json"  # Mistral-Nemo's tekken, shipped in mistral_common/data/
 
 # our version name -> (mistral-common TokenizerVersion value, extra special tokens by rank)
@@ -62,16 +64,14 @@ def _source_path() -> Path:
     return MistralTokenizer._data_path() / SOURCE_FILE
 
 
-def write_tekken_file(version: str, path: str | Path) -> Path:
-    """Write the tekken file for `version` to `path` (its name must contain "tekken" and end in
-    .json for mistral-common to recognise it)."""
+def tekken_json(version: str) -> str:
+    """The tekken file for `version`, as text (saved under a name that contains "tekken" and ends in
+    .json, for mistral-common to recognise it)."""
     mc_version, _ = DERIVED_VERSIONS[version]
     data = json.loads(_source_path().read_text(encoding="utf-8"))
     data["config"]["version"] = mc_version
     data["special_tokens"] = special_tokens(version)
-    path = Path(path)
-    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    return path
+    return json.dumps(data, ensure_ascii=False)
 
 
 def _cache_dir() -> Path:
@@ -97,21 +97,11 @@ def derived_tekken_file(version: str) -> Path:
         if (folder / name).is_file():
             return folder / name
         try:
-            return _write_atomically(version, folder / name)
+            folder.mkdir(parents=True, exist_ok=True)
+            return write_text_atomic(folder / name, tekken_json(version))
         except OSError:
             if folder == fallback:
                 raise
     raise AssertionError("unreachable")
 
 
-def _write_atomically(version: str, out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tekken_", suffix=".json.tmp")
-    os.close(fd)
-    try:
-        write_tekken_file(version, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; other users of a shared cache read it too
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return out

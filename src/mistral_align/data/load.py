@@ -32,11 +32,11 @@ import datasets
 import numpy as np
 
 from mistral_align.chat.encoder import MistralEncoder
-from mistral_align.data.config import DataConfig, SourceConfig, check_data_config
 from mistral_align.data.encode import ID_COLUMNS, categorize, encode_batch
 from mistral_align.data.packing import packing_efficiency
 from mistral_align.data.read import RawRows, SourceError, check_kind, read_source
 from mistral_align.errors import DataError
+from mistral_align.schema.data import DataConfig, SourceConfig, check_data_config
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mistral_align.data.config import SourceConfig
 from mistral_align.errors import DataError
+from mistral_align.schema.data import SourceConfig
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from mistral_align.names import SYNTHETIC_SKILLS
+
 WORDS = (
     "apple", "river", "stone", "cloud", "green", "house", "light", "music",
     "paper", "table", "water", "bread", "chair", "dream", "field", "glass",
@@ -71,6 +73,8 @@ SKILLS: dict[str, Callable[[random.Random], SkillItem]] = {
     "add": _add,
     "upper": _upper,
 }
+# The config checks skill names against the shared list (names.py) without importing this module.
+assert tuple(SKILLS) == SYNTHETIC_SKILLS
 
 
 def make_item(skill: str, rng: random.Random) -> SkillItem:

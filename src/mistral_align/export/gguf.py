@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mistral_align.chat.encoder import tokenizer_file
 from mistral_align.errors import UserError
-from mistral_align.export.rundir import RunDirError, resolve_source
+from mistral_align.export.merge import merge_run
+from mistral_align.rundir.finished import resolve_source
 
 TYPES = ("f16", "q8_0", "q4_k_m")
 
@@ -72,8 +74,6 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def _vocab(version: str, n_vocab: int):
     import sentencepiece as spm
     from gguf import TokenType
-
-    from mistral_align.chat.encoder import tokenizer_file
 
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_file(version)))
     tokens, scores, types = [], [], []
@@ -254,8 +254,6 @@ def export_gguf(source: str | Path, out: str | Path, *, gguf_type: str = "f16", 
         if src.kind == "merged":
             model_dir = src.path
         else:
-            from mistral_align.export.merge import merge_run
-
             model_dir = merge_run(src.path, Path(tmp) / "merged", dtype="fp32", base=base, stage=stage,
                                   allow_pickle=allow_pickle)
         name = src.path.name

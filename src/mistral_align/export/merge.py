@@ -27,7 +27,12 @@ from pathlib import Path
 
 import torch
 
-from mistral_align.export.rundir import RunDirError, RunSource, quantization_config, resolve_source
+from mistral_align.chat.hf_tokenizer import save_hf_tokenizer
+from mistral_align.errors import RunDirError
+from mistral_align.files import follow_umask
+from mistral_align.model.load import load_pretrained
+from mistral_align.model.quantize import run_quantization_config
+from mistral_align.rundir.finished import RunSource, resolve_source
 
 log = logging.getLogger("mistral_align")
 
@@ -37,8 +42,6 @@ DEFAULT_BASE = "dequantized"
 
 
 def _load_full(src: RunSource, dtype: torch.dtype):
-    from mistral_align.model.build import load_pretrained
-
     return load_pretrained(src.base, revision=src.revision, allow_pickle=src.allow_pickle, dtype=dtype)
 
 
@@ -46,9 +49,7 @@ def _dequantized_weights(src: RunSource) -> dict[str, torch.Tensor]:
     """Every quantised linear weight of the base as training saw it, dequantised (module name -> W)."""
     import bitsandbytes as bnb
 
-    from mistral_align.model.build import load_pretrained
-
-    qcfg = quantization_config(src.quant)
+    qcfg = run_quantization_config(src.quant)
     compute = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[src.quant.get("compute_dtype", "bfloat16")]
     model_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         (src.config.get("model") or {}).get("dtype", "bfloat16"), torch.bfloat16
@@ -98,8 +99,6 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
     """Write the merged model folder; returns it."""
     from transformers import GenerationConfig
 
-    from mistral_align.chat.hf_tokenizer import save_hf_tokenizer
-
     if dtype not in DTYPES:
         raise RunDirError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     src = resolve_source(run_dir, stage, allow_pickle)
@@ -138,7 +137,5 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
     (out / "mistral_align_merge.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     for stray in out.glob("*.bin"):
         stray.unlink()
-    from mistral_align.model.files import follow_umask
-
     follow_umask(out)  # safetensors writes 0600; a merged folder is meant to be served and shared
     return out

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
-from mistral_align.export.rundir import RunSource
+from mistral_align.chat.encoder import get_encoder
+from mistral_align.chat.schema import Message
+from mistral_align.names import REPO_ID
+from mistral_align.rundir.finished import RunSource
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LOCAL_SUFFIX = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 
 
@@ -23,7 +24,7 @@ def hub_datasets(config: dict, stage: str | None) -> list[str]:
         data = (config.get(s) or {}).get("data") or {}
         for src in list(data.get("train") or []) + list(data.get("eval") or []):
             path = str((src or {}).get("path", ""))
-            if _HUB_ID.match(path) and not path.endswith(_LOCAL_SUFFIX) and not Path(path).exists() and path not in out:
+            if REPO_ID.fullmatch(path) and not path.endswith(_LOCAL_SUFFIX) and not Path(path).exists() and path not in out:
                 out.append(path)
     return out
 
@@ -54,9 +55,6 @@ def _yaml_list(items: list[str]) -> str:
 
 
 def prompt_format_section(version: str) -> str:
-    from mistral_align.chat.encoder import get_encoder
-    from mistral_align.chat.schema import Message
-
     enc = get_encoder(version)
     conv = [Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello!"), Message("user", "Bye")]
     ids = enc.encode_prompt(conv)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import tempfile
 import time
@@ -25,18 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from mistral_align.errors import HubError
-from mistral_align.export.rundir import RunDirError, RunSource, resolve_source
+from omegaconf import OmegaConf
+
+from mistral_align.chat.hf_tokenizer import save_hf_tokenizer
+from mistral_align.errors import HubError, RunDirError
 from mistral_align.hub.card import render_card
-from mistral_align.train.run_dir import redact
+from mistral_align.names import PICKLE_SUFFIXES, REPO_ID
+from mistral_align.redaction import redact
+from mistral_align.rundir.finished import RunSource, resolve_source
 
 log = logging.getLogger("mistral_align")
-
-# A Hub repository id, OWNER/NAME; also what `hub.repo_id` is checked against before a run starts.
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
 
 
 @dataclass
@@ -60,10 +57,6 @@ def hub_base_id(src: RunSource) -> str:
 
 def build_folder(src: RunSource, repo_id: str, out: Path, license: str = "apache-2.0") -> list[str]:
     """Write the upload folder into `out` (created, must be empty); returns its files, sorted."""
-    from omegaconf import OmegaConf
-
-    from mistral_align.chat.hf_tokenizer import save_hf_tokenizer
-
     out.mkdir(parents=True, exist_ok=True)
     if any(out.iterdir()):
         raise RunDirError(f"{out}: exists and is not empty")
@@ -163,7 +156,7 @@ def push_run(
     retry_wait_s: float = 2.0,
 ) -> PushResult:
     """Push (or, with dry_run=DIR, only write) a run's adapter folder. Main process only."""
-    if not REPO_ID.match(repo_id or ""):
+    if not REPO_ID.fullmatch(repo_id or ""):
         raise RunDirError(f"--repo-id must look like OWNER/NAME, got {repo_id!r}")
     src = resolve_source(run_dir, stage)
     if src.kind != "run":

@@ -35,6 +35,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from mistral_align.chat.encoder import get_encoder
+from mistral_align.errors import ConfigError
+from mistral_align.schema.recipe import stage_max_length
+
 log = logging.getLogger(__name__)
 
 GPU_SIZES_GB = (24, 40, 48, 80, 141)
@@ -65,8 +69,6 @@ class Shape:
 def model_shape(model_cfg: Any) -> Shape:
     """The architecture numbers: `model.architecture` (inline; vocab = the tokenizer's) or `model.shape`."""
     if model_cfg.get("architecture") is not None:
-        from mistral_align.chat.encoder import get_encoder
-
         a = model_cfg.architecture
         vocab = get_encoder(model_cfg.tokenizer_version).vocab_size
         experts = a.num_local_experts if a.type == "mixtral" else 0
@@ -75,8 +77,6 @@ def model_shape(model_cfg: Any) -> Shape:
         a = model_cfg.shape
         vocab, experts, tie = a.vocab_size, (a.num_local_experts if a.type == "mixtral" else 0), a.tie_word_embeddings
     else:
-        from mistral_align.config import ConfigError
-
         raise ConfigError(f"model.shape: {model_cfg.name} has no architecture numbers; add a `shape:` node to its config")
     return Shape(
         type=a.type,
@@ -279,8 +279,6 @@ def _stage_train(cfg: Any, stage: str | None) -> Any:
 
 
 def _length(cfg: Any, train: Any, stage: str | None) -> int:
-    from mistral_align.config import stage_max_length
-
     return stage_max_length(cfg[stage or "sft"])
 
 

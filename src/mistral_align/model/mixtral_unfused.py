@@ -37,6 +37,8 @@ from transformers import MixtralConfig
 from transformers.activations import ACT2FN
 from transformers.models.mixtral.modeling_mixtral import MixtralForCausalLM, MixtralModel
 
+from mistral_align.files import follow_umask
+
 _REGISTERED = False
 
 
@@ -230,7 +232,5 @@ def write_stock_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLi
             shutil.copy2(f, out / f.name)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(converted, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    from mistral_align.model.files import follow_umask
-
     follow_umask(out)  # safetensors writes 0600, the other files follow the umask
     return out

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from mistral_align.config import bf16_setting
+from mistral_align.schema.train import bf16_setting
+from mistral_align.train.checkpointing import checkpoint_dirs
 
 
 def bf16_enabled(train_cfg: Any) -> bool:
@@ -21,13 +22,16 @@ def bf16_enabled(train_cfg: Any) -> bool:
     return value == "true"
 
 
-def training_arguments(t: Any, seed: int, out_dir: Path, report_to: list[str], has_eval: bool) -> dict[str, Any]:
-    """TrainingArguments keywords from a stage's `train` node (`sft.train`, `dpo.train`)."""
+def training_arguments(t: Any, seed: int, out_dir: Path, report_to: list[str], has_eval: bool,
+                       eval_on_start: bool = False) -> dict[str, Any]:
+    """TrainingArguments keywords from a stage's `train` node (`sft.train`, `dpo.train`).
+    `eval_on_start`: the held-out metrics before training are measured inside `train()` (train/hooks.py)."""
     from omegaconf import OmegaConf
 
     extra = OmegaConf.to_container(t.extra, resolve=True) if OmegaConf.is_config(t.extra) else dict(t.extra)
     return dict(
-        output_dir=str(Path(out_dir) / "checkpoints"),
+        # Checkpoints are written aside and renamed into checkpoints/ when complete (train/checkpointing.py).
+        output_dir=str(checkpoint_dirs(Path(out_dir) / "checkpoints")[0]),
         run_name=Path(out_dir).name,
         seed=seed,
         num_train_epochs=t.epochs,
@@ -47,6 +51,7 @@ def training_arguments(t: Any, seed: int, out_dir: Path, report_to: list[str], h
         logging_steps=t.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if has_eval and t.eval_steps else "no",
+        eval_on_start=eval_on_start,
         eval_steps=t.eval_steps,
         save_strategy="steps",
         save_steps=t.save_steps,

@@ -12,12 +12,20 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mistral_align.config import stage_max_length
+from huggingface_hub import snapshot_download
+from omegaconf import OmegaConf
+
+from mistral_align.chat.encoder import IGNORE_INDEX
 from mistral_align.data.load import LoadedData, load_dpo_dataset
 from mistral_align.data.synthetic import write_dpo_splits
-from mistral_align.errors import ConfigError
-from mistral_align.model.build import apply_peft, build_model, prepare_for_adapter
+from mistral_align.errors import ConfigError, UntrustedFileError
+from mistral_align.model.load import build_model
+from mistral_align.model.lora import apply_peft, prepare_for_adapter
+from mistral_align.model.trust import require_safetensors
+from mistral_align.model.weights import adapter_problem
+from mistral_align.schema.recipe import stage_max_length
 from mistral_align.train.args import training_arguments
+from mistral_align.train.dpo_trainer import PretokenizedDPOTrainer
 from mistral_align.train.report import generation_table, preference_table
 from mistral_align.train.sft import keeps_float32
 from mistral_align.train.stage import Stage, build_trainer
@@ -55,8 +63,6 @@ def check_adapter_files(adapter: Path) -> None:
     """A local adapter that cannot load (a copy cut short, a corrupt config) is refused naming the
     file, before the base model loads: peft would fail only after it, with safetensors' message and
     no file name."""
-    from mistral_align.model.files import adapter_problem
-
     bad = adapter_problem(adapter)
     if bad is not None:
         file, why = bad
@@ -67,8 +73,6 @@ def same_base_as_sft_run(cfg):
     """Take model, quant and run.seed from the SFT run that `dpo.init_from` names, if it is a run
     directory: the adapter is only meaningful on the exact base it was trained on (for an inline
     random-init model that means the same seed)."""
-    from omegaconf import OmegaConf
-
     _, run_dir = resolve_sft_adapter(cfg.dpo.init_from)
     if run_dir is None:  # an adapter folder or a Hub id: no run config to follow
         return cfg
@@ -85,19 +89,13 @@ def safe_adapter(adapter: str, allow_pickle: bool = False) -> str:
     """The adapter folder to load: a local one must hold adapter_model.safetensors; a Hub one is fetched
     without its pickles (config and safetensors only), so peft never falls back to adapter_model.bin.
     With `allow_pickle` the adapter is left to peft as it is."""
-    from mistral_align.model.build import require_safetensors
-
     if allow_pickle:
         return adapter
     if Path(adapter).is_dir():
         require_safetensors(adapter, "dpo.init_from adapter")
         return adapter
-    from huggingface_hub import snapshot_download
-
     folder = snapshot_download(adapter, allow_patterns=["adapter_config.json", "*.safetensors"])
     if not (Path(folder) / "adapter_model.safetensors").is_file():
-        from mistral_align.errors import UntrustedFileError
-
         raise UntrustedFileError(
             f"dpo.init_from: the Hub adapter {adapter} has no adapter_model.safetensors (only pickled weights, which "
             "can run code when loaded); set model.allow_pickle=true if you trust it"
@@ -123,16 +121,14 @@ PREFERENCE_METRICS = {
 }
 
 
-def preference_eval(trainer) -> dict[str, float]:
-    """Held-out preference metrics under readable names: reward accuracy and margin, log-probs."""
-    metrics = trainer.evaluate()
+def preference_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Held-out preference metrics (trainer.evaluate()'s) under readable names: reward accuracy and margin, log-probs."""
     return {name: metrics[key] for key, name in PREFERENCE_METRICS.items() if key in metrics}
 
 
 def as_generation_rows(dpo_ds):
     """Preference rows as (input_ids, labels) rows whose reference reply is the chosen one,
     so `train.evaluate.generation_eval` can score greedy replies against it."""
-    from mistral_align.chat.encoder import IGNORE_INDEX
 
     def to_sft(row):
         return {
@@ -143,7 +139,8 @@ def as_generation_rows(dpo_ds):
     return dpo_ds.map(to_sft, remove_columns=dpo_ds.column_names)
 
 
-def make_dpo_args(stage_cfg: Any, seed: int, out_dir: Path, report_to: list[str], has_eval: bool):
+def make_dpo_args(stage_cfg: Any, seed: int, out_dir: Path, report_to: list[str], has_eval: bool,
+                  eval_on_start: bool = False):
     """trl.DPOConfig from the typed `dpo` node (`dpo.train` for the optimiser, `dpo.*` for the objective)."""
     from trl import DPOConfig
 
@@ -158,15 +155,13 @@ def make_dpo_args(stage_cfg: Any, seed: int, out_dir: Path, report_to: list[str]
         loss_weights=list(d.loss_weights) if d.loss_weights is not None else None,
         label_smoothing=d.label_smoothing,
         precompute_ref_log_probs=d.precompute_ref_log_probs,
-        **training_arguments(d.train, seed, out_dir, report_to, has_eval),
+        **training_arguments(d.train, seed, out_dir, report_to, has_eval, eval_on_start),
     )
 
 
 def build_dpo_trainer(model, tokenizer, args, train_ds, eval_ds=None, callbacks=(), keep_float32: bool = False,
                       padding_free: bool = False, shared_prompt: bool = False):
     """The DPO trainer on pre-tokenised preference rows (prompt_ids, chosen_ids, rejected_ids)."""
-    from mistral_align.train.dpo_trainer import PretokenizedDPOTrainer
-
     return build_trainer(PretokenizedDPOTrainer, model, tokenizer, args, train_ds, eval_ds, callbacks, keep_float32,
                          padding_free=padding_free, shared_prompt=shared_prompt)
 
@@ -189,8 +184,6 @@ class DPOStage(Stage):
         super().__init__(*args, **kwargs)
         self.adapter = resolve_sft_adapter(self.node.init_from)[0] if self.node.init_from else None
         if self.adapter is not None and Path(self.adapter).is_dir():  # known before anything loads
-            from mistral_align.model.build import require_safetensors
-
             require_safetensors(self.adapter, "dpo.init_from adapter", bool(self.cfg.model.allow_pickle))
 
     def write_synthetic_data(self, data_dir: Path):
@@ -221,8 +214,8 @@ class DPOStage(Stage):
         return {"init_from": self.adapter,
                 "reference": "frozen copy of the SFT adapter" if self.adapter else "base model"}
 
-    def trainer_args(self, report_to: list[str], has_eval: bool):
-        return make_dpo_args(self.node, self.cfg.run.seed, self.out_dir, report_to, has_eval)
+    def trainer_args(self, report_to: list[str], has_eval: bool, eval_on_start: bool):
+        return make_dpo_args(self.node, self.cfg.run.seed, self.out_dir, report_to, has_eval, eval_on_start)
 
     def trainer_facts(self, args) -> dict[str, Any]:
         return {"beta": args.beta, "loss_type": list(args.loss_type), "precompute_ref_log_probs": args.precompute_ref_log_probs,
@@ -232,8 +225,8 @@ class DPOStage(Stage):
         return build_dpo_trainer(model, tokenizer, args, data.train, data.eval, callbacks, keeps_float32(self.cfg),
                                  padding_free=self.node.padding_free, shared_prompt=self.node.shared_prompt)
 
-    def held_out_metrics(self, trainer) -> dict[str, float]:
-        return preference_eval(trainer)
+    def held_out_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        return preference_metrics(metrics)
 
     def generation_rows(self, data: LoadedData):
         return as_generation_rows(data.eval)

@@ -7,66 +7,61 @@ replaced: rows arrive with `prompt_ids`, `chosen_ids`, `rejected_ids` made by
 
 `padding_free=True` runs each batch's chosen and rejected sequences as one packed row instead of
 a padded batch (train/dpo_padding_free.py); `shared_prompt=True` also computes each pair's prompt
-once. The loss and metrics are TRL's, unchanged.
+once. Both are given to TRL through its public `data_collator` argument. The loss and metrics are
+TRL's, unchanged. Every hook, public or private, is listed in train/hooks.py.
 """
 
 from __future__ import annotations
 
 from trl import DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from mistral_align.train.distributed import (WrapsForTrainingAfterEvaluating, gathered_state_dict,
-                                              sharded_checkpoints_only)
-from mistral_align.train.faults import AtomicCheckpoints
-from mistral_align.train.nonfinite import GuardsNonFinite
-from mistral_align.train.precision import KeepsTrainableFloat32
-from mistral_align.train.trl_patches import ScoresLabelledPositionsOnly
+from mistral_align.train.dpo_padding_free import PackedForward, PaddingFreePreferenceCollator
+from mistral_align.train.hooks import TrainerHooks
+from mistral_align.train.sharded_saves import gathered_state_dict, sharded_checkpoints_only
 
 DPO_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
-class PretokenizedDPOTrainer(WrapsForTrainingAfterEvaluating, AtomicCheckpoints, GuardsNonFinite,
-                             ScoresLabelledPositionsOnly, KeepsTrainableFloat32, DPOTrainer):
-    """DPO on `prompt_ids` / `chosen_ids` / `rejected_ids` rows; `keep_float32` as in train/precision.py;
-    checkpoints complete or invisible (train/faults.py); a NaN/Inf step stops or is skipped
-    (train/nonfinite.py); `padding_free` packs chosen and rejected rows and `shared_prompt` also
-    computes each pair's prompt once (train/dpo_padding_free.py);
-    DDP wraps the model even after an evaluation (train/distributed.py)."""
+def packed_collator(model, processing_class, args, shared_prompt: bool) -> PaddingFreePreferenceCollator:
+    """TRL's own padded preference collator, wrapped to add the packed row."""
+    # FlashAttention's varlen kernel takes one row of everything; kernels that build the block-diagonal
+    # mask densely (sdpa, eager) get rows as long as the batch's longest sequence instead.
+    attn = getattr(model.config, "_attn_implementation", None) or ""
+    if shared_prompt and attn not in ("sdpa", "eager"):
+        raise ValueError(f"dpo.shared_prompt needs model.attn_implementation sdpa or eager, not {attn}: "
+                         "its attention mask lets a rejected reply see the prompt but not the chosen reply")
+    pad = processing_class.pad_token_id
+    padded = DataCollatorForPreference(pad_token_id=pad, max_length=args.max_length, truncation_mode=args.truncation_mode,
+                                       pad_to_multiple_of=args.pad_to_multiple_of)
+    rows = "one" if "flash" in attn and not shared_prompt else "longest"
+    return PaddingFreePreferenceCollator(padded, rows=rows, pad_token_id=pad, shared_prompt=shared_prompt)
+
+
+class PretokenizedDPOTrainer(TrainerHooks, DPOTrainer):
+    """DPO on `prompt_ids` / `chosen_ids` / `rejected_ids` rows, with the hooks of train/hooks.py;
+    `padding_free` packs chosen and rejected rows and `shared_prompt` also computes each pair's
+    prompt once (train/dpo_padding_free.py)."""
 
     def __init__(self, *args, padding_free: bool = False, shared_prompt: bool = False, **kwargs):
-        # Set before TRL's __init__, which may precompute reference log-probs (through the collator).
-        self._pack_pairs = padding_free or shared_prompt
-        self._shared_prompt = shared_prompt
         self._packed_forward = None
-        super().__init__(*args, **kwargs)
-        if self._pack_pairs:
-            self._enable_padding_free()
-        self._sync_reference_to_policy()
-
-    def _enable_padding_free(self):
-        """Wrap the collator and hook the model(s) once; see train/dpo_padding_free.py."""
-        from mistral_align.train.dpo_padding_free import PackedForward, PaddingFreePreferenceCollator
-
-        if not isinstance(self.data_collator, PaddingFreePreferenceCollator):
-            # FlashAttention's varlen kernel takes one row of everything; kernels that build the block-diagonal
-            # mask densely (sdpa, eager) get rows as long as the batch's longest sequence instead.
-            attn = getattr(self.accelerator.unwrap_model(self.model).config, "_attn_implementation", None) or ""
-            if self._shared_prompt and attn not in ("sdpa", "eager"):
-                raise ValueError(f"dpo.shared_prompt needs model.attn_implementation sdpa or eager, not {attn}: "
-                                 "its attention mask lets a rejected reply see the prompt but not the chosen reply")
-            rows = "one" if "flash" in attn and not self._shared_prompt else "longest"
-            pad = getattr(self.data_collator, "pad_token_id", 0)
-            self.data_collator = PaddingFreePreferenceCollator(self.data_collator, rows=rows, pad_token_id=pad,
-                                                               shared_prompt=self._shared_prompt)
-        if self._packed_forward is None:
+        if padding_free or shared_prompt:
+            model, ref_model = kwargs["model"], kwargs.get("ref_model")
+            if not hasattr(model, "peft_config") and ref_model is None and kwargs["args"].precompute_ref_log_probs:
+                raise ValueError("padding-free DPO with precompute_ref_log_probs needs a PEFT adapter or a ref_model "
+                                 "(TRL would build the reference model inside its constructor, without our packing hooks)")
+            kwargs["data_collator"] = packed_collator(model, kwargs["processing_class"], kwargs["args"], shared_prompt)
+            # Hooked before TRL's constructor, which may already score every pair with the reference
+            # (precompute_ref_log_probs) through this collator. A PEFT model is its own reference
+            # (the "ref" adapter TRL adds to it).
             self._packed_forward = PackedForward()
-            self._packed_forward.attach(self.accelerator.unwrap_model(self.model))
-            if self.ref_model is not None:
-                self._packed_forward.attach(self.accelerator.unwrap_model(self.ref_model))
-
-    def _precompute_ref_logps(self, dataset, name, batch_size):
-        if self._pack_pairs:
-            self._enable_padding_free()
-        return super()._precompute_ref_logps(dataset, name, batch_size)
+            for module in (model, ref_model):
+                if module is not None:
+                    self._packed_forward.attach(module)
+        super().__init__(*args, **kwargs)
+        if self._packed_forward is not None and self.ref_model is not None and kwargs.get("ref_model") is None:
+            self._packed_forward.attach(self.accelerator.unwrap_model(self.ref_model))
+        self._sync_reference_to_policy()
 
     def _sync_reference_to_policy(self):
         """Make the frozen "ref" adapter an exact copy (values and dtype) of the trainable one.
@@ -88,7 +83,7 @@ class PretokenizedDPOTrainer(WrapsForTrainingAfterEvaluating, AtomicCheckpoints,
         if missing:
             raise ValueError(
                 f"the {dataset_name} preference data has no {missing} columns: tokenise it with "
-                "mistral_align.data.load_dpo_dataset (never through a chat template)"
+                "mistral_align.data.load.load_dpo_dataset (never through a chat template)"
             )
         if args.max_length is not None:
             # TRL truncates with keep_start: BOS and the whole prompt, through [/INST], are kept and only

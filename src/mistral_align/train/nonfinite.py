@@ -1,9 +1,9 @@
 """Steps whose loss or gradients are not finite (NaN / Inf): `train.on_nonfinite: stop | skip`.
 
 Left alone, one NaN step poisons the weights for good: the trainer clips and applies NaN gradients,
-and transformers' `logging_nan_inf_filter` even hides the NaN loss from the logs. `GuardsNonFinite`
-(mixed into both trainers) checks every optimizer step after its last backward pass and before
-clipping and the optimizer step:
+and transformers' `logging_nan_inf_filter` even hides the NaN loss from the logs. `NonFinitePolicy`
+(called from both trainers' `training_step`, train/hooks.py) checks every optimizer step after its
+last backward pass and before clipping and the optimizer step:
 
 - stop (default): raise `NonFiniteError` naming the step, the rows of the batch and the newest
   complete checkpoint; the update is never applied. The recipe prints `error: ...` and exits 2.
@@ -37,6 +37,7 @@ from typing import Any, Sequence
 import torch
 
 from mistral_align.errors import NonFiniteError
+from mistral_align.rundir.checkpoints import newest_complete
 
 log = logging.getLogger("mistral_align")
 
@@ -71,7 +72,7 @@ def example_keys(example: dict[str, Any]) -> list[int]:
 
 class RowKeysCollator:
     """The trainer's collator, plus the batch's row keys under `_row_keys` (a list of ints that the
-    data loader passes through untouched and `GuardsNonFinite.training_step` removes)."""
+    data loader passes through untouched and our `training_step` removes (train/hooks.py))."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -129,20 +130,6 @@ def format_rows(names: list[str]) -> str:
 # -- the check, once per optimizer step --------------------------------------------------------------
 
 
-@dataclass
-class NonFinitePolicy:
-    """What a trainer does on a non-finite step; run_stage sets it from `<stage>.train.on_nonfinite`."""
-
-    mode: str = "stop"
-    key: str = "train.on_nonfinite"  # the setting, as the user spells it (`sft.train.on_nonfinite`)
-    row_names: Any = None  # RowNames, or None: rows reported as unknown
-    skipped: int = 0  # steps skipped so far in this stage, over resumes (kept in checkpoint markers)
-    # The loss logged for a window of steps leaves the skipped ones out (see GuardsNonFinite.log).
-    skipped_since_log: int = 0
-    last_log_step: int | None = None
-    _window: list = field(default_factory=list)  # (row keys, loss, finite) of each micro-batch of this step
-
-
 def _all_ranks(values: list[int], device) -> list[int]:
     """Element-wise max over the ranks (the values themselves with one process)."""
     import torch.distributed as dist
@@ -170,93 +157,83 @@ def grads_finite(model: torch.nn.Module) -> bool:
     return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
-class GuardsNonFinite:
-    """Trainer mixin: every optimizer step with a non-finite loss or gradient stops the stage or is
-    skipped, as `self.nonfinite` (a NonFinitePolicy) says; see the module docstring."""
+@dataclass
+class NonFinitePolicy:
+    """What a trainer does on a non-finite step, and the step losses it reports; run_stage sets it
+    from `<stage>.train.on_nonfinite` (train/hooks.py calls it from training_step and log)."""
 
-    @property
-    def nonfinite(self) -> NonFinitePolicy:
-        if "_nonfinite" not in self.__dict__:
-            self._nonfinite = NonFinitePolicy()
-        return self._nonfinite
+    mode: str = "stop"
+    key: str = "train.on_nonfinite"  # the setting, as the user spells it (`sft.train.on_nonfinite`)
+    row_names: Any = None  # RowNames, or None: rows reported as unknown
+    checkpoint_dir: Path | None = None  # where the last good checkpoint is looked for when stopping
+    skipped: int = 0  # steps skipped so far in this stage, over resumes (kept in checkpoint markers)
+    # The sum of the losses reported to the trainer in this launch (a skipped step adds 0), on the
+    # device: read once per checkpoint (train/checkpointing.py), never per step.
+    loss_sum: torch.Tensor | None = None
+    resumed_loss_sum: float = 0.0  # the same sum over the stage's earlier launches
+    # The loss logged for a window of steps leaves the skipped ones out (see `adjust_log`).
+    skipped_since_log: int = 0
+    last_log_step: int | None = None
+    _window: list = field(default_factory=list)  # (row keys, loss, finite) of each micro-batch of this step
 
-    @nonfinite.setter
-    def nonfinite(self, policy: NonFinitePolicy) -> None:
-        self._nonfinite = policy
-
-    def get_train_dataloader(self):
-        # Only the training loader carries row keys: evaluation and reference-log-prob passes hand
-        # their batches to the model without going through training_step.
-        inner = self.data_collator
-        self.data_collator = RowKeysCollator(inner)
-        try:
-            return super().get_train_dataloader()
-        finally:
-            self.data_collator = inner
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        keys = inputs.pop(ROW_KEYS, [])
-        policy = self.nonfinite
-        if policy.last_log_step is None:  # the step this launch starts from (after a resume, too)
-            policy.last_log_step = self.state.global_step
-        loss = super().training_step(model, inputs, num_items_in_batch)
+    def after_micro_batch(self, trainer, model, keys: list[int], loss: torch.Tensor) -> torch.Tensor:
+        """The loss to report for a micro-batch the trainer has just run backward on."""
+        if self.last_log_step is None:  # the step this launch starts from (after a resume, too)
+            self.last_log_step = trainer.state.global_step
         finite = torch.isfinite(loss).all()
-        policy._window.append((keys, loss, finite))
+        self._window.append((keys, loss, finite))
         # The running loss the trainer logs never sees a NaN: a bad micro-batch adds 0 (transformers'
         # own logging_nan_inf_filter would add a made-up average instead).
         reported = torch.where(finite, loss, torch.zeros_like(loss))
         # The loop marks the last micro-batch of a step: its backward has completed (and, with DDP,
         # averaged) the step's gradients, and nothing has clipped or applied them yet.
-        if self.accelerator.sync_gradients:
-            window, policy._window = policy._window, []
-            if self._check_step(model, window):
-                # A skipped step adds nothing to the logged loss: take back what its earlier
-                # micro-batches added, and add nothing for this one.
-                for _, earlier, ok in window[:-1]:
-                    self._tr_loss -= torch.where(ok, earlier, torch.zeros_like(earlier)).to(self._tr_loss.device)
-                reported = torch.zeros_like(loss)
+        if trainer.accelerator.sync_gradients:
+            window, self._window = self._window, []
+            if self._check_step(trainer, model, window):
+                # A skipped step adds nothing to the trainer's running loss: this last micro-batch
+                # reports minus what the step's earlier ones reported, so their sum is 0.
+                reported = -sum((torch.where(ok, earlier, torch.zeros_like(earlier)) for _, earlier, ok in window[:-1]),
+                                torch.zeros_like(loss))
+        self.loss_sum = reported.detach() if self.loss_sum is None else self.loss_sum + reported.detach()
         return reported
 
-    def _check_step(self, model, window: list) -> bool:
+    def _check_step(self, trainer, model, window: list) -> bool:
         """Whether the step was skipped; raises NonFiniteError to stop."""
         bad_loss = [not bool(finite) for _, _, finite in window]
-        flags = _all_ranks([int(any(bad_loss)), int(not grads_finite(model))], self.args.device)
+        flags = _all_ranks([int(any(bad_loss)), int(not grads_finite(model))], trainer.args.device)
         if not any(flags):
             return False
         # A non-finite loss names the micro-batches that had it (on any rank); non-finite gradients
         # with finite losses name every row of the step.
         mine = [k for (keys, _, _), bad in zip(window, bad_loss) if bad or not flags[0] for k in keys]
         keys = _gather(mine)
-        policy = self.nonfinite
-        names = format_rows(policy.row_names(keys) if policy.row_names is not None else [])
+        names = format_rows(self.row_names(keys) if self.row_names is not None else [])
         what = "loss" if flags[0] else "gradient norm"
-        step = self.state.global_step + 1  # the step being taken, as metrics.jsonl numbers it
-        if policy.mode == "skip":
+        step = trainer.state.global_step + 1  # the step being taken, as metrics.jsonl numbers it
+        if self.mode == "skip":
             for p in model.parameters():
                 p.grad = None
-            policy.skipped += 1
-            policy.skipped_since_log += 1
-            if self.is_world_process_zero():
+            self.skipped += 1
+            self.skipped_since_log += 1
+            if trainer.is_world_process_zero():
                 log.warning("non-finite %s at step %d (rows: %s): update skipped (%d so far; %s=skip)",
-                            what, step, names, policy.skipped, policy.key)
+                            what, step, names, self.skipped, self.key)
             return True
-        from mistral_align.train.faults import newest_complete
-
-        ckpt = newest_complete(Path(self.args.output_dir))
+        ckpt = newest_complete(self.checkpoint_dir) if self.checkpoint_dir is not None else None
         raise NonFiniteError(
-            f"{policy.key.split('.')[0].upper()}: non-finite {what} at step {step} (rows: {names}); last good "
-            f"checkpoint: {ckpt or 'none'}; lower the learning rate, check those rows, or set {policy.key}=skip "
+            f"{self.key.split('.')[0].upper()}: non-finite {what} at step {step} (rows: {names}); last good "
+            f"checkpoint: {ckpt or 'none'}; lower the learning rate, check those rows, or set {self.key}=skip "
             "to drop such steps"
         )
 
-    def log(self, logs: dict, *args, **kwargs):
-        policy = self.nonfinite
-        if "loss" in logs and policy.last_log_step is not None:  # a training log row
-            # The trainer divides by every step since its last log; skipped steps added 0.
-            steps = self.state.global_step - policy.last_log_step
-            kept = steps - policy.skipped_since_log
-            if policy.skipped_since_log:
-                logs["loss"] = logs["loss"] * steps / kept if kept > 0 else float("nan")
-            policy.last_log_step, policy.skipped_since_log = self.state.global_step, 0
-            logs["nonfinite_skipped"] = policy.skipped
-        return super().log(logs, *args, **kwargs)
+    def adjust_log(self, global_step: int, logs: dict) -> None:
+        """A training log row: its loss over the window's kept steps, and the skipped count so far."""
+        if "loss" not in logs or self.last_log_step is None:
+            return
+        # The trainer divides by every step since its last log; skipped steps added 0.
+        steps = global_step - self.last_log_step
+        kept = steps - self.skipped_since_log
+        if self.skipped_since_log:
+            logs["loss"] = logs["loss"] * steps / kept if kept > 0 else float("nan")
+        self.last_log_step, self.skipped_since_log = global_step, 0
+        logs["nonfinite_skipped"] = self.skipped

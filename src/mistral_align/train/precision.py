@@ -3,10 +3,10 @@
 TRL 1.16's trainers cast a quantised model's trainable parameters (the LoRA adapter, and any
 `modules_to_save`) to bfloat16 when they are built. That is right on GPUs, where 4-bit layers
 compute in bfloat16. Where they compute in float32 (the CPU presets, `quant.compute_dtype=float32`)
-the cast only rounds the adapter and makes every step slower. `KeepsTrainableFloat32` is the one
-mechanism both stages use: it records the exact float32 values before the trainer is built and puts
-them back after, so a new adapter starts from its exact initialisation and a loaded SFT adapter
-from its exact trained values.
+the cast only rounds the adapter and makes every step slower. Both trainers' constructors
+(`keep_float32=True`, train/hooks.py) record the exact float32 values before TRL builds the trainer
+and put them back after, so a new adapter starts from its exact initialisation and a loaded SFT
+adapter from its exact trained values.
 """
 
 from __future__ import annotations
@@ -27,14 +27,3 @@ def restore_trainable(model: torch.nn.Module, snapshot: dict[str, torch.Tensor])
             param.data = snapshot[name].to(param.device)
             restored += 1
     return restored
-
-
-class KeepsTrainableFloat32:
-    """Trainer mixin: `keep_float32=True` undoes the trainer's cast of the trainable weights."""
-
-    def __init__(self, *args, keep_float32: bool = False, **kwargs):
-        model = kwargs.get("model", args[0] if args else None)
-        snapshot = trainable_snapshot(model) if keep_float32 and model is not None else {}
-        super().__init__(*args, **kwargs)
-        if snapshot:
-            restore_trainable(self.accelerator.unwrap_model(self.model), snapshot)

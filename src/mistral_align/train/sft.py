@@ -22,30 +22,23 @@ from typing import Any
 
 from trl import SFTConfig, SFTTrainer
 
-from mistral_align.config import stage_max_length
 from mistral_align.data.load import LoadedData, load_sft_dataset
 from mistral_align.data.synthetic import write_sft_splits
-from mistral_align.model.build import apply_peft, build_model
+from mistral_align.model.load import build_model
+from mistral_align.model.lora import apply_peft
+from mistral_align.schema.recipe import stage_max_length
 from mistral_align.train.args import training_arguments
-from mistral_align.train.distributed import WrapsForTrainingAfterEvaluating
-from mistral_align.train.faults import AtomicCheckpoints
-from mistral_align.train.nonfinite import GuardsNonFinite
-from mistral_align.train.precision import KeepsTrainableFloat32
+from mistral_align.train.hooks import TrainerHooks
 from mistral_align.train.report import generation_table
 from mistral_align.train.stage import Stage, build_trainer
-from mistral_align.train.trl_patches import ScoresLabelledPositionsOnly
 
 
-class MistralSFTTrainer(WrapsForTrainingAfterEvaluating, AtomicCheckpoints, GuardsNonFinite,
-                        ScoresLabelledPositionsOnly, KeepsTrainableFloat32, SFTTrainer):
-    """TRL's SFTTrainer on our pre-tokenised rows: the LM head scores labelled positions only,
-    `keep_float32` keeps the adapter float32 where 4-bit layers compute in float32, checkpoints
-    are complete or invisible (train/faults.py), a NaN/Inf step stops or is skipped
-    (train/nonfinite.py), and DDP wraps the model even after an evaluation before training
-    (train/distributed.py)."""
+class MistralSFTTrainer(TrainerHooks, SFTTrainer):
+    """TRL's SFTTrainer on our pre-tokenised rows, with the hooks of train/hooks.py."""
 
 
-def make_sft_args(stage_cfg: Any, seed: int, out_dir: Path, report_to: list[str], has_eval: bool):
+def make_sft_args(stage_cfg: Any, seed: int, out_dir: Path, report_to: list[str], has_eval: bool,
+                  eval_on_start: bool = False):
     """trl.SFTConfig from the typed `sft` node."""
     t = stage_cfg.train
     return SFTConfig(
@@ -54,7 +47,7 @@ def make_sft_args(stage_cfg: Any, seed: int, out_dir: Path, report_to: list[str]
         packing_strategy=t.packing_strategy,
         # Rows are already tokenised with labels; TRL does not touch them beyond packing.
         dataset_num_proc=None,
-        **training_arguments(t, seed, out_dir, report_to, has_eval),
+        **training_arguments(t, seed, out_dir, report_to, has_eval, eval_on_start),
     )
 
 
@@ -89,14 +82,14 @@ class SFTStage(Stage):
         return apply_peft(model, c.peft, quantized=c.quant.mode != "none",
                           gradient_checkpointing=self.node.train.gradient_checkpointing)
 
-    def trainer_args(self, report_to: list[str], has_eval: bool):
-        return make_sft_args(self.node, self.cfg.run.seed, self.out_dir, report_to, has_eval)
+    def trainer_args(self, report_to: list[str], has_eval: bool, eval_on_start: bool):
+        return make_sft_args(self.node, self.cfg.run.seed, self.out_dir, report_to, has_eval, eval_on_start)
 
     def build_trainer(self, model, tokenizer, args, data: LoadedData, callbacks: list):
         return build_sft_trainer(model, tokenizer, args, data.train, data.eval, callbacks, keeps_float32(self.cfg))
 
-    def held_out_metrics(self, trainer) -> dict[str, float]:
-        return {"loss": trainer.evaluate()["eval_loss"]}
+    def held_out_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        return {"loss": metrics["eval_loss"]}
 
     def generation_rows(self, data: LoadedData):
         return data.eval

@@ -14,20 +14,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mistral_align.chat import get_encoder
-from mistral_align.data.config import SourceConfig
+from transformers import PrinterCallback
+
+from mistral_align.chat.encoder import get_encoder
+from mistral_align.chat.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
 from mistral_align.data.load import LoadedData
 from mistral_align.data.synthetic import skill_of
-from mistral_align.model.build import ensure_inline_base, model_facts
+from mistral_align.files import follow_umask, write_json
 from mistral_align.model.estimate import parallel_kind, warn_if_wont_fit
-from mistral_align.model.files import follow_umask
-from mistral_align.train.callbacks import MetricsJsonl
-from mistral_align.train.distributed import check_ranks_agree, whole_adapter_saves
+from mistral_align.model.facts import model_facts
+from mistral_align.model.inline import ensure_inline_base
+from mistral_align.schema.data import SourceConfig
 from mistral_align.train.evaluate import generation_eval
-from mistral_align.train.faults import StopOnSignal, resume_point, train
-from mistral_align.train.launch import Run, setup_tracking
+from mistral_align.train.metrics import FirstEvaluation, MetricsJsonl
 from mistral_align.train.nonfinite import NonFinitePolicy, RowNames
-from mistral_align.train.run_dir import write_json
+from mistral_align.train.ranks import check_ranks_agree
+from mistral_align.train.resume import recorded_facts, resume_point, train_from
+from mistral_align.train.run import Run
+from mistral_align.train.sharded_saves import whole_adapter_saves
+from mistral_align.train.signals import StopOnSignal
+from mistral_align.train.tracking import setup_tracking
 
 log = logging.getLogger("mistral_align")
 
@@ -57,13 +63,14 @@ class Stage:
     def build_model(self):
         raise NotImplementedError
 
-    def trainer_args(self, report_to: list[str], has_eval: bool):
+    def trainer_args(self, report_to: list[str], has_eval: bool, eval_on_start: bool):
         raise NotImplementedError
 
     def build_trainer(self, model, tokenizer, args, data: LoadedData, callbacks: list):
         raise NotImplementedError
 
-    def held_out_metrics(self, trainer) -> dict[str, float]:
+    def held_out_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The stage's held-out metrics, under readable names, from trainer.evaluate()'s."""
         raise NotImplementedError
 
     def generation_rows(self, data: LoadedData):
@@ -111,7 +118,7 @@ def run_stage(stage: Stage, print_report: bool = True) -> dict:
 
     SIGTERM / SIGUSR1 / Ctrl-C stop it cleanly (exit code 3) from its first line on: during training
     at the next step boundary with a checkpoint, before training at the next `stop.stop_here`, which
-    every rank passes (train/faults.py)."""
+    every rank passes (train/signals.py)."""
     stop = StopOnSignal()
     stop.install()
     try:
@@ -132,13 +139,11 @@ def _run_stage(stage: Stage, stop: StopOnSignal, print_report: bool) -> dict:
         data = stage.load_data()
     log.info("%s data: %d train rows, %d eval rows", stage.name.upper(), len(data.train),
              len(data.eval) if data.eval is not None else 0)
-    # Resuming (train/faults.py): the newest complete checkpoint of this stage, if any, trained on this data.
+    # Resuming (train/resume.py): the newest complete checkpoint of this stage, if any, trained on this data.
     resume = resume_point(stage, data.fingerprint)
     stop.stop_here(stage, "before training, after loading the data")
 
     # 2. Tokenizer and model (each rank's copy on its own device) with its adapter; the trainer.
-    from mistral_align.chat.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
-
     with state.main_process_first():  # written once; the other ranks read it whole
         if state.is_main_process:
             save_hf_tokenizer(cfg.model.tokenizer_version, stage.out_dir / "tokenizer")
@@ -151,21 +156,25 @@ def _run_stage(stage: Stage, stop: StopOnSignal, print_report: bool) -> dict:
              facts["trainable_params"], facts["total_params"], facts["linear_4bit"])
     record({"model": {"name": cfg.model.name, **facts}, "tokenizer_version": cfg.model.tokenizer_version,
             "data": {"fingerprint": data.fingerprint, "report": data.report}, **stage.model_facts()})
-    args = stage.trainer_args(report_to, has_eval=data.eval is not None)
+    # The held-out metrics before training are measured by the trainer as its first act (eval_on_start,
+    # train/hooks.py), on a stage's first launch; a resumed launch reports what the first one recorded.
+    wants_before = data.eval is not None and node.eval.loss_before
+    args = stage.trainer_args(report_to, has_eval=data.eval is not None,
+                              eval_on_start=wants_before and resume.checkpoint is None)
     record({"trainer": {"world_size": args.world_size, "parallel_mode": str(args.parallel_mode),
                         "global_batch_rows": args.world_size * args.per_device_train_batch_size
                         * args.gradient_accumulation_steps, **stage.trainer_facts(args)}})
     metrics = MetricsJsonl(run.dir / "metrics.jsonl", stage.name, resume.step, state.is_main_process)
-    trainer = stage.build_trainer(model, tokenizer, args, data, [metrics])
+    before = FirstEvaluation(lambda m: record({"held_out_before": stage.held_out_metrics(m)}))
+    trainer = stage.build_trainer(model, tokenizer, args, data, [metrics, before])
     # A NaN/Inf step stops the stage naming its rows, or is skipped (train/nonfinite.py).
     trainer.nonfinite = NonFinitePolicy(node.train.on_nonfinite, f"{stage.name}.train.on_nonfinite",
-                                        RowNames(stage.name, data.train, data.train_rows, args.max_length))
+                                        RowNames(stage.name, data.train, data.train_rows, args.max_length),
+                                        checkpoint_dir=stage.out_dir / "checkpoints")
     stop.stop_here(stage, "before training, after building the model")
 
-    # 3. Evaluate before training: held-out metrics; greedy exact match if asked (main process).
+    # 3. Greedy exact match on held-out prompts before training, if asked (main process).
     summary: dict = {stage.name: {}, "eval": {}}
-    if data.eval is not None and node.eval.loss_before:
-        summary[stage.name]["before"] = stage.held_out_metrics(trainer)
     gen_rows = stage.generation_rows(data) if node.eval.generate and data.eval is not None else None
     gen = dict(max_prompts=node.eval.max_prompts, max_new_tokens=node.eval.max_new_tokens,
                batch_size=node.eval.batch_size, group=skill_of if node.synthetic.enabled else None)
@@ -173,9 +182,9 @@ def _run_stage(stage: Stage, stop: StopOnSignal, print_report: bool) -> dict:
     gen_before = generation_eval(trainer.model, stage.encoder, gen_rows, **gen) if gen_rows is not None and on_main else None
     stop.stop_here(stage, "before training, just before it started")
 
-    # 4. Train, then save the adapter (safetensors) with the exact tokenizer beside it.
+    # 4. Train (held-out metrics first), then save the adapter (safetensors) with the exact tokenizer beside it.
     t_train = time.time()
-    result = train(trainer, resume, stage, stop)  # trainer.train from `resume`; a signal stops it cleanly (exit 3)
+    result = train_from(resume, trainer, stage, stop)  # a signal stops it cleanly (exit 3)
     train_seconds = time.time() - t_train
     check_ranks_agree(trainer)  # several processes trained one model, not one each
     save_adapter(trainer, stage.out_dir / "adapter", cfg.model.tokenizer_version)
@@ -184,8 +193,11 @@ def _run_stage(stage: Stage, stop: StopOnSignal, print_report: bool) -> dict:
     stop.stop_here(stage, f"after training, before evaluating (adapter saved in {stage.out_dir / 'adapter'})")
 
     # 5. Evaluate after, and report.
+    if wants_before:
+        measured = stage.held_out_metrics(before.metrics) if before.metrics is not None else None
+        summary[stage.name]["before"] = measured or recorded_facts(run.dir, stage.section).get("held_out_before")
     if data.eval is not None:
-        summary[stage.name]["after"] = stage.held_out_metrics(trainer)
+        summary[stage.name]["after"] = stage.held_out_metrics(trainer.evaluate())
     summary[stage.name].update(train_loss=result.training_loss, steps=result.global_step,
                                train_seconds=round(train_seconds, 1), nonfinite_skipped=trainer.nonfinite.skipped)
     gen_after = generation_eval(trainer.model, stage.encoder, gen_rows, **gen) if gen_before is not None else None
@@ -212,8 +224,6 @@ def build_trainer(trainer_class, model, tokenizer, args, train_ds, eval_ds=None,
                             processing_class=tokenizer, callbacks=list(callbacks), keep_float32=keep_float32, **options)
     if not trainer.accelerator.is_main_process:
         # The Trainer prints its logs on the first process of every node; the run logs once, from rank 0.
-        from transformers import PrinterCallback
-
         trainer.remove_callback(PrinterCallback)
     return trainer
 
@@ -229,8 +239,6 @@ def save_adapter(trainer, out_dir: Path, tokenizer_version: str | None = None) -
         # (checkpoints keep theirs, for resuming).
         (Path(out_dir) / "training_args.bin").unlink(missing_ok=True)
     if tokenizer_version and trainer.accelerator.is_main_process:
-        from mistral_align.chat.hf_tokenizer import save_hf_tokenizer
-
         save_hf_tokenizer(tokenizer_version, out_dir)
     if trainer.accelerator.is_main_process:
         follow_umask(out_dir)  # safetensors writes 0600; the folder is meant to be shared

@@ -1,8 +1,7 @@
-"""The weight files we read and write: checked before a model loads, and saved readable like the rest.
+"""Weight files checked before a model loads: a copy cut short is named, not loaded.
 
     safetensors_problem(path)   why a .safetensors file cannot load (truncated, not safetensors), or None
     adapter_problem(folder)     the same for a peft adapter folder (adapter_config.json + weights)
-    follow_umask(folder)        give files the mode the umask gives every other file we write
 
 A safetensors file is an 8-byte little-endian header length N, N bytes of JSON header naming every
 tensor's [begin, end) offsets in the data that follows, then the data. Reading the header alone is
@@ -13,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import struct
 from pathlib import Path
 
@@ -78,27 +76,3 @@ def adapter_problem(folder: str | os.PathLike) -> tuple[Path, str] | None:
         return weights, "is missing (the adapter folder holds no weights)"
     problem = safetensors_problem(weights)
     return (weights, problem) if problem else None
-
-
-def _plain_file_mode(folder: Path) -> int:
-    """The mode open() gives a new file in `folder` (the umask, default ACLs). Probed with a real
-    file: reading the umask means setting it, which would race with other threads creating files."""
-    probe = folder / f".mode-probe-{os.getpid()}"
-    fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o666)
-    try:
-        return stat.S_IMODE(os.fstat(fd).st_mode)
-    finally:
-        os.close(fd)
-        probe.unlink(missing_ok=True)
-
-
-def follow_umask(folder: str | os.PathLike) -> None:
-    """safetensors writes its files 0600 (a private temporary file renamed into place), while every
-    other file of a run follows the umask (usually 0644): give the files in `folder` (recursively)
-    the mode a plain open() gives, so whoever can read the rest of a run directory can read its
-    weights too (a shared cluster disk, a Hub upload from another account)."""
-    folder = Path(folder)
-    mode = _plain_file_mode(folder)
-    for p in folder.rglob("*"):
-        if p.is_file() and not p.is_symlink() and stat.S_IMODE(p.stat().st_mode) != mode:
-            os.chmod(p, mode)

@@ -1,13 +1,10 @@
 """What many processes (and many nodes) need beyond what accelerate and the Trainer do.
 
-    class MyTrainer(WrapsForTrainingAfterEvaluating, ..., SFTTrainer)   # DDP really wraps the model
-    check_ranks_agree(trainer)                                          # after training: one model, not one per rank
-    PartialState(**process_group_kwargs(cfg.run.dist_timeout_s))       # init_state: collectives time out
-    remember_run(run_dir, state, cfg.run.dist_timeout_s)               # open_run: every rank's host
-    num_nodes(), run_hosts()                                           # the manifest
-    exit_if_peer_lost(exc)            # entry points: a lost or hung rank ends the others in one line
-    with whole_adapter_saves(trainer): trainer.save_model(...)          # FSDP: one whole adapter file
-    state_dict = gathered_state_dict(trainer)                           # FSDP / ZeRO-3: on every rank
+    PartialState(**process_group_kwargs(cfg.run.dist_timeout_s))   # train/process.py: collectives time out
+    remember_run(run_dir, state, cfg.run.dist_timeout_s)           # open_run: every rank's host
+    num_nodes(), run_hosts()                                       # the manifest
+    exit_if_peer_lost(exc)          # entry points: a lost or hung rank ends the others in one line
+    check_ranks_agree(trainer)      # after training: one model, not one per rank
 
 On GPUs the timeout reaches NCCL too, but there NCCL's watchdog ends the process itself (with its own
 message) when a collective times out; the one-line message is what gloo (the CPU) and the rendezvous
@@ -18,58 +15,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import platform
 import re
-from contextlib import contextmanager
+import sys
 from typing import Any
 
-
-class WrapsForTrainingAfterEvaluating:
-    """Trainer mixin: the model is wrapped for distributed training even after an evaluation.
-
-    `trainer.evaluate()` before `trainer.train()` (our "loss before") has accelerate prepare the bare
-    model for evaluation only (`prepare_model(evaluation_mode=True)`: no DDP wrapper), and accelerate
-    1.15 marks it `_is_accelerate_prepared`. When training then prepares it, that mark makes
-    accelerate return it unwrapped: no DDP, no gradient all-reduce, every rank trains its own copy on
-    its own shard of the data and rank 0 saves only its own. Undo the evaluation-only preparation
-    first. FSDP and DeepSpeed are unaffected: evaluation prepares them fully (the model comes back
-    wrapped), and this leaves a wrapped model alone.
-    """
-
-    def _prepare_for_training(self, *args, **kwargs):
-        model = self.model
-        bare = self.accelerator.unwrap_model(model) is model and self.model_wrapped is model
-        if bare and getattr(model, "_is_accelerate_prepared", False):
-            del model._is_accelerate_prepared
-            if hasattr(model, "_original_forward"):  # the autocast wrapper evaluation put on (mixed precision)
-                model.forward = model._original_forward
-                del model._original_forward
-            self.accelerator._models = [m for m in self.accelerator._models if m is not model]
-        return super()._prepare_for_training(*args, **kwargs)
-
-
-def trainable_checksum(model) -> float:
-    """A float64 sum over every trainable value: equal on ranks that hold the same weights."""
-    return float(sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad))
-
-
-def check_ranks_agree(trainer) -> None:
-    """After training under DDP, every rank must hold the same trainable weights: the check that
-    catches any route (like the one above) to ranks that each trained alone."""
-    import torch
-
-    accelerator = trainer.accelerator
-    # Under FSDP or DeepSpeed each rank holds a shard, so checksums differ by design.
-    if accelerator.num_processes <= 1 or accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
-        return
-    mine = torch.tensor([trainable_checksum(accelerator.unwrap_model(trainer.model))], dtype=torch.float64,
-                        device=accelerator.device)  # fmt: skip
-    every = accelerator.gather(mine).tolist()
-    if any(abs(x - every[0]) > 1e-9 * max(1.0, abs(every[0])) for x in every):
-        raise RuntimeError(
-            f"the {accelerator.num_processes} processes ended with different trainable weights "
-            f"(checksums {every}): they did not train as one data-parallel model"
-        )
-
+from mistral_align.errors import EXIT_PEER_LOST
+from mistral_align.rundir.lock import release_lock
 
 # -- how long a collective may wait -----------------------------------------------------------------
 
@@ -101,8 +53,6 @@ _RUN: dict[str, Any] = {}
 def remember_run(run_dir, state, timeout_s: float | None = None) -> None:
     """Record the run directory and every rank's host (one all-gather at start), for the manifest and
     for lost_peer_message."""
-    import platform
-
     hosts = [platform.node()]
     if state.num_processes > 1:
         import torch.distributed as dist
@@ -115,8 +65,6 @@ def remember_run(run_dir, state, timeout_s: float | None = None) -> None:
 
 def run_hosts() -> dict[str, list[int]]:
     """{host: [its ranks]} as gathered by remember_run (this process alone before it)."""
-    import platform
-
     out: dict[str, list[int]] = {}
     for rank, host in enumerate(_RUN.get("hosts") or [platform.node()]):
         out.setdefault(host, []).append(rank)
@@ -193,58 +141,37 @@ def exit_if_peer_lost(exc: BaseException) -> None:
     message = lost_peer_message(exc)
     if message is None:
         return
-    import sys
-
-    from mistral_align.errors import EXIT_PEER_LOST
-
     # On a line of its own: a progress bar may have left the cursor mid-line.
     print(f"\nerror: {message}", file=sys.stderr, flush=True)
     if _RUN.get("dir") and _RUN.get("rank") == 0:
-        from mistral_align.train.faults import release_lock
-
         release_lock(_RUN["dir"])
     sys.stdout.flush()
     os._exit(EXIT_PEER_LOST)
 
 
-# -- saving where the weights are sharded (FSDP, DeepSpeed ZeRO-3) ----------------------------------
+# -- after training: every rank holds the same model -------------------------------------------------
 
 
-def zero3(trainer) -> bool:
-    return trainer.is_deepspeed_enabled and trainer.accelerator.deepspeed_config["zero_optimization"].get("stage") == 3
+def trainable_checksum(model) -> float:
+    """A float64 sum over every trainable value: equal on ranks that hold the same weights."""
+    return float(sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad))
 
 
-def sharded_checkpoints_only(trainer) -> bool:
-    """FSDP with `fsdp_state_dict_type: SHARDED_STATE_DICT` (fsdp_qlora.yaml): transformers' save_model
-    writes no weights (save_fsdp_model writes the adapter's shards into each checkpoint, for resuming)."""
-    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None) if trainer.is_fsdp_enabled else None
-    return plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type)
+def check_ranks_agree(trainer) -> None:
+    """After training under DDP, every rank must hold the same trainable weights: the check that
+    catches any route to ranks that each trained alone (an evaluation before training once left the
+    model unwrapped: no DDP, each rank trained its own copy)."""
+    import torch
 
-
-def gathered_state_dict(trainer) -> dict | None:
-    """The model's weights gathered from their shards onto the main process, for
-    `save_pretrained(state_dict=...)`, under FSDP and ZeRO-3; None where every rank holds whole weights
-    (one process, DDP, ZeRO-1/2). When sharded this is a collective: every rank must call it."""
-    if zero3(trainer):
-        # Trainable weights only (the adapter: not the frozen base, nor the DPO reference), 16-bit, as
-        # transformers saves PEFT models under ZeRO-3 (needs stage3_gather_16bit_weights_on_model_save).
-        return trainer.deepspeed._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
-    if trainer.is_fsdp_enabled:
-        return trainer.accelerator.get_state_dict(trainer.model)  # FULL_STATE_DICT, on rank 0 (CPU)
-    return None
-
-
-@contextmanager
-def whole_adapter_saves(trainer):
-    """FSDP: inside, `trainer.save_model` gathers the shards (on every rank) and the main process writes
-    one whole adapter file. Without it a SHARDED_STATE_DICT run's final adapter folder held no weights."""
-    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None) if trainer.is_fsdp_enabled else None
-    if plugin is None or not sharded_checkpoints_only(trainer):
-        yield
+    accelerator = trainer.accelerator
+    # Under FSDP or DeepSpeed each rank holds a shard, so checksums differ by design.
+    if accelerator.num_processes <= 1 or accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
         return
-    before = plugin.state_dict_type
-    plugin.set_state_dict_type("FULL_STATE_DICT")
-    try:
-        yield
-    finally:
-        plugin.set_state_dict_type(before)
+    mine = torch.tensor([trainable_checksum(accelerator.unwrap_model(trainer.model))], dtype=torch.float64,
+                        device=accelerator.device)  # fmt: skip
+    every = accelerator.gather(mine).tolist()
+    if any(abs(x - every[0]) > 1e-9 * max(1.0, abs(every[0])) for x in every):
+        raise RuntimeError(
+            f"the {accelerator.num_processes} processes ended with different trainable weights "
+            f"(checksums {every}): they did not train as one data-parallel model"
+        )

@@ -1,4 +1,5 @@
-"""metrics.jsonl (one JSON object per trainer log) and the loss-curve PNG."""
+"""What a stage measures as it trains: metrics.jsonl (one JSON object per trainer log), the held-out
+metrics before training (`FirstEvaluation`), and the loss-curve PNG."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from mistral_align.train.run_dir import write_text_atomic
+from mistral_align.files import write_text_atomic
 
 
 class MetricsJsonl(TrainerCallback):
@@ -39,6 +40,21 @@ class MetricsJsonl(TrainerCallback):
         row.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str))})
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+class FirstEvaluation(TrainerCallback):
+    """Keeps the metrics of the trainer's first evaluation in this launch (`eval_on_start`: the held-out
+    metrics before training) and hands them to `on_first` once (the stage records them in the manifest)."""
+
+    def __init__(self, on_first=None):
+        self.metrics: dict | None = None
+        self.on_first = on_first
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.metrics is None and metrics is not None:
+            self.metrics = dict(metrics)
+            if self.on_first is not None:
+                self.on_first(self.metrics)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

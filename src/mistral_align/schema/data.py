@@ -1,8 +1,9 @@
-"""Typed data settings, shared by the Hydra configs (configs/data/*.yaml) and the loaders.
+"""A stage's data node (`sft.data`, `dpo.data`): its sources and how rows are read, checked and cut.
 
-`DataConfig` is a DPO stage's `dpo.data`; `SFTDataConfig` (with `train_on`) is `sft.data`.
-`check_data_config` holds every range and choice rule, so the recipes check them before anything
-loads and the loaders (and `mistral-align validate`) apply the very same rules.
+`DataConfig` is a DPO stage's `dpo.data`; `SFTDataConfig` (with `train_on`) is `sft.data`. The
+presets in configs/data/*.yaml fill them. `check_data_config` holds every range and choice rule, so
+the recipes check them before anything loads and the loaders (and `mistral-align validate`) apply
+the very same rules.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from mistral_align.errors import ConfigError
+from mistral_align.schema.rules import get
 
 ON_BAD_ROWS = ("error", "skip")
 ON_LONG_ROWS = ("error", "skip", "truncate")
@@ -60,13 +62,9 @@ class SFTDataConfig(DataConfig):
     train_on: str = "all"
 
 
-def _value(cfg: Any, name: str, default: Any = None) -> Any:
-    return cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
-
-
 def check_data_config(cfg: Any, kind: str, key: str = "data", need_train: bool = True) -> None:
     """Raise ConfigError (naming `<key>.<field>`) for a data node that cannot work for `kind` data."""
-    declared = _value(cfg, "kind")
+    declared = get(cfg, "kind")
     if declared is not None and declared not in KINDS:
         raise ConfigError(f"{key}.kind: {declared!r} is not one of {', '.join(KINDS)}")
     if declared is not None and declared != kind:
@@ -84,7 +82,7 @@ def check_data_config(cfg: Any, kind: str, key: str = "data", need_train: bool =
             f"{key}.on_long_rows: 'truncate' is for SFT only: cutting a preference pair can drop a reply or its "
             f"EOS. Use 'skip' (count and drop them) or 'error', or raise {key}.max_length."
         )
-    train_on = _value(cfg, "train_on", "all")
+    train_on = get(cfg, "train_on", "all")
     if train_on not in TRAIN_ON:
         raise ConfigError(f"{key}.train_on: {train_on!r} is not one of {', '.join(TRAIN_ON)}")
     if need_train and not cfg.train:
@@ -96,6 +94,6 @@ def check_data_config(cfg: Any, kind: str, key: str = "data", need_train: bool =
     if cfg.num_proc < 1:
         raise ConfigError(f"{key}.num_proc: must be >= 1, got {cfg.num_proc}")
     for part in ("train", "eval"):
-        for i, s in enumerate(_value(cfg, part) or []):
+        for i, s in enumerate(get(cfg, part) or []):
             if s.weight < 0:
                 raise ConfigError(f"{key}.{part}[{i}].weight: must be >= 0, got {s.weight} ({s.path})")

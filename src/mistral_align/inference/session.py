@@ -1,6 +1,6 @@
-"""Chat with a run (base + adapter) or a merged folder; prompts built by our exact encoder.
+"""A conversation with a loaded model: prompts built by our exact encoder, replies sampled and streamed.
 
-    model, encoder = load_for_chat("runs/demo", quant="auto")
+    model, encoder = load_for_chat("runs/demo", quant="auto")      # inference/load.py
     session = ChatSession(model, encoder, Sampling(temperature=0, max_new_tokens=64))
     reply = session.say("Hello", stream=print_piece)
 
@@ -18,8 +18,8 @@ from typing import Callable, Optional, TextIO
 
 import torch
 
-from mistral_align.errors import UserError
 from mistral_align.chat.schema import Message
+from mistral_align.errors import UserError
 
 
 @dataclass
@@ -122,53 +122,6 @@ class ChatSession:
         self.last_ids = new
         self.history += [Message("user", user), Message("assistant", reply)]
         return reply
-
-
-def load_for_chat(path, quant: str = "auto", stage: Optional[str] = None, dtype: str = "auto", allow_pickle: bool = False):
-    """(model, encoder) for a run directory (base + adapter) or a merged folder; safetensors only unless
-    `allow_pickle`, never the folder's own Python code."""
-    from transformers import AutoModelForCausalLM
-
-    from mistral_align.chat.encoder import get_encoder
-    from mistral_align.export.rundir import RunDirError, quantization_config, resolve_source
-
-    src = resolve_source(path, stage, allow_pickle)
-    if not src.tokenizer_version:
-        raise RunDirError(f"{src.path}: cannot tell the tokenizer version (no tokenizer_config.json from save_hf_tokenizer)")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "fp32": torch.float32,
-              "bf16": torch.bfloat16, "fp16": torch.float16}
-    if dtype == "auto":
-        torch_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    else:
-        torch_dtype = dtypes[dtype]
-    encoder = get_encoder(src.tokenizer_version)
-    if quant not in ("auto", "none", "nf4", "fp4", "int8"):
-        raise RunDirError(f"--quant must be auto, none, nf4, fp4 or int8, got {quant!r}")
-    from mistral_align.model.build import load_config, weights_kwargs
-
-    if src.kind == "merged":
-        load_config(str(src.path))  # refuses a folder that would run its own code
-        mode = "none" if quant == "auto" else quant
-        model = AutoModelForCausalLM.from_pretrained(str(src.path), dtype=torch_dtype, **weights_kwargs(allow_pickle),
-                                                     quantization_config=quantization_config({"compute_dtype": "float32" if torch_dtype == torch.float32 else "bfloat16"}, mode))
-    else:
-        from peft import PeftModel
-
-        mode = src.quant_mode if quant == "auto" else quant
-        q = dict(src.quant or {})
-        if not torch.cuda.is_available():
-            q["compute_dtype"] = "float32"
-        from mistral_align.model.build import load_pretrained
-
-        base = load_pretrained(src.base, revision=src.revision, allow_pickle=allow_pickle, dtype=torch_dtype,
-                               quantization_config=quantization_config(q, mode))
-        model = PeftModel.from_pretrained(base, str(src.adapter_dir))
-    from mistral_align.model.bnb_cpu import disable_cpu_inference_repacking
-
-    disable_cpu_inference_repacking(model)
-    if torch.cuda.is_available() and mode == "none":
-        model = model.to("cuda")
-    return model.eval(), encoder
 
 
 def interactive(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, stream: bool = True) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mistral_align.errors import RunDirError
-
-STAGES = ("sft", "dpo")
+from mistral_align.model.trust import require_safetensors
+from mistral_align.names import STAGES
 
 
 @dataclass
@@ -63,7 +63,7 @@ def _tokenizer_version(folder: Path) -> Optional[str]:
 
 def resolve_source(path: str | Path, stage: str | None = None, allow_pickle: bool = False) -> RunSource:
     """The run (adapter + base) or merged folder at `path`. Weights must be safetensors: a folder whose
-    adapter, base or model weights are only pickles is refused (UnsafeWeightsError) unless `allow_pickle`."""
+    adapter, base or model weights are only pickles is refused (UntrustedFileError) unless `allow_pickle`."""
     src = _resolve(path, stage)
     src.allow_pickle = allow_pickle
     _check_weights(src)
@@ -71,8 +71,6 @@ def resolve_source(path: str | Path, stage: str | None = None, allow_pickle: boo
 
 
 def _check_weights(src: RunSource) -> None:
-    from mistral_align.model.build import require_safetensors
-
     if src.kind == "merged":
         require_safetensors(src.path, "merged model", src.allow_pickle, "--allow-pickle")
         return
@@ -133,15 +131,3 @@ def _resolve(path: str | Path, stage: str | None) -> RunSource:
         path=p, kind="run", adapter_dir=adapter, stage=chosen, base=base, revision=acfg.get("revision") or model_node.get("revision"),
         quant=config.get("quant") or {}, config=config, tokenizer_version=version, stage_dir=stage_dir,
     )
-
-
-def quantization_config(quant: dict, mode: str | None = None):
-    """transformers' BitsAndBytesConfig for a run's quant node (mode overrides its mode): the same
-    settings the run was trained with (model/build.py)."""
-    from types import SimpleNamespace
-
-    from mistral_align.config import QuantConfig
-    from mistral_align.model.build import quantization_config as build_quantization_config
-
-    node = {**vars(QuantConfig()), **quant, "mode": mode or quant.get("mode", "none")}
-    return build_quantization_config(SimpleNamespace(**node))

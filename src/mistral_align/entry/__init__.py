@@ -1,0 +1,1 @@
+"""Entry points: the command line (`mistral-align ...`) and the recipes' shared start and exit."""

@@ -1,0 +1,215 @@
+"""`mistral-align validate` and `preview`: a data file checked, and shown as training will encode it.
+
+Both read rows with the training loader's own code (data/read.py, data/encode.py), so what they
+call valid is exactly what training accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from mistral_align.chat.encoder import IGNORE_INDEX, get_encoder
+from mistral_align.errors import EXIT_BAD_ROWS, EXIT_OK, DataError, UsageError
+from mistral_align.names import TOKENIZER_VERSIONS
+from mistral_align.schema.data import SFTDataConfig, SourceConfig
+
+
+def _require_file(path: str) -> None:
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: is a directory; name a .jsonl, .json or .parquet file in it")
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such file")
+
+
+def add_validate(sub) -> None:
+    p = sub.add_parser(
+        "validate",
+        help="check every row of a data file before training",
+        description="Check every row (JSON, fields, roles, turn order, lengths) with the same code "
+        "training uses. Exit 0 when every row is valid, 1 otherwise.",
+    )
+    p.add_argument("--kind", choices=("sft", "dpo"), required=True)
+    p.add_argument("--data", required=True, metavar="FILE", help=".jsonl, .json or .parquet")
+    p.add_argument("--tokenizer", choices=TOKENIZER_VERSIONS, default="v3")
+    p.add_argument("--max-length", type=int, default=2048, metavar="N")
+    p.add_argument("--train-on", choices=("all", "last"), default="all", help="SFT: which replies are trained")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    _add_ignore_fields(p)
+    p.set_defaults(func=_cmd_validate)
+
+
+def _add_ignore_fields(p) -> None:
+    p.add_argument("--ignore-fields", default="", metavar="KEY,KEY",
+                   help="top-level keys to drop from every row first (a source's ignore_fields)")
+
+
+def _source(args):
+    return SourceConfig(path=args.data, ignore_fields=[k.strip() for k in args.ignore_fields.split(",") if k.strip()])
+
+
+def _cmd_validate(args) -> int:
+    from mistral_align.data.load import load_data  # lazy: imports datasets (start-up time)
+
+    _require_file(args.data)
+    if args.max_length <= 0:
+        raise UsageError(f"--max-length must be positive, got {args.max_length}")
+    # Skip mode on both counts collects every problem instead of stopping at the first batch;
+    # the loader is the training loader, so validate and training cannot disagree.
+    cfg = SFTDataConfig(
+        train=[_source(args)],
+        max_length=args.max_length,
+        train_on=args.train_on,
+        on_bad_rows="skip",
+        on_long_rows="skip",
+    )
+    encoder = get_encoder(args.tokenizer)
+    try:
+        loaded = load_data(args.kind, cfg, encoder, warn=False, allow_empty=True)
+    except DataError as e:
+        # With skip on both counts only a file that cannot be read as this kind of data gets
+        # here (not JSON Lines, SFT rows checked as DPO, ...): invalid data, so exit 1.
+        return _validate_failed(args, str(e))
+    problems, r = loaded.problems, loaded.report
+    if r["rows_read"] == 0:
+        return _validate_failed(args, f"{args.data}: no rows")
+    report = {
+        "file": args.data,
+        "kind": args.kind,
+        "tokenizer": args.tokenizer,
+        "max_length": args.max_length,
+        "valid": not problems,
+        "rows": r["rows_read"],
+        "valid_rows": r["rows_read"] - len(problems),
+        "bad_rows": [_split_problem(p, args.data) for p in problems],
+        "over_length_rows": sum(1 for p in problems if "over max_length" in p),
+        "tokens": r["tokens"],
+        "trained_tokens": r["trained_tokens"],
+        "packing_efficiency": r["packing_efficiency"],
+    }
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+    else:
+        _print_validate_report(report, problems)
+    return EXIT_OK if not problems else EXIT_BAD_ROWS
+
+
+def _validate_failed(args, message: str) -> int:
+    if args.json:
+        print(json.dumps({"file": args.data, "kind": args.kind, "valid": False, "error": message}, ensure_ascii=False))
+    else:
+        print(f"FAILED: {message}")
+    return EXIT_BAD_ROWS
+
+
+def _split_problem(problem: str, path: str) -> dict:
+    line, _, reason = problem[len(path) + 1 :].partition(": ")
+    return {"where": f"{path}:{line}", "line": int(line), "reason": reason}
+
+
+def _print_validate_report(report: dict, problems: list[str]) -> None:
+    for p in problems:
+        print(p)
+    eff = report["packing_efficiency"]
+    lines = [
+        f"{report['file']}: {report['rows']} rows, {report['valid_rows']} valid, {len(problems)} bad "
+        f"({report['over_length_rows']} over max_length {report['max_length']})",
+        f"tokens: {report['tokens']}  trained tokens: {report['trained_tokens']}  (valid rows, tokenizer {report['tokenizer']})",
+    ]
+    if eff is not None:
+        lines.append(f"packing efficiency (TRL bfd, max_length {report['max_length']}): {eff:.1%}")
+    lines.append("OK: every row is valid" if report["valid"] else "FAILED: fix or drop the rows above")
+    print("\n".join(lines))
+
+
+# -- preview ------------------------------------------------------------------------------------
+
+
+def add_preview(sub) -> None:
+    p = sub.add_parser(
+        "preview",
+        help="show the exact tokens and loss mask of each row",
+        description="Encode rows exactly as training will. --jsonl prints one JSON object per row, "
+        "in order; an invalid row prints 'FILE:LINE: reason' on stderr, gets no JSON line, and "
+        "makes the exit status 1 (the other rows are still printed). Without --jsonl, trained "
+        "tokens are shown inside {+ +} (and green on a terminal), masked ones as they are.",
+    )
+    p.add_argument("--tokenizer", choices=TOKENIZER_VERSIONS, required=True)
+    p.add_argument("--kind", choices=("sft", "dpo"), required=True)
+    p.add_argument("--data", required=True, metavar="FILE")
+    p.add_argument("--jsonl", action="store_true", help="machine-readable ids, one JSON object per row")
+    p.add_argument("--max-rows", type=int, default=None, metavar="N", help="stop after N rows")
+    p.add_argument("--train-on", choices=("all", "last"), default="all", help="SFT: which replies are trained")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    _add_ignore_fields(p)
+    p.set_defaults(func=_cmd_preview)
+
+
+def _cmd_preview(args) -> int:
+    from mistral_align.data.encode import check_row
+    from mistral_align.data.read import SourceError, read_source
+
+    _require_file(args.data)
+    if args.max_rows is not None and args.max_rows < 0:
+        raise UsageError(f"--max-rows must be >= 0, got {args.max_rows}")
+    try:
+        raw = read_source(_source(args))
+    except SourceError as e:
+        raise UsageError(str(e)) from None
+    encoder = get_encoder(args.tokenizer)
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and "NO_COLOR" not in os.environ)
+    status = EXIT_OK
+    rows = list(zip(raw.lines, raw.rows, raw.read_errors))
+    for line, text, err in rows[: args.max_rows] if args.max_rows is not None else rows:
+        r = check_row(args.kind, text, encoder, train_on=args.train_on, read_error=err)
+        if r.error:
+            print(f"{raw.label}:{line}: {r.error}", file=sys.stderr)
+            status = EXIT_BAD_ROWS
+            continue
+        if args.jsonl:
+            print(json.dumps(r.ids))
+        else:
+            print(_render_row(f"{raw.label}:{line}", args.kind, r, encoder, color))
+    sys.stdout.flush()
+    return status
+
+
+_GREEN, _DIM, _RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
+
+
+def _visible(piece: str) -> str:
+    # Tekken pieces carry real spaces and newlines (sentencepiece writes ▁ and <0x0A>); show them
+    # the sentencepiece way so tokens stay apart and each row stays on one line.
+    return piece.replace(" ", "▁").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+
+
+def _render_tokens(ids: list[int], trained: list[bool], encoder, color: bool) -> str:
+    """Pieces separated by spaces; each run of trained tokens wrapped in {+ +} (wdiff's 'added'
+    marker, readable in logs) and, with colour, green while masked tokens are dim."""
+    out, i = [], 0
+    while i < len(ids):
+        j = i
+        while j < len(ids) and trained[j] == trained[i]:
+            j += 1
+        text = " ".join(_visible(encoder.piece(t)) for t in ids[i:j])
+        if trained[i]:
+            out.append(f"{_GREEN}{{+{text}+}}{_RESET}" if color else f"{{+{text}+}}")
+        else:
+            out.append(f"{_DIM}{text}{_RESET}" if color else text)
+        i = j
+    return " ".join(out)
+
+
+def _render_row(where: str, kind: str, r, encoder, color: bool) -> str:
+    if kind == "sft":
+        ids, labels = r.ids["input_ids"], r.ids["labels"]
+        body = _render_tokens(ids, [x != IGNORE_INDEX for x in labels], encoder, color)
+        return f"── {where}  tokens: {r.tokens}  trained: {r.trained}  masked: {r.tokens - r.trained}\n{body}\n"
+    p, c, rej = r.ids["prompt_ids"], r.ids["chosen_ids"], r.ids["rejected_ids"]
+    return (
+        f"── {where}  prompt: {len(p)} tokens (masked)  chosen: {len(c)}  rejected: {len(rej)} (trained)\n"
+        f"prompt:   {_render_tokens(p, [False] * len(p), encoder, color)}\n"
+        f"chosen:   {_render_tokens(c, [True] * len(c), encoder, color)}\n"
+        f"rejected: {_render_tokens(rej, [True] * len(rej), encoder, color)}\n"
+    )

@@ -1,0 +1,1 @@
+"""Pushing a finished run's adapter to the Hugging Face Hub, with its model card."""

@@ -1,0 +1,29 @@
+"""Names and constants more than one layer spells: one definition each.
+
+Every value here is plain data (no imports), so the config schema can check a choice against the
+same list the code that acts on it uses, without importing that code.
+"""
+
+from __future__ import annotations
+
+import re
+
+# The stages a recipe can run, in pipeline order; each has its own config node (`sft.*`, `dpo.*`).
+STAGES = ("sft", "dpo")
+
+# The Mistral tokenizer versions mistral-align encodes exactly (chat/encoder.py): the five whose
+# files mistral-common ships, then the three whose tekken files are derived (chat/tekken_files.py).
+SHIPPED_TOKENIZER_VERSIONS = ("v1", "v2", "v3", "v7", "v3-tekken")
+DERIVED_TOKENIZER_VERSIONS = ("v7-tekken", "v11", "v13")
+TOKENIZER_VERSIONS = (*SHIPPED_TOKENIZER_VERSIONS, *DERIVED_TOKENIZER_VERSIONS)
+TEKKEN_VERSIONS = frozenset({"v3-tekken", *DERIVED_TOKENIZER_VERSIONS})
+
+# The demo's synthetic skills (data/synthetic.py generates each).
+SYNTHETIC_SKILLS = ("copy", "reverse", "add", "upper")
+
+# A Hugging Face Hub repository id, OWNER/NAME (`hub.repo_id`, `mistral-align push --repo-id`).
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+
+# Weight files that torch.load unpickles (and so may run code): never loaded without an explicit
+# yes (model.allow_pickle / --allow-pickle), never uploaded.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")

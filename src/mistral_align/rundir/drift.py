@@ -1,0 +1,81 @@
+"""A run directory continues only the training it started: a rerun whose config changes what is
+trained (model, data, objective, optimiser, seed) is refused with the differing keys named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mistral_align.errors import RunDirError
+from mistral_align.names import STAGES
+from mistral_align.redaction import redact
+
+# Keys that do not change what is trained: where things go, what is logged, how often it is saved,
+# what is evaluated. Everything else (model, quant, peft, run.seed, each stage's data, train and
+# objective) must match the run directory's config.yaml.
+_RUN_KEYS_THAT_MATTER = ("run.seed",)
+# on_nonfinite only acts on a NaN step: switching a run stopped by one to skip must resume it. Kernels
+# and batch layouts change how a step is computed, not the loss (tested equal to the padded path).
+_TRAIN_KEYS_THAT_DO_NOT = ("logging_steps", "eval_steps", "save_steps", "save_total_limit",
+                           "per_device_eval_batch_size", "dataloader_num_workers", "on_nonfinite",
+                           "use_liger_kernel", "torch_compile")  # fmt: skip
+_STAGE_KEYS_THAT_DO_NOT = ("padding_free", "shared_prompt")
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: obj}
+
+
+def _ignored(key: str, cfg: Any, recipe: str) -> bool:
+    if key.startswith("run."):
+        return key not in _RUN_KEYS_THAT_MATTER
+    parts = key.split(".")
+    if parts[0] in STAGES:
+        stage = parts[0]
+        if len(parts) > 1 and parts[1] == "eval":
+            return True
+        if len(parts) > 2 and parts[1] == "train" and parts[2] in _TRAIN_KEYS_THAT_DO_NOT:
+            return True
+        if len(parts) == 2 and parts[1] in _STAGE_KEYS_THAT_DO_NOT:
+            return True
+        # Synthetic data is regenerated from the synthetic.* settings (compared) into the run directory.
+        if len(parts) > 2 and parts[1] == "data" and parts[2] in ("train", "eval"):
+            if cfg[stage].synthetic.enabled:
+                return True
+        if recipe == "sft_dpo" and key == "dpo.init_from":  # the pipeline's own sft/adapter
+            return True
+    return False
+
+
+def training_differences(stored: dict, new: dict, cfg: Any, recipe: str) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs, in what changes training."""
+    a, b = _flatten(stored), _flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>") and not _ignored(k, cfg, recipe))
+
+
+def check_same_training(run_dir: Path, cfg: Any, stages: tuple[str, ...], recipe: str) -> None:
+    """Refuse (RunDirError) a run directory whose config.yaml trained with different settings."""
+    from omegaconf import OmegaConf
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file() or cfg.run.allow_config_change:
+        return
+    stored = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    new = redact(OmegaConf.to_container(cfg, resolve=True))
+    for stage in STAGES:
+        if stage not in stages:
+            new.pop(stage, None)
+    diff = training_differences(stored, new, cfg, recipe)
+    if diff:
+        a, b = _flatten(stored), _flatten(new)
+        shown = "; ".join(f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in diff[:8])
+        more = f" (and {len(diff) - 8} more)" if len(diff) > 8 else ""
+        raise RunDirError(
+            f"{run_dir} was trained with a different config ({shown}{more}); use a new run.dir, or "
+            "run.allow_config_change=true to continue it anyway"
+        )

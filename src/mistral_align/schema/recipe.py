@@ -1,0 +1,73 @@
+"""The root of every recipe's config, its place in Hydra's ConfigStore, and the check of a whole tree.
+
+`RecipeConfig` is registered as `recipe_schema` (`register_configs()`) and the primary configs
+(configs/sft.yaml, dpo.yaml, sft_dpo.yaml) start their defaults list with it, so a misspelt key or
+a wrong type fails at start naming the key. `check_config(cfg, stages)` then checks what types
+cannot (choices, ranges, cross-field rules) for the shared nodes and the stages a recipe runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mistral_align.errors import ConfigError
+from mistral_align.names import STAGES
+from mistral_align.schema.model import ModelConfig, PeftConfig, QuantConfig, check_model, check_peft, check_quant
+from mistral_align.schema.run import HubConfig, RunConfig, check_hub, check_run
+from mistral_align.schema.stages import DPOStageConfig, SFTStageConfig, check_dpo_stage, check_sft_stage
+
+
+@dataclass
+class RecipeConfig:
+    """The root of every recipe's config. A recipe runs some of the stages; the others are dropped
+    from its resolved config, and an override that reaches a stage it does not run is refused."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+    sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+    dpo: DPOStageConfig = field(default_factory=DPOStageConfig)
+
+
+def register_configs() -> None:
+    """Register the schema in Hydra's ConfigStore (idempotent). The primary configs start with `recipe_schema`."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="recipe_schema", node=RecipeConfig)
+
+
+def check_closed(cfg: Any) -> None:
+    """Every node stays closed to unknown keys, also against Hydra's `+key=value`, which adds a key
+    the schema does not have (only `train.extra` is free-form)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.merge(OmegaConf.structured(RecipeConfig), OmegaConf.to_container(cfg, resolve=False))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        raise ConfigError(f"{key}: not a setting of mistral-align ({str(e).splitlines()[0]})") from None
+
+
+def check_config(cfg: Any, stages: tuple[str, ...] = STAGES, need_data: bool = True) -> None:
+    """Everything types alone cannot check, for the shared nodes and the `stages` a recipe runs.
+    Raises ConfigError naming the key. Call it before anything loads. `need_data=False` (estimate)
+    accepts a stage with no data source."""
+    check_closed(cfg)
+    check_model(cfg.model)
+    check_quant(cfg.quant)
+    check_peft(cfg.peft, cfg.quant.mode)
+    check_hub(cfg.hub)
+    check_run(cfg.run)
+    if "sft" in stages:
+        check_sft_stage(cfg.sft, need_data)
+    if "dpo" in stages:
+        check_dpo_stage(cfg.dpo, cfg.model.attn_implementation, need_data)
+
+
+def stage_max_length(stage: Any) -> int:
+    """The sequence length a stage's trainer cuts at: its train.max_length, else its data.max_length."""
+    return stage.train.max_length if stage.train.max_length is not None else stage.data.max_length

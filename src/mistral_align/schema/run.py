@@ -1,0 +1,65 @@
+"""The shared nodes about the run itself: `run` (where, seed, trackers, resuming) and `hub` (push)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from mistral_align.errors import ConfigError
+from mistral_align.names import REPO_ID
+from mistral_align.schema.rules import at_least, choice
+
+REPORT_TO = ("none", "wandb", "tensorboard")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs"
+    name: str = "run"
+    # A fixed run directory (absolute, or under output_dir); None = <output_dir>/<name>-<timestamp>.
+    dir: Optional[str] = None
+    seed: int = 42
+    report_to: str = "none"  # none | wandb | tensorboard
+    wandb_project: str = "mistral-align"
+    wandb_entity: Optional[str] = None
+    # auto: online when WANDB_API_KEY is set and the wandb server answers (3 s), offline otherwise (a
+    # warning says so when a key is set); online: refused at start when the server cannot be reached.
+    wandb_mode: str = "auto"
+    # Rerunning with the same run.dir: auto = continue from the newest complete checkpoint of the
+    # unfinished stage; never = start the stage from step 0; or the path of a checkpoint to resume.
+    resume: str = "auto"
+    # Continue a run directory even though settings that change training differ from its config.yaml.
+    allow_config_change: bool = False
+    # Seconds any collective (all-reduce, barrier, broadcast) may wait for the other ranks before the
+    # run ends with `error: lost contact with rank N ...` (a node died or hangs), instead of waiting
+    # for torch's default (30 minutes on gloo). It also bounds how long one rank may work alone while
+    # the others wait (rank 0 tokenising a large data set, generating for the eval): raise it for those.
+    dist_timeout_s: int = 600
+
+
+def check_run(r: Any) -> None:
+    choice(r.report_to, "run.report_to", REPORT_TO)
+    choice(r.wandb_mode, "run.wandb_mode", WANDB_MODES)
+    at_least(r.dist_timeout_s, "run.dist_timeout_s", 0, strict=True)
+    if r.resume not in ("auto", "never") and not os.path.isdir(os.path.expanduser(r.resume)):
+        raise ConfigError(f"run.resume: must be auto, never or a checkpoint folder; {r.resume} is none of these")
+
+
+@dataclass
+class HubConfig:
+    """Push the final adapter to the Hugging Face Hub when the run finishes (main process only).
+    The token comes from HF_TOKEN or the stored login and is written nowhere. The same push, by hand:
+    `mistral-align push RUN_DIR --repo-id OWNER/NAME`."""
+
+    push: bool = False
+    repo_id: Optional[str] = None  # OWNER/NAME
+    private: bool = False
+    revision: Optional[str] = None  # a branch, created if missing
+    license: str = "apache-2.0"
+
+
+def check_hub(h: Any) -> None:
+    if h.push and not REPO_ID.fullmatch(h.repo_id or ""):
+        raise ConfigError(f"hub.repo_id: hub.push=true needs OWNER/NAME, got {h.repo_id!r}")

@@ -1,0 +1,154 @@
+"""A stage's optimiser and loop (`<stage>.train`), its held-out evaluation (`<stage>.eval`) and its
+generated demo data (`<stage>.synthetic`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from mistral_align.errors import ConfigError
+from mistral_align.names import SYNTHETIC_SKILLS
+from mistral_align.redaction import is_credential_key
+from mistral_align.schema.rules import at_least, choice
+
+PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")
+BF16 = ("auto", "true", "false")
+ON_NONFINITE = ("stop", "skip")
+
+
+@dataclass
+class TrainConfig:
+    """The optimiser and loop of one stage (`sft.train`, `dpo.train`)."""
+
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    lr: float = 2e-4
+    lr_scheduler: str = "cosine"
+    # A fraction of the total steps, in [0, 1).
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch_fused"
+    per_device_batch_size: int = 4
+    per_device_eval_batch_size: int = 8
+    grad_accum: int = 1
+    # Sequence length the trainer cuts at (SFT: of a packed row); None uses the stage's data.max_length.
+    max_length: Optional[int] = None
+    gradient_checkpointing: bool = True
+    # Mixed precision for the non-quantised parts: "auto" = bf16 on GPUs that support it, else off.
+    bf16: str = "auto"  # auto | true | false
+    logging_steps: int = 10
+    eval_steps: Optional[int] = None  # None: evaluate at the end only
+    save_steps: int = 500
+    save_total_limit: Optional[int] = 2
+    dataloader_num_workers: int = 0
+    # Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (a CUDA GPU and `pip install '.[gpu]'`). TRL keeps
+    # its own chunked LM head, so Liger's fused linear cross-entropy is not used.
+    use_liger_kernel: bool = False
+    # torch.compile the model (GPU; tests/test_gpu.py checks it with 4-bit layers).
+    torch_compile: bool = False
+    # A step whose loss or gradient norm is NaN/Inf: stop (name the step, its rows and the last good
+    # checkpoint) or skip (drop its update, count it in metrics.jsonl and summary.json, go on).
+    on_nonfinite: str = "stop"  # stop | skip
+    # Extra keyword arguments passed to TRL's SFTConfig / DPOConfig verbatim (escape hatch; typos fail there).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SFTTrainConfig(TrainConfig):
+    # Pack several conversations per row; attention never crosses their boundaries (padding-free).
+    packing: bool = True
+    packing_strategy: str = "bfd"
+
+
+def bf16_setting(value: Any) -> str:
+    """`train.bf16` as auto | true | false (a YAML `true` arrives as the string 'True')."""
+    return str(value).lower()
+
+
+def check_train(t: Any, key: str) -> None:
+    # transformers' own lists of schedulers and optimizers, so a name it accepts is accepted here.
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    at_least(t.lr, f"{key}.lr", 0, strict=True)
+    at_least(t.epochs, f"{key}.epochs", 0, strict=True)
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise ConfigError(f"{key}.max_steps: must be > 0, or -1 to train for {key}.epochs; got {t.max_steps}")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise ConfigError(f"{key}.warmup_ratio: must be a fraction of the steps in [0, 1), got {t.warmup_ratio}")
+    at_least(t.weight_decay, f"{key}.weight_decay", 0)
+    at_least(t.max_grad_norm, f"{key}.max_grad_norm", 0)
+    for name in ("per_device_batch_size", "per_device_eval_batch_size", "grad_accum", "logging_steps", "save_steps"):
+        at_least(t[name], f"{key}.{name}", 1)
+    for name in ("max_length", "eval_steps", "save_total_limit"):
+        if t[name] is not None:
+            at_least(t[name], f"{key}.{name}", 1)
+    at_least(t.dataloader_num_workers, f"{key}.dataloader_num_workers", 0)
+    choice(t.lr_scheduler, f"{key}.lr_scheduler", tuple(s.value for s in SchedulerType))
+    choice(t.optim, f"{key}.optim", tuple(o.value for o in OptimizerNames))
+    choice(bf16_setting(t.bf16), f"{key}.bf16", BF16)
+    choice(t.on_nonfinite, f"{key}.on_nonfinite", ON_NONFINITE)
+    if "packing_strategy" in t:
+        choice(t.packing_strategy, f"{key}.packing_strategy", PACKING_STRATEGIES)
+    refuse_credentials(t.extra, f"{key}.extra")
+
+
+def refuse_credentials(node: Any, key: str) -> None:
+    """`train.extra` is passed to TRL verbatim; a credential in it (`+sft.train.extra.hub_token=...`)
+    is refused, naming the key and never echoing the value."""
+    items = node.items() if hasattr(node, "items") else []
+    for name, value in items:
+        if is_credential_key(name):
+            raise ConfigError(
+                f"{key}.{name}: credentials are not taken from the config (config.yaml, checkpoints and "
+                "trackers would keep them); set HF_TOKEN / WANDB_API_KEY in the environment, or log in"
+            )
+        refuse_credentials(value, f"{key}.{name}")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: metrics before/after (loss; DPO: rewards), and greedy generation scored by exact match."""
+
+    loss_before: bool = True
+    generate: bool = False
+    max_prompts: int = 64
+    max_new_tokens: int = 32
+    batch_size: int = 16
+
+
+def check_eval(e: Any, key: str) -> None:
+    for name in ("max_prompts", "max_new_tokens", "batch_size"):
+        at_least(e[name], f"{key}.{name}", 1)
+
+
+@dataclass
+class SyntheticConfig:
+    """Skills data generated by code (mistral_align.data.synthetic) into the stage's directory.
+
+    Only for a stage whose data.train is empty: a run given both is refused, so your own data is
+    never silently replaced."""
+
+    enabled: bool = False
+    skills: list[str] = field(default_factory=lambda: list(SYNTHETIC_SKILLS))
+    n_train: int = 2000
+    n_eval: int = 64
+    seed: int = 0
+
+
+@dataclass
+class SFTSyntheticConfig(SyntheticConfig):
+    # {skill: fraction} of training replies replaced by a plausible wrong one.
+    noise: dict[str, float] = field(default_factory=dict)
+
+
+def check_synthetic(s: Any, key: str) -> None:
+    if s.enabled:
+        for i, skill in enumerate(s.skills):
+            choice(skill, f"{key}.skills[{i}]", SYNTHETIC_SKILLS)
+        at_least(s.n_train, f"{key}.n_train", 1)
+        at_least(s.n_eval, f"{key}.n_eval", 0)
+    for skill, fraction in (s.get("noise") or {}).items():
+        if not 0.0 <= fraction <= 1.0:
+            raise ConfigError(f"{key}.noise.{skill}: must be in [0, 1], got {fraction}")
