@@ -6,42 +6,16 @@ training loaders put `FILE:LINE:` in front of it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from mistral_align.chat.messages import (  # re-exported: the schema is where callers find them
+    ConversationError,
+    Message,
+    Preference,
+    check_text,
+)
+
 ROLES = ("system", "user", "assistant")
-
-
-class ConversationError(ValueError):
-    """A row that cannot be trained on, with the reason."""
-
-
-@dataclass(frozen=True)
-class Message:
-    role: str
-    content: str
-    weight: int = 1  # assistant messages only: 0 keeps the message as context but trains nothing
-
-
-@dataclass(frozen=True)
-class Preference:
-    prompt: tuple[Message, ...]  # ends with a user message
-    chosen: Message  # one assistant reply
-    rejected: Message
-
-
-def check_text(text: str, where: str) -> str:
-    """JSON can spell a lone UTF-16 surrogate ("\\ud800") that is no Unicode character; no tokenizer
-    can encode it (sentencepiece fails deep in C++), so such a row is bad like any other."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        bad = text[e.start].encode("unicode_escape").decode("ascii")
-        raise ConversationError(
-            f"{where}: not valid Unicode: a lone surrogate {bad} at character {e.start} "
-            "(a JSON \\uD800-\\uDBFF escape must be followed by its \\uDC00-\\uDFFF pair)"
-        ) from None
-    return text
 
 
 def _make_message(role: str, raw: dict, where: str, clean: bool, content_key: str = "content") -> Message:
