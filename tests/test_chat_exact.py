@@ -5,33 +5,25 @@ The reference is mistral-common itself (real tokenizer files, no mocks). Ids are
 `MistralTokenizer.encode_chat_completion`; the expected loss mask is rebuilt from mistral-common's
 own per-message encoders (`encode_user_message`, `encode_assistant_message`, ...) walked in the
 same order as its `encode_instruct`, and that walk is itself checked against
-`encode_chat_completion` on every example, so the mask oracle cannot drift from the reference.
+`encode_chat_completion` on every example, so the mask oracle cannot drift from the reference
+(tests/chat_reference.py). Tool calls, results and thinking: test_chat_tools.py.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import pytest
+from chat_reference import (
+    nonblank_text,
+    reference_prompt,
+    reference_sft,
+    reference_tokens,
+    trained_spans,
+    user_text,
+)
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from mistral_common.protocol.instruct.messages import (
-    AssistantMessage,
-    FinetuningAssistantMessage,
-    SystemMessage,
-    UserMessage,
-)
-from mistral_common.protocol.instruct.request import ChatCompletionRequest
-from mistral_common.protocol.instruct.validator import ValidationMode
-from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mistral_align.chat.encoder import (
-    IGNORE_INDEX,
-    TOKENIZER_VERSIONS,
-    get_encoder,
-    load_mistral_tokenizer,
-    tokenizer_file,
-)
+from mistral_align.chat.encoder import IGNORE_INDEX, TOKENIZER_VERSIONS, get_encoder
 from mistral_align.chat.schema import ConversationError, parse_messages, parse_preference, parse_sft_messages
 
 VERSIONS = TOKENIZER_VERSIONS
@@ -40,118 +32,8 @@ assert set(VERSIONS) == {"v1", "v2", "v3", "v7", "v3-tekken", "v7-tekken", "v11"
 SYSTEM_BLOCK = ("v7", "v7-tekken", "v11", "v13")
 
 # ---------------------------------------------------------------------------------------------
-# mistral-common references
-# ---------------------------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=None)
-def finetuning_tokenizer(version: str) -> MistralTokenizer:
-    return load_mistral_tokenizer(version)
-
-
-@lru_cache(maxsize=None)
-def serving_tokenizer(version: str) -> MistralTokenizer:
-    # finetuning mode insists on a final assistant turn; generation prompts end with a user turn.
-    return MistralTokenizer.from_file(str(tokenizer_file(version)), mode=ValidationMode.test)
-
-
-def to_mistral_messages(raw: list[dict]) -> list:
-    out = []
-    for m in raw:
-        if m["role"] == "system":
-            out.append(SystemMessage(content=m["content"]))
-        elif m["role"] == "user":
-            out.append(UserMessage(content=m["content"]))
-        else:
-            out.append(FinetuningAssistantMessage(content=m["content"], weight=m.get("weight", 1)))
-    return out
-
-
-def reference_tokens(version: str, raw: list[dict]) -> list[int]:
-    request = ChatCompletionRequest(messages=to_mistral_messages(raw))
-    return finetuning_tokenizer(version).encode_chat_completion(request).tokens
-
-
-def reference_prompt(version: str, raw: list[dict]) -> list[int]:
-    request = ChatCompletionRequest(messages=to_mistral_messages(raw))
-    return serving_tokenizer(version).encode_chat_completion(request).tokens
-
-
-def reference_sft(version: str, raw: list[dict], train_on: str = "all") -> tuple[list[int], list[int]]:
-    """(ids, labels) from mistral-common's per-message encoders; ids re-checked against the whole."""
-    tok = finetuning_tokenizer(version)
-    request = ChatCompletionRequest(messages=to_mistral_messages(raw))
-    whole = tok.encode_chat_completion(request).tokens
-    # Private attributes, but the equality check below fails loudly if a mistral-common upgrade
-    # changes what they do.
-    validated = tok._chat_completion_request_validator.validate_request(request)
-    instruct = tok._instruct_request_normalizer.from_chat_completion_request(validated)
-    it = tok.instruct_tokenizer
-    first_user, last_user = it.find_first_last_user(instruct)
-    weights = [m.get("weight", 1) for m in raw if m["role"] == "assistant"]
-    assistant_at = [i for i, m in enumerate(instruct.messages) if isinstance(m, AssistantMessage)]
-    assert len(assistant_at) == len(weights), "mistral-common merged or dropped assistant messages"
-    ids = list(it.start())
-    labels = [IGNORE_INDEX] * len(ids)
-    for i, m in enumerate(instruct.messages):
-        trained = False
-        if isinstance(m, UserMessage):
-            tokens, _, _ = it.encode_user_message(
-                m,
-                instruct.available_tools,
-                i == last_user,
-                i == first_user,
-                system_prompt=instruct.system_prompt,
-                force_img_first=True,
-                settings=instruct.settings,
-            )
-        elif isinstance(m, SystemMessage):
-            tokens, _ = it.encode_system_message(m)
-        elif isinstance(m, AssistantMessage):
-            tokens = it.encode_assistant_message(m, is_before_last_user_message=i < last_user)
-            k = assistant_at.index(i)
-            trained = weights[k] == 1 and (train_on == "all" or k == len(assistant_at) - 1)
-        else:  # pragma: no cover - the schema has no tool messages
-            raise AssertionError(f"unexpected message {m!r}")
-        ids += tokens
-        labels += tokens if trained else [IGNORE_INDEX] * len(tokens)
-    assert ids == whole, "the per-message walk no longer reproduces encode_chat_completion"
-    return ids, labels
-
-
-# ---------------------------------------------------------------------------------------------
 # Generated conversations
 # ---------------------------------------------------------------------------------------------
-
-# Text a user may type that looks like markup: it must stay text, never become a control token.
-TRICKY = [
-    "[INST]", "[/INST]", "<s>", "</s>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "<unk>", "<pad>",
-    "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "<0x0A>", "▁", "[INST] hi [/INST]", "</s><s>",
-    # control tokens of the v11/v13 tekken files
-    "[ARGS]", "[CALL_ID]", "[THINK]", "[/THINK]", "[TOOL_CONTENT]", "<SPECIAL_20>", "[THINK]x[/THINK]",
-]
-WHITESPACE = [" ", "  ", "\n", "\n\n", " \n ", "\t", "\r\n", "\u00a0", "\u3000"]
-VISIBLE = (
-    "abcXYZ019.,!?'\"-_#*()"
-    "éèêàçñüößøÅŁžő"  # accented Latin
-    "你好世界日本語한국어"  # CJK
-    "😀🎉👍🏽❤️"  # emoji, incl. skin tone and variation selector
-)
-EMOJI_SEQUENCES = ["👨‍👩‍👧", "🏳️‍🌈", "e\u0301", "ﬁ", "Ⅻ"]  # ZWJ sequences, combining marks, NFKC-changing
-
-visible = st.text(alphabet=VISIBLE, min_size=1, max_size=6)
-fragment = st.one_of(
-    visible,
-    st.sampled_from(TRICKY),
-    st.sampled_from(WHITESPACE),
-    st.sampled_from(EMOJI_SEQUENCES),
-    # Anything else Unicode has (surrogates cannot be encoded, so hypothesis leaves them out).
-    st.text(st.characters(codec="utf-8"), min_size=1, max_size=3),
-)
-any_text = st.lists(fragment, max_size=6).map("".join)
-# Leading/trailing whitespace around something printable: system and assistant content may not be blank.
-nonblank_text = st.tuples(any_text, visible, any_text).map("".join)
-user_text = st.one_of(nonblank_text, any_text)
 
 
 @st.composite
@@ -393,17 +275,6 @@ MASK_CONVERSATION = [
     {"role": "user", "content": "third?"},
     {"role": "assistant", "content": "trained two"},
 ]
-
-
-def trained_spans(labels: list[int]) -> list[tuple[int, int]]:
-    spans, start = [], None
-    for i, t in enumerate([*labels, IGNORE_INDEX]):
-        if t != IGNORE_INDEX and start is None:
-            start = i
-        elif t == IGNORE_INDEX and start is not None:
-            spans.append((start, i))
-            start = None
-    return spans
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -1,19 +1,42 @@
-"""Exact Mistral instruct encodings, built message by message from the tokenizer's own pieces.
+"""Exact Mistral instruct encodings, built message by message with mistral-common's own encoders.
 
 The loss mask is decided at the moment each message is encoded, so it can never drift from the
-ids. The layout per tokenizer version mirrors mistral-common's instruct tokenizers:
+ids. Each message is encoded by the per-message encoder of mistral-common's instruct tokenizer for
+the version (`encode_user_message`, `encode_assistant_message`, `encode_tool_message`, ...), in
+the walk its `encode_instruct` makes, given the form its request normaliser would give it
+(chat/to_mistral.py). The layout per tokenizer version:
 
     v1         <s>▁[INST]▁{system\\n\\n}{user}▁[/INST]{assistant}</s>...   ([INST] is plain text;
                the system prompt joins the *first* user message; assistant text is not stripped)
     v2, v3     <s>[INST]{user}[/INST]{assistant}</s>...   ([INST] is a control token; the system
     v3-tekken  prompt joins the *last* user message; trailing spaces of a reply are dropped)
     v7         <s>[SYSTEM_PROMPT]{system}[/SYSTEM_PROMPT][INST]{user}[/INST]{assistant}</s>...
-    v7-tekken  (the system prompt is its own block right after BOS; v11 and v13 differ from v7
-    v11, v13   only in how tools, tool calls and thinking are encoded, which our schema has none of)
+    v7-tekken  (the system prompt is its own block right after BOS)
+    v11, v13
+
+Tools, v2 to v13 (v1 has none):
+
+    tools      [AVAILABLE_TOOLS][{"type": "function", "function": {...}}, ...][/AVAILABLE_TOOLS]
+               just before the [INST] of the last user message (v13: of the first one)
+    calls      v2:        [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]</s>
+               v3, v7:    [TOOL_CALLS][{"name": ..., "arguments": {...}, "id": ...}, ...]</s>
+               v11:       [TOOL_CALLS]name[CALL_ID]id[ARGS]{...} per call, then </s>
+               v13:       [TOOL_CALLS]name[ARGS]{...} per call, then </s>
+               (v7 and later: a reply's text first, then its calls)
+    results    v2:        [TOOL_RESULTS][{"name": ..., "content": ...}][/TOOL_RESULTS]
+               v3:        [TOOL_RESULTS]{"content": ..., "call_id": ...}[/TOOL_RESULTS]
+               v7, v11:   [TOOL_RESULTS]id[TOOL_CONTENT]content[/TOOL_RESULTS]
+               v13:       [TOOL_RESULTS]content[/TOOL_RESULTS]
+    thinking   v13:       [THINK]...[/THINK] where the reply has it
+
+v2 leaves out every call and every result before the last user message (its replies stay); the
+encodings count what was left out (`dropped_tool_calls`, `dropped_tool_results`). Trained: each
+assistant message (its text, thinking and calls) and its EOS; everything else is masked.
 
 Text is encoded with the raw tokenizer (sentencepiece or tekken) with no special-token parsing,
-so a user who types "[INST]" or "</s>" gets those characters, never a control token. The test
-suite proves every layout equal to mistral-common's `encode_chat_completion` (finetuning mode).
+so a user who types "[INST]" or "[TOOL_CALLS]" gets those characters, never a control token. The
+test suite proves every layout equal to mistral-common's `encode_chat_completion` (finetuning
+mode), and every mask equal to one built from mistral-common's own normalised request.
 """
 
 from __future__ import annotations
@@ -23,7 +46,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Sequence
 
-from mistral_align.chat.schema import Message, Preference
+from mistral_align.chat.messages import Message, Preference, Thinking, Tool
 from mistral_align.chat.tekken_files import derived_tekken_file
 from mistral_align.names import DERIVED_TOKENIZER_VERSIONS, TOKENIZER_VERSIONS
 
@@ -51,6 +74,9 @@ TrainOn = Literal["all", "last"]
 class SftEncoding:
     input_ids: list[int]
     labels: list[int]  # unshifted; IGNORE_INDEX where the loss is masked
+    # What mistral-common leaves out of the encoding (v2: calls and results before the last user message).
+    dropped_tool_calls: int = 0
+    dropped_tool_results: int = 0
 
 
 @dataclass
@@ -58,6 +84,23 @@ class DpoEncoding:
     prompt_ids: list[int]
     chosen_ids: list[int]  # ends with EOS
     rejected_ids: list[int]  # ends with EOS
+    dropped_tool_calls: int = 0  # left out of the prompt, as in SftEncoding
+    dropped_tool_results: int = 0
+
+
+@dataclass
+class _Segment:
+    """One message and its ids, as encode_instruct would append them (BOS not included)."""
+
+    message: Message
+    ids: list[int]
+
+    @property
+    def dropped(self) -> tuple[int, int]:
+        """(calls, results) that mistral-common encoded as nothing."""
+        if self.ids:
+            return 0, 0
+        return len(self.message.tool_calls), int(self.message.role == "tool")
 
 
 def tokenizer_file(version: str) -> Path:
@@ -83,9 +126,16 @@ class MistralEncoder:
     """Turns conversations into ids and labels exactly as mistral-common would tokenize them."""
 
     def __init__(self, version: str):
+        # Lazy (start-up time): mistral-common is slow to import, and the CLI imports this module
+        # before it knows whether a command needs an encoder.
+        from mistral_align.chat import to_mistral
+
+        self._to_mistral = to_mistral
         self.version = version
         self.mistral = load_mistral_tokenizer(version)
-        self.raw = self.mistral.instruct_tokenizer.tokenizer  # SentencePieceTokenizer or Tekkenizer
+        self.instruct = self.mistral.instruct_tokenizer  # InstructTokenizerV1 ... V13
+        self.raw = self.instruct.tokenizer  # SentencePieceTokenizer or Tekkenizer
+        self.mistral_version = self.raw.version.value  # mistral-common's name: v3-tekken is "v3"
         self.bos_id = self.raw.bos_id
         self.eos_id = self.raw.eos_id
         self.pad_id = self.raw.pad_id
@@ -111,66 +161,90 @@ class MistralEncoder:
     def text(self, s: str) -> list[int]:
         return self.raw.encode(s, bos=False, eos=False)
 
-    def _user(self, content: str, system: str | None) -> list[int]:
-        if system:
-            content = f"{system}\n\n{content}"
-        if not self.control_tokens:
-            return self.text(f"[INST] {content} [/INST]")
-        return [self.begin_inst, *self.text(content), self.end_inst]
+    def _message_ids(self, m: Message, i: int, first_user: int, last_user: int, system: str | None,
+                     tools) -> list[int]:
+        """Message i's ids, from the instruct tokenizer's encoder for its role, called as
+        encode_instruct calls it."""
+        mc, it = self._to_mistral, self.instruct
+        if m.role == "system":  # before v7 the system prompt is written into a user message instead
+            return it.encode_system_message(mc.system(m))[0] if self.system_block else []
+        if m.role == "user":
+            return it.encode_user_message(mc.user(m), tools, i == last_user, i == first_user, system_prompt=system,
+                                          force_img_first=True, settings=mc.NO_SETTINGS)[0]
+        if m.role == "assistant":
+            return it.encode_assistant_message(mc.assistant(m), is_before_last_user_message=i < last_user)
+        return it.encode_tool_message(mc.tool_result(m, self.mistral_version), i < last_user)[0]
 
-    def _assistant(self, content: str) -> list[int]:
-        if self.version != "v1":
-            content = content.rstrip(" ")
-        return [*self.text(content), self.eos_id]
-
-    def _system(self, content: str) -> list[int]:
-        return [self.begin_system, *self.text(content), self.end_system]
-
-    def _segments(self, messages: Sequence[Message]) -> list[tuple[Message, list[int]]]:
-        """Each message with its ids, in order; BOS is not included."""
-        system = messages[0].content if messages and messages[0].role == "system" else None
+    def _segments(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> list[_Segment]:
+        """Each message with its ids, in the order mistral-common encodes them; BOS is not included."""
+        messages = self._to_mistral.in_encoding_order(messages, self.mistral_version)
         users = [i for i, m in enumerate(messages) if m.role == "user"]
-        # Where the system prompt goes is the main difference between versions.
-        system_host = {"v1": users[0] if users else None}.get(self.version, users[-1] if users else None)
-        out: list[tuple[Message, list[int]]] = []
-        for i, m in enumerate(messages):
-            if m.role == "system":
-                if self.system_block:
-                    out.append((m, self._system(m.content)))
-                continue
-            if m.role == "user":
-                host = system if (not self.system_block and i == system_host) else None
-                out.append((m, self._user(m.content, host)))
-            else:
-                out.append((m, self._assistant(m.content)))
-        return out
+        first_user, last_user = (users[0], users[-1]) if users else (-1, -1)
+        has_system = bool(messages) and messages[0].role == "system"
+        system = messages[0].content if has_system and not self.system_block else None
+        available = self._to_mistral.tools(tools)
+        return [_Segment(m, self._message_ids(m, i, first_user, last_user, system, available))
+                for i, m in enumerate(messages)]
+
+    def _reply(self, m: Message) -> list[int]:
+        """A reply after the last user message (a DPO side): its ids and EOS."""
+        return self.instruct.encode_assistant_message(self._to_mistral.assistant(m), is_before_last_user_message=False)
+
+    def _thinking_length(self, m: Message) -> int:
+        """How many of an assistant message's first ids are its thinking ([THINK]...[/THINK])."""
+        if not isinstance(m.content, tuple):
+            return 0
+        return sum(len(self.instruct.encode_think(self._to_mistral.think(c))) for c in m.content if isinstance(c, Thinking))
+
+    def _labels(self, segment: _Segment, trained: bool, train_thinking: bool) -> list[int]:
+        ids = segment.ids
+        if not trained:
+            return [IGNORE_INDEX] * len(ids)
+        if train_thinking:
+            return list(ids)
+        # The schema keeps thinking ahead of a reply's text, so it is the start of the ids.
+        masked = self._thinking_length(segment.message)
+        return [IGNORE_INDEX] * masked + ids[masked:]
+
+    @staticmethod
+    def _dropped(segments: Sequence[_Segment]) -> dict[str, int]:
+        return {"dropped_tool_calls": sum(s.dropped[0] for s in segments),
+                "dropped_tool_results": sum(s.dropped[1] for s in segments)}
 
     # -- public encodings ---------------------------------------------------------------------
 
-    def encode_sft(self, messages: Sequence[Message], train_on: TrainOn = "all") -> SftEncoding:
+    def encode_sft(self, messages: Sequence[Message], train_on: TrainOn = "all", *, tools: Sequence[Tool] = (),
+                   train_thinking: bool = True) -> SftEncoding:
+        """Ids and labels of a conversation that ends with an assistant message. Trained: every
+        assistant message of weight 1 (with "last", only the last one), its EOS included, and its
+        thinking unless `train_thinking` is False."""
         if train_on not in ("all", "last"):
             raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
-        segments = self._segments(messages)
-        last_assistant = max((i for i, (m, _) in enumerate(segments) if m.role == "assistant"), default=-1)
+        segments = self._segments(messages, tools)
+        last_assistant = max((i for i, s in enumerate(segments) if s.message.role == "assistant"), default=-1)
         input_ids = [self.bos_id]
         labels = [IGNORE_INDEX]
-        for i, (m, ids) in enumerate(segments):
+        for i, s in enumerate(segments):
+            m = s.message
             trained = m.role == "assistant" and m.weight == 1 and (train_on == "all" or i == last_assistant)
-            input_ids += ids
-            labels += ids if trained else [IGNORE_INDEX] * len(ids)
-        return SftEncoding(input_ids, labels)
+            input_ids += s.ids
+            labels += self._labels(s, trained, train_thinking)
+        return SftEncoding(input_ids, labels, **self._dropped(segments))
 
-    def encode_prompt(self, messages: Sequence[Message]) -> list[int]:
-        """A generation prompt: the conversation so far, ending with a user message."""
-        return [self.bos_id, *(i for _, ids in self._segments(messages) for i in ids)]
+    def encode_prompt(self, messages: Sequence[Message], *, tools: Sequence[Tool] = ()) -> list[int]:
+        """A generation prompt: the conversation so far, ending with a user message (or tool results)."""
+        return [self.bos_id, *(i for s in self._segments(messages, tools) for i in s.ids)]
 
     def encode_dpo(self, pair: Preference) -> DpoEncoding:
         # prompt + chosen is the full encoding of the conversation ending with the chosen reply:
-        # the system prompt's host (first or last user) lies inside the prompt either way.
+        # the system prompt's host (first or last user) and the tools' lie inside the prompt, and
+        # a reply after the last user message is encoded the same whatever follows.
+        segments = self._segments(pair.prompt, pair.tools)
         return DpoEncoding(
-            prompt_ids=self.encode_prompt(pair.prompt),
-            chosen_ids=self._assistant(pair.chosen.content),
-            rejected_ids=self._assistant(pair.rejected.content),
+            prompt_ids=[self.bos_id, *(i for s in segments for i in s.ids)],
+            chosen_ids=self._reply(pair.chosen),
+            rejected_ids=self._reply(pair.rejected),
+            **self._dropped(segments),
         )
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -15,6 +15,9 @@ from mistral_align.chat.schema import ConversationError, parse_preference, parse
 
 # Output columns of encode_batch besides the ids.
 ID_COLUMNS = {"sft": ("input_ids", "labels"), "dpo": ("prompt_ids", "chosen_ids", "rejected_ids")}
+# ... and the RowResult fields it writes beside them, one column each.
+STAT_COLUMNS = ("error", "over_length", "truncated", "tokens", "trained", "length",
+                "dropped_tool_calls", "dropped_tool_results")
 
 # Report categories, matched against the reason in order (the schema's messages are stable text).
 _CATEGORIES = (
@@ -23,13 +26,23 @@ _CATEGORIES = (
     ("mixed shapes", ("a row has one shape",)),
     ("not an object", ("expected a JSON object",)),
     ("over length", ("tokens, over max_length",)),
+    # Tool rows (chat/schema.py, chat/tool_rules.py); before the generic kinds, whose words they may contain.
+    ("bad tool call id", ("is not a valid tool call id", "is used by two calls")),
+    ("bad tool arguments", ("arguments must be a JSON object",)),
+    ("unknown tool", ("not among the row's tools",)),
+    ("unanswered tool call", ("have no tool result",)),
+    ("unmatched tool result", ("answers no call", "a second time", "where no call is waiting", "but call")),
+    ("bad tool definition", ("not a valid JSON Schema", "is listed twice", "not a valid function name",
+                             "'type' must be 'function'", "'strict' must be", "must be an object (a JSON Schema)")),
+    ("not supported by the tokenizer", ("not supported by tokenizer",)),
+    ("bad content chunk", ("thinking chunk after text", "expected a chunk")),
     ("missing field", ("missing field",)),
     ("wrong type", ("must be a string", "expected a list", "expected an object", "must be 0 or 1")),
     ("unknown role", ("unknown role",)),
-    ("unknown field", ("unknown field",)),
+    ("unknown field", ("unknown field", "needs the 'messages' shape")),
     ("ends with a user turn", ("ends with a user turn",)),
     ("wrong role order", ("wrong role order", "only allowed as the first", "must end with", "only a system",
-                          "two system prompts")),
+                          "two system prompts", "not followed by an assistant reply", "ends with tool results")),
     ("empty content", ("empty", "no messages")),
     ("chosen equals rejected", ("the same reply",)),
     ("nothing to train", ("weight 0", "nothing would be trained", "no trained tokens")),
@@ -52,6 +65,9 @@ class RowResult:
     tokens: int = 0  # every id of the row (DPO: prompt + chosen + rejected)
     trained: int = 0  # ids the loss sees (DPO: chosen + rejected)
     length: int = 0  # what max_length is compared with (DPO: prompt + the longer reply)
+    # Tool calls and results the version's encoding leaves out (v2: those before the last user message).
+    dropped_tool_calls: int = 0
+    dropped_tool_results: int = 0
 
 
 def check_row(
@@ -64,8 +80,14 @@ def check_row(
     clean: bool = False,
     on_long_rows: str = "skip",
     read_error: str | None = None,
+    tool_call_ids: str = "keep",
+    train_thinking: bool = True,
 ) -> RowResult:
     """Parse, check and encode one row given as JSON text.
+
+    `tool_call_ids="regenerate"` replaces the row's tool call ids by ids of the version's form
+    (chat/tool_ids.py); "keep" checks them as written. `train_thinking=False` masks the thinking of
+    SFT replies (DPO replies are compared whole).
 
     Over-length rows come back with `error` set and `over_length=True` unless `on_long_rows` is
     "truncate" (SFT only), in which case the end is cut (BOS kept). Truncation is refused for DPO,
@@ -79,20 +101,22 @@ def check_row(
         return RowResult(None, f"invalid JSON ({e.msg} at column {e.colno})")
     try:
         if kind == "sft":
-            return _check_sft(row, encoder, max_length, train_on, clean, on_long_rows)
-        return _check_dpo(row, encoder, max_length, clean)
+            return _check_sft(row, encoder, max_length, train_on, clean, on_long_rows, tool_call_ids, train_thinking)
+        return _check_dpo(row, encoder, max_length, clean, tool_call_ids)
     except ConversationError as e:
         return RowResult(None, str(e))
 
 
-def _check_sft(row: Any, encoder, max_length, train_on, clean, on_long_rows) -> RowResult:
-    messages = parse_sft_row(row, clean)
-    enc = encoder.encode_sft(messages, train_on)
+def _check_sft(row: Any, encoder, max_length, train_on, clean, on_long_rows, tool_call_ids, train_thinking) -> RowResult:
+    conversation = parse_sft_row(row, clean, version=encoder.version, tool_call_ids=tool_call_ids)
+    enc = encoder.encode_sft(conversation.messages, train_on, tools=conversation.tools, train_thinking=train_thinking)
     ids, labels = enc.input_ids, enc.labels
+    dropped = {"dropped_tool_calls": enc.dropped_tool_calls, "dropped_tool_results": enc.dropped_tool_results}
     trained = sum(1 for x in labels if x != IGNORE_INDEX)
     if trained == 0:  # train_on="last" with a weight-0 last reply, for instance
         raise ConversationError("no trained tokens (every assistant reply that would be trained has weight 0)")
-    result = RowResult({"input_ids": ids, "labels": labels}, None, tokens=len(ids), trained=trained, length=len(ids))
+    result = RowResult({"input_ids": ids, "labels": labels}, None, tokens=len(ids), trained=trained, length=len(ids),
+                       **dropped)
     if max_length is not None and len(ids) > max_length:
         if on_long_rows != "truncate":
             result.error = f"{len(ids)} tokens, over max_length {max_length}"
@@ -107,15 +131,16 @@ def _check_sft(row: Any, encoder, max_length, train_on, clean, on_long_rows) -> 
             result.over_length = True
             return result
         result = RowResult(
-            {"input_ids": ids, "labels": labels}, None, truncated=True, tokens=len(ids), trained=trained, length=len(ids)
+            {"input_ids": ids, "labels": labels}, None, truncated=True, tokens=len(ids), trained=trained, length=len(ids),
+            **dropped,
         )
     return result
 
 
-def _check_dpo(row: Any, encoder, max_length, clean) -> RowResult:
+def _check_dpo(row: Any, encoder, max_length, clean, tool_call_ids) -> RowResult:
     if not isinstance(row, dict):
         raise ConversationError(f"expected a JSON object with 'prompt', 'chosen' and 'rejected', got {type(row).__name__}")
-    enc = encoder.encode_dpo(parse_preference(row, clean))
+    enc = encoder.encode_dpo(parse_preference(row, clean, version=encoder.version, tool_call_ids=tool_call_ids))
     p, c, r = enc.prompt_ids, enc.chosen_ids, enc.rejected_ids
     length = len(p) + max(len(c), len(r))  # TRL feeds prompt+chosen and prompt+rejected
     result = RowResult(
@@ -124,6 +149,8 @@ def _check_dpo(row: Any, encoder, max_length, clean) -> RowResult:
         tokens=len(p) + len(c) + len(r),
         trained=len(c) + len(r),
         length=length,
+        dropped_tool_calls=enc.dropped_tool_calls,
+        dropped_tool_results=enc.dropped_tool_results,
     )
     if max_length is not None and length > max_length:
         result.error = f"{length} tokens, over max_length {max_length} (prompt {len(p)} + longest reply {max(len(c), len(r))})"
@@ -140,13 +167,15 @@ def encode_batch(
     train_on: str,
     clean: bool,
     on_long_rows: str,
+    tool_call_ids: str = "keep",
+    train_thinking: bool = True,
 ) -> dict[str, list]:
     """`Dataset.map(batched=True)` function: the row's ids, or empty ids and the error.
 
     Bad rows stay in the output (with `error` set) so the loader can name every one of them.
     """
     out: dict[str, list] = {c: [] for c in ID_COLUMNS[kind]}
-    for c in ("error", "over_length", "truncated", "tokens", "trained", "length"):
+    for c in STAT_COLUMNS:
         out[c] = []
     for text, read_error in zip(batch["row"], batch["read_error"]):
         r = check_row(
@@ -158,14 +187,12 @@ def encode_batch(
             clean=clean,
             on_long_rows=on_long_rows,
             read_error=read_error,
+            tool_call_ids=tool_call_ids,
+            train_thinking=train_thinking,
         )
         for c in ID_COLUMNS[kind]:
             out[c].append(r.ids[c] if r.ids is not None and r.error is None else [])
-        out["error"].append(r.error)
-        out["over_length"].append(r.over_length)
-        out["truncated"].append(r.truncated)
-        out["tokens"].append(r.tokens)
-        out["trained"].append(r.trained)
-        out["length"].append(r.length)
+        for c in STAT_COLUMNS:
+            out[c].append(getattr(r, c))
     return out
 
