@@ -38,8 +38,10 @@ def model_node(**kw):
 @pytest.fixture(autouse=True)
 def _fresh_resolver():
     tf._resolve.cache_clear()
+    tf._warned.clear()
     yield
     tf._resolve.cache_clear()
+    tf._warned.clear()
 
 
 @pytest.fixture
@@ -104,6 +106,8 @@ def test_a_file_that_cannot_be_had_falls_back_in_one_warning_line(offline_cache,
         tf._resolve.cache_clear()
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="mistral_align"):
+            tf.resolve_tokenizer_file(model_node(hub_id=hub_id), warn=False)  # another rank: finds it, says nothing
+            assert not caplog.records
             source = tf.resolve_tokenizer_file(model_node(hub_id=hub_id))
             tf.resolve_tokenizer_file(model_node(hub_id=hub_id))  # a second stage: neither fetched nor said again
         assert source.path == tokenizer_file("v7-tekken") and source.fallback and not source.own_file

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ class TokenizerSource:
     sha256: str
     origin: str  # "hub:OWNER/NAME@REVISION", "folder:PATH", "file:PATH", "mistral-common", "derived"
     fallback: bool = False  # a Hub model's own file could not be had
+    note: str | None = None  # why not, as the one warning line resolve_tokenizer_file says
 
     @property
     def own_file(self) -> bool:
@@ -58,12 +59,11 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _builtin(version: str, fallback: bool = False) -> TokenizerSource:
+def _builtin(version: str) -> TokenizerSource:
     from mistral_align.names import DERIVED_TOKENIZER_VERSIONS
 
     path = tokenizer_file(version)
-    return TokenizerSource(path, _sha256(path), "derived" if version in DERIVED_TOKENIZER_VERSIONS else "mistral-common",
-                           fallback)
+    return TokenizerSource(path, _sha256(path), "derived" if version in DERIVED_TOKENIZER_VERSIONS else "mistral-common")
 
 
 def _in_folder(folder: Path) -> Path:
@@ -89,11 +89,19 @@ def _checked(source: TokenizerSource, version: str) -> TokenizerSource:
     return source
 
 
-def resolve_tokenizer_file(model_cfg: Any) -> TokenizerSource:
+_warned: set[TokenizerSource] = set()
+
+
+def resolve_tokenizer_file(model_cfg: Any, warn: bool = True) -> TokenizerSource:
     """The tokenizer file for the model node (see the module docstring); cached, so a pipeline's
-    second stage neither fetches nor warns again."""
-    return _resolve(str(model_cfg.tokenizer_version), getattr(model_cfg, "tokenizer_file", None),
-                    model_cfg.hub_id if model_cfg.architecture is None else None, model_cfg.revision)
+    second stage neither fetches nor warns again. `warn`: say a fallback (the main process does;
+    the other ranks find the same and stay quiet, so a run says it once)."""
+    source = _resolve(str(model_cfg.tokenizer_version), getattr(model_cfg, "tokenizer_file", None),
+                      model_cfg.hub_id if model_cfg.architecture is None else None, model_cfg.revision)
+    if source.note and warn and source not in _warned:
+        _warned.add(source)
+        log.warning("%s", source.note)
+    return source
 
 
 @lru_cache(maxsize=None)
@@ -113,13 +121,13 @@ def _resolve(version: str, explicit: str | None, hub_id: str | None, revision: s
             path, origin = _download(hub_id, revision), f"hub:{hub_id}@{revision or 'main'}"
     except _unavailable() as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        fallback = _builtin(version, fallback=True)
-        builtin = ("mistral-common's own" if fallback.origin == "mistral-common"
-                   else "the one derived from mistral-common's Nemo tekken file for")
-        log.warning("model: %s's own tokenizer file could not be had (%s); encoding with %s %s file (%s) instead, "
-                    "whose ids of ordinary text may differ from the model's (model.tokenizer_file names a local "
-                    "copy)", hub_id, reason, builtin, version, fallback.path.name)
-        return fallback
+        builtin = _builtin(version)
+        described = ("mistral-common's own" if builtin.origin == "mistral-common"
+                     else "the one derived from mistral-common's Nemo tekken file for")
+        note = (f"model: {hub_id}'s own tokenizer file could not be had ({reason}); encoding with {described} "
+                f"{version} file ({builtin.path.name}) instead, whose ids of ordinary text may differ from the "
+                "model's (model.tokenizer_file names a local copy)")
+        return replace(builtin, fallback=True, note=note)
     return _checked(TokenizerSource(path.absolute(), _sha256(path), origin), version)
 
 

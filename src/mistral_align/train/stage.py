@@ -52,7 +52,7 @@ class Stage:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.section = section  # ... and its own section of the run's one manifest
         # The model repository's own tokenizer file where it has one (model/tokenizer_file.py).
-        self.tokenizer_source = source = resolve_tokenizer_file(cfg.model)
+        self.tokenizer_source = source = resolve_tokenizer_file(cfg.model, warn=run.state.is_main_process)
         self.encoder = get_encoder(cfg.model.tokenizer_version, source.path if source.own_file else None)
 
     # -- what each stage defines --------------------------------------------------------------
