@@ -114,7 +114,7 @@ def _key(rows: list[dict]) -> list[str]:
     return sorted(json.dumps(r, sort_keys=True) for r in rows)
 
 
-def _check_trained(run: dict, encoder) -> None:
+def _check_trained(run: dict, encoder) -> str:
     for kind in ("sft", "dpo"):
         stage_encoder, rows = run["seen"][kind]
         assert (stage_encoder.version, stage_encoder.file_sha256) == (encoder.version, encoder.file_sha256)
@@ -123,15 +123,16 @@ def _check_trained(run: dict, encoder) -> None:
     calls = encoder.raw.get_special_token("[TOOL_CALLS]")
     assert all(calls in r["labels"] for r in _given(run["seen"]["sft"][1], "sft"))  # every row trains its call
     s = run["summary"]
-    print(f"\n{encoder.version}: SFT eval loss {s['sft']['before']['loss']:.3f} -> {s['sft']['after']['loss']:.3f}; "
-          f"DPO reward margin {s['dpo']['before']['reward_margin']:.4f} -> {s['dpo']['after']['reward_margin']:.4f}, "
-          f"accuracy {s['dpo']['after']['reward_accuracy']:.2f}")
+    figures = (f"{encoder.version}: SFT eval loss {s['sft']['before']['loss']:.3f} -> {s['sft']['after']['loss']:.3f}; "
+               f"DPO reward margin {s['dpo']['before']['reward_margin']:.4f} -> "
+               f"{s['dpo']['after']['reward_margin']:.4f}, accuracy {s['dpo']['after']['reward_accuracy']:.2f}")
     assert s["sft"]["after"]["loss"] < s["sft"]["before"]["loss"]  # learned something
     assert s["dpo"]["before"]["reward_margin"] == 0.0 < s["dpo"]["after"]["reward_margin"]
     manifest = json.loads((run["run"] / "manifest.json").read_text())
     for kind, rows in (("sft", 16 + 2), ("dpo", 12 + 2)):
         report = manifest[kind]["data"]["report"]
         assert report["tool_rows"] == rows and report["dropped_tool_calls"] == 0
+    return figures
 
 
 @pytest.fixture(autouse=True)
@@ -142,7 +143,7 @@ def _private_cache(tmp_path, monkeypatch):
 def test_v3_tool_rows_train_through_both_stages(tmp_path, monkeypatch):
     run = _train(tmp_path, "v3", ["model.architecture.initializer_range=0.1"], monkeypatch)
     encoder = get_encoder("v3")
-    _check_trained(run, encoder)
+    print("\n" + _check_trained(run, encoder))
     manifest = json.loads((run["run"] / "manifest.json").read_text())
     assert manifest["tokenizer"] == {"file": encoder.file.name, "sha256": encoder.file_sha256,
                                      "origin": "mistral-common", "fallback": False}  # an inline model
@@ -158,7 +159,7 @@ def test_v13_thinking_and_tools_train_with_the_model_folders_own_tekken(tmp_path
     run = _train(tmp_path, "v13", ["model.architecture=null", f"model.hub_id={folder}", "model.name=standin"],
                  monkeypatch)
     encoder = get_encoder("v13", own)
-    _check_trained(run, encoder)
+    figures = _check_trained(run, encoder)
     sft_rows = _given(run["seen"]["sft"][1], "sft")
     derived = _expected("sft", run["files"]["sft"], get_encoder("v13"))
     assert _key(sft_rows) != _key(derived)  # the folder's file, not the derived one
@@ -180,3 +181,5 @@ def test_v13_thinking_and_tools_train_with_the_model_folders_own_tekken(tmp_path
     capsys.readouterr()
     _, chat_encoder = load_for_chat(r)
     assert chat_encoder.file_sha256 == _sha(own) and chat_encoder.file == r / "dpo" / "adapter" / "tekken.json"
+    with capsys.disabled():
+        print("\n" + figures)
