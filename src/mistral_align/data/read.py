@@ -17,6 +17,7 @@ from typing import Any
 
 from mistral_align.errors import DataError
 from mistral_align.schema.data import SourceConfig
+from mistral_align.schema.rules import get
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -96,8 +97,8 @@ def _rows_from_dataset(ds) -> tuple[list[int], list[str | None], list[str | None
     return list(range(1, len(rows) + 1)), rows, [None] * len(rows)
 
 
-def read_source(src: SourceConfig) -> RawRows:
-    path = src.path
+def check_local_file(path: str | None) -> None:
+    """A source's path names something: a Hub id, or a local file that is there (SourceError otherwise)."""
     if path in (None, "", "???"):
         raise SourceError("a data source has no path")
     if is_local(path):
@@ -106,7 +107,27 @@ def read_source(src: SourceConfig) -> RawRows:
             raise SourceError(f"{path}: is a directory; name a .jsonl, .json or .parquet file in it "
                               "(several files: list each as a source)")
         if not p.is_file():
-            raise SourceError(f"{path}: no such file")
+            where = "" if p.is_absolute() else f" (a relative path is read from {Path.cwd()})"
+            raise SourceError(f"{path}: no such file{where}")
+
+
+def check_local_files(data: Any, key: str) -> None:
+    """Every source of a stage's data node (`sft.data`) is a Hub id or a file that is there, checked
+    before a run starts: a missing file stops it in one line naming the source, before anything
+    loads or is written."""
+    for part in ("train", "eval"):
+        for i, src in enumerate(get(data, part) or []):
+            try:
+                check_local_file(src.path)
+            except SourceError as e:
+                raise SourceError(f"{key}.{part}[{i}].path: {e}") from None
+
+
+def read_source(src: SourceConfig) -> RawRows:
+    path = src.path
+    check_local_file(path)
+    if is_local(path):
+        p = Path(path)
         data = p.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         if p.suffix == ".jsonl":
