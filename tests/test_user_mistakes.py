@@ -243,8 +243,8 @@ def test_a_missing_data_file_stops_before_the_run_directory_is_made(tmp_path, mo
             argv[-1] = "sft.data.train=[{path: chat-missing.jsonl}]"
         assert recipe(name, *argv, monkeypatch=monkeypatch) == 2
         stage = "sft" if name == "sft.py" else "dpo"  # the pipeline's DPO file: found missing before SFT trains
-        assert one_error_line(capsys) == (f"error: {stage}.data.train[0].path: {'chat' if stage == 'sft' else 'prefs'}"
-                                          f"-missing.jsonl: no such file (a relative path is read from {ROOT})")
+        assert one_error_line(capsys) == (f"error: {'chat' if stage == 'sft' else 'prefs'}-missing.jsonl: no such file "
+                                          f"({stage}.data.train[0].path; a relative path is read from {ROOT})")
         assert not run_dir.exists()
 
 

@@ -108,18 +108,19 @@ def _rows_from_dataset(ds) -> tuple[list[int], list[str | None], list[str | None
     return list(range(1, len(rows) + 1)), rows, [None] * len(rows)
 
 
-def check_local_file(path: str | None) -> None:
-    """A source's path names something: a Hub id, or a local file that is there (SourceError otherwise)."""
+def check_local_file(path: str | None, key: str | None = None) -> None:
+    """A source's path names something: a Hub id, or a local file that is there (SourceError
+    otherwise). `key`: where the config names it (`sft.data.train[0].path`), said in the message."""
     if path in (None, "", "???"):
-        raise SourceError("a data source has no path")
+        raise SourceError(f"{key}: a data source has no path" if key else "a data source has no path")
     if is_local(path):
         p = Path(path)
         if p.is_dir():
-            raise SourceError(f"{path}: is a directory; name a .jsonl, .json or .parquet file in it "
-                              "(several files: list each as a source)")
+            raise SourceError(f"{path}: is a directory{f' ({key})' if key else ''}; name a .jsonl, .json or .parquet "
+                              "file in it (several files: list each as a source)")
         if not p.is_file():
-            where = "" if p.is_absolute() else f" (a relative path is read from {Path.cwd()})"
-            raise SourceError(f"{path}: no such file{where}")
+            why = [k for k in (key, None if p.is_absolute() else f"a relative path is read from {Path.cwd()}") if k]
+            raise SourceError(f"{path}: no such file" + (f" ({'; '.join(why)})" if why else ""))
 
 
 def check_local_files(data: Any, key: str) -> None:
@@ -128,10 +129,7 @@ def check_local_files(data: Any, key: str) -> None:
     loads or is written."""
     for part in ("train", "eval"):
         for i, src in enumerate(get(data, part) or []):
-            try:
-                check_local_file(src.path)
-            except SourceError as e:
-                raise SourceError(f"{key}.{part}[{i}].path: {e}") from None
+            check_local_file(src.path, f"{key}.{part}[{i}].path")
 
 
 def read_source(src: SourceConfig) -> RawRows:
