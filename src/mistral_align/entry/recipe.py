@@ -23,7 +23,7 @@ import time
 
 from mistral_align.errors import EXIT_STOPPED, EXIT_USER_ERROR, Stopped, UserError
 from mistral_align.names import RECIPE_STAGES, STAGES
-from mistral_align.schema.recipe import refuse_overrides_of_other_stages
+from mistral_align.schema.recipe import RecipeConfig, refuse_overrides_of_other_stages
 from mistral_align.schema.suggest import unknown_key_message, unknown_option_message
 from mistral_align.train.ranks import exit_if_peer_lost
 
@@ -127,8 +127,6 @@ def hydra_mistake(e: BaseException) -> str | None:
     None for anything else."""
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
-
-    from mistral_align.schema.recipe import RecipeConfig
 
     if isinstance(e, MissingConfigException):
         group, _, name = (e.missing_cfg_file or "").rpartition("/")
