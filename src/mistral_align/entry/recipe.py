@@ -106,6 +106,11 @@ def run_hydra_recipe(main, recipe: str | None = None) -> None:
     except UserError as e:  # found on the command line, before the task started
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
+    except BrokenPipeError:  # `recipes/sft.py --cfg job | head` closed the pipe early
+        if _task_started:  # a training run's output cut off is no success
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except Exception as e:
         line = None if _task_started or wants_trace else hydra_mistake(e)
         if line is None:
