@@ -277,3 +277,29 @@ def test_a_start_refused_by_a_bad_row_can_be_rerun_with_other_data(tmp_path, mon
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(  # after the run's own log line
         f"error: {run_dir} was trained with a different config (sft.train.lr: 0.001 -> 0.0005)")
+
+
+def test_an_inline_base_left_by_a_launch_that_trained_nothing_is_made_again(tmp_path):
+    """A launch that failed after making base/ (a model that would not train, a kill before the first
+    save): the rerun with another architecture or seed remakes it; once a stage kept a checkpoint
+    or its adapter, the base stays what the adapter was trained on (rundir/drift.py)."""
+    from omegaconf import OmegaConf
+
+    from mistral_align.errors import RunDirError
+    from mistral_align.model.inline import INLINE_BASE_FACTS, ensure_inline_base
+    from mistral_align.schema.model import ModelConfig
+    from mistral_align.rundir.drift import stages_started
+
+    arch = dict(type="mistral", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=64)
+    model = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name": "tiny", "architecture": arch})
+    base = tmp_path / "base"
+    ensure_inline_base(model, 128, seed=1, path=base)
+    assert not stages_started(tmp_path, ("sft",))
+    ensure_inline_base(model, 128, seed=2, path=base, remake_other=True)
+    assert json.loads((base / INLINE_BASE_FACTS).read_text())["seed"] == 2
+    (tmp_path / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "checkpoint-2" / "COMPLETE.json").write_text("{}")
+    assert stages_started(tmp_path, ("sft",)) == {"sft"}
+    with pytest.raises(RunDirError, match="made with other settings"):
+        ensure_inline_base(model, 128, seed=3, path=base, remake_other=not stages_started(tmp_path, ("sft",)))
