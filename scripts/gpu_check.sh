@@ -68,8 +68,11 @@ for s in steps:
     s["timed_out"] = s["rc"] in (124, 137)
     log = work / f"{s['step']}.log"
     s["tail"] = log.read_text(errors="replace")[-2500:] if log.exists() else None
-gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                     capture_output=True, text=True).stdout.strip()
+try:
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip()
+except OSError:
+    gpu = None  # no NVIDIA driver here (the CPU dry run)
 versions = work / "versions.json"
 out.write_text(json.dumps({"gpu": gpu, "versions": json.loads(versions.read_text()) if versions.exists() else None,
                            "steps": steps}, indent=1))
@@ -97,8 +100,15 @@ command -v nvidia-smi >/dev/null && nvidia-smi -L >&2 || log "no nvidia-smi: the
 #    (accelerate launch, the recipes the tests start with their own PYTHONPATH) sees them; where that
 #    environment is read-only, into a folder on PYTHONPATH instead (then the resume test cannot see them).
 install() {
+    set -o pipefail
     if ! ls .whl/*.whl >/dev/null 2>&1; then
         echo "no .whl/: using the packages already installed (bash scripts/gpu_wheels.sh makes the wheels)"
+    elif [ "$DRY" = 1 ]; then
+        # The wheels are for the device's Python 3.12: here pip only checks that they would install there.
+        local plat=() n
+        for n in 17 24 27 28 31 34 35; do plat+=(--platform "manylinux_2_${n}_x86_64"); done
+        "$PY" -m pip install --dry-run --no-index --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+            "${plat[@]}" --platform manylinux2014_x86_64 --target /tmp/gpu_check_dry_site .whl/*.whl | tail -3 || return 1
     elif ! "$PY" -m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade -q .whl/*.whl; then
         echo "the image's Python is read-only: installing into /tmp/gpu_check_site"
         "$PY" -m pip install --no-index --no-deps --no-compile --no-cache-dir -q --target /tmp/gpu_check_site .whl/*.whl \
