@@ -11,10 +11,8 @@ import hydra
 from omegaconf import DictConfig
 
 from mistral_align.entry.recipe import exit_on_user_error, run_hydra_recipe
-from mistral_align.schema.recipe import check_config, register_configs
-from mistral_align.train.dpo import DPOStage, same_base_as_sft_run
-from mistral_align.train.run import finish_run, open_run
-from mistral_align.train.stage import run_stage
+from mistral_align.schema.recipe import register_configs
+from mistral_align.train.preflight import check_recipe
 
 register_configs()
 
@@ -22,18 +20,24 @@ register_configs()
 @hydra.main(config_path="../configs", config_name="dpo", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> dict:
-    # 1. DPO continues the SFT adapter, so it needs the exact base (and quantisation) SFT trained on:
+    # 1. Check the config and the data files first: a mistake is one line in a second, before the
+    #    training code (torch, transformers, TRL: seconds to import) is imported.
+    check_recipe(cfg, "dpo", stages=("dpo",))
+    from mistral_align.train.dpo import DPOStage, same_base_as_sft_run
+    from mistral_align.train.run import finish_run, open_run
+    from mistral_align.train.stage import run_stage
+
+    # 2. DPO continues the SFT adapter, so it needs the exact base (and quantisation) SFT trained on:
     #    given an SFT run directory, model, quant and run.seed come from that run's config.
-    check_config(cfg, stages=("dpo",))
     if cfg.dpo.init_from:
         cfg = same_base_as_sft_run(cfg)
     run = open_run(cfg, "dpo", stages=("dpo",))
-    # 2. The DPO stage: preference pairs (exact ids) -> the SFT adapter as policy, its frozen copy as
+    # 3. The DPO stage: preference pairs (exact ids) -> the SFT adapter as policy, its frozen copy as
     #    reference -> evaluate before -> train -> save the adapter -> evaluate after -> summary.
     summary = run_stage(DPOStage(cfg, run))
-    # 3. Loss plot and summary.json.
+    # 4. Loss plot and summary.json.
     return finish_run(run, summary, title=f"DPO {cfg.model.name}")
 
 
 if __name__ == "__main__":
-    run_hydra_recipe(main)
+    run_hydra_recipe(main, "dpo")

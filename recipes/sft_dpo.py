@@ -19,13 +19,8 @@ import hydra
 from omegaconf import DictConfig
 
 from mistral_align.entry.recipe import exit_on_user_error, run_hydra_recipe
-from mistral_align.rundir.layout import finished_stage
 from mistral_align.schema.recipe import register_configs
-from mistral_align.train.dpo import DPOStage
-from mistral_align.train.report import pipeline_summary, pipeline_table
-from mistral_align.train.run import finish_run, open_run
-from mistral_align.train.sft import SFTStage
-from mistral_align.train.stage import run_stage
+from mistral_align.train.preflight import check_recipe
 
 log = logging.getLogger("mistral_align")
 register_configs()
@@ -34,13 +29,23 @@ register_configs()
 @hydra.main(config_path="../configs", config_name="sft_dpo", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> dict:
-    # 1. Check the config, open the run directory; DPO will start from this run's SFT adapter.
+    # 1. Check the config and both stages' data files first: a mistake is one line in a second
+    #    (not after SFT), before the training code (torch, transformers, TRL) is imported.
+    check_recipe(cfg, "sft_dpo", stages=("sft", "dpo"))
+    from mistral_align.rundir.layout import finished_stage
+    from mistral_align.train.dpo import DPOStage
+    from mistral_align.train.report import pipeline_summary, pipeline_table
+    from mistral_align.train.run import finish_run, open_run
+    from mistral_align.train.sft import SFTStage
+    from mistral_align.train.stage import run_stage
+
+    # 2. Open the run directory; DPO will start from this run's SFT adapter.
     run = open_run(cfg, "sft_dpo", stages=("sft", "dpo"))
     sft_dir, dpo_dir = run.dir / "sft", run.dir / "dpo"
     cfg.dpo.init_from = str(sft_dir / "adapter")
     run.write_config()
 
-    # 2. SFT, unless a previous launch of this run already finished it.
+    # 3. SFT, unless a previous launch of this run already finished it.
     sft = finished_stage(sft_dir)
     if sft is None:
         sft = run_stage(SFTStage(cfg, run, out_dir=sft_dir, section="sft"), print_report=False)
@@ -48,14 +53,14 @@ def main(cfg: DictConfig) -> dict:
         log.info("SFT stage already finished in %s: skipped", sft_dir)
         run.record({"resumed": True}, "sft")
 
-    # 3. DPO on the SFT adapter (policy, and frozen, the reference), unless already finished.
+    # 4. DPO on the SFT adapter (policy, and frozen, the reference), unless already finished.
     dpo = finished_stage(dpo_dir)
     if dpo is None:
         dpo = run_stage(DPOStage(cfg, run, out_dir=dpo_dir, section="dpo"), print_report=False)
     else:
         log.info("DPO stage already finished in %s: skipped", dpo_dir)
 
-    # 4. One summary: SFT's gain, then DPO's, on the same held-out prompts; the model facts at the
+    # 5. One summary: SFT's gain, then DPO's, on the same held-out prompts; the model facts at the
     #    top of the manifest too, where a single-stage run keeps them.
     run.lift_stage_facts("sft")
     summary = finish_run(run, pipeline_summary(sft, dpo), title=f"SFT -> DPO {cfg.model.name}")
@@ -65,4 +70,4 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
-    run_hydra_recipe(main)
+    run_hydra_recipe(main, "sft_dpo")

@@ -12,8 +12,12 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
+
+from transformers import TrainerCallback
 
 WORDS = (
     "the of and to in is that for it as with was on be by at this from or have an they which one you were her all "
@@ -201,3 +205,288 @@ def handbook_tokenizer(out_dir: Path, generation_markers: bool = True):
         template = template.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
     tok.chat_template = template
     return tok
+
+
+# -- real-size runs on one GPU (scripts/bench_7b.py, scripts/measure_mixtral_memory.py) ------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+# NVIDIA's datasheet figure for the H100 / H200 SXM, dense bf16 (no sparsity); H200.md's "about 990".
+H200_BF16_DENSE_TFLOPS = 989.4
+FLOPS_FORMULA = (
+    "model FLOPs = p * (N_body*T + N_head*T_scored + L*d_attn*sum(s_i^2)): p = 6 for a training step "
+    "(forward 2 + backward 4; QLoRA computes no weight gradients for the frozen base but recomputes the "
+    "forward under gradient checkpointing, 6 again), 8 for DPO (the reference forward adds 2); N_body = the "
+    "decoder layers' matmul weights (Mixtral: attention, router and the k routed experts), N_head = vocab x "
+    "hidden (the LM head, at the T_scored positions the loss scores), T = real (non-pad) tokens, s_i = each "
+    "sequence's length (causal: s^2/2 query-key pairs, for QK^T and AV), L layers, d_attn = heads x head_dim; "
+    "padding, LoRA's own matmuls (<1%) and the embedding lookup are not counted"
+)
+TINY_SHAPES = {  # the CPU dry run's stand-ins: the same code path, 2 layers x 128
+    "tiny": dict(type="mistral", hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, vocab_size=32768, num_local_experts=0),
+    "tiny-mixtral": dict(type="mixtral", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=32000,
+                         num_local_experts=4, num_experts_per_tok=2),
+}  # fmt: skip
+
+
+def bench_shape(name: str, model: str):
+    """(ShapeConfig, tokenizer version) of the benchmark model: the `shape:` numbers of
+    configs/model/<model>.yaml (e.g. mistral-7b-v0.3), or, for `name` tiny / tiny-mixtral, the CPU
+    dry run's stand-in with that config's tokenizer."""
+    from omegaconf import OmegaConf
+
+    from mistral_align.schema.model import ShapeConfig
+
+    node = OmegaConf.load(ROOT / "configs" / "model" / f"{model}.yaml")
+    numbers = TINY_SHAPES[name] if name in TINY_SHAPES else OmegaConf.to_container(node.shape)
+    return ShapeConfig(**numbers), node.tokenizer_version
+
+
+def transformers_config(shape):
+    """A transformers MistralConfig / MixtralConfig of `shape` (random init: inline_config's defaults)."""
+    from mistral_align.model.inline import inline_config
+    from mistral_align.schema.model import ArchitectureConfig, ModelConfig
+
+    keys = ("type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "tie_word_embeddings", "num_experts_per_tok")  # fmt: skip
+    arch = ArchitectureConfig(**{k: getattr(shape, k) for k in keys}, num_local_experts=shape.num_local_experts or 4)
+    config = inline_config(SimpleNamespace(architecture=arch), shape.vocab_size)
+    config.architectures = ["MixtralForCausalLM" if shape.type == "mixtral" else "MistralForCausalLM"]
+    return config
+
+
+class RandomTensor:
+    """One checkpoint tensor, drawn when read (`t[...]`, as transformers reads a safetensors slice):
+    norms 1, every other weight N(0, std), seeded by its name, made on `device` in `dtype`."""
+
+    def __init__(self, name: str, shape, dtype, device, std: float = 0.02):
+        self.name, self.shape, self.dtype, self.device, self.std = name, tuple(shape), dtype, device, std
+
+    def get_shape(self):
+        return list(self.shape)
+
+    def __getitem__(self, index):
+        import zlib
+
+        import torch
+
+        if "norm" in self.name:
+            return torch.ones(self.shape, dtype=self.dtype, device=self.device)[index]
+        gen = torch.Generator(device=self.device).manual_seed(zlib.crc32(self.name.encode()))
+        return (torch.randn(self.shape, generator=gen, dtype=self.dtype, device=self.device) * self.std)[index]
+
+
+def random_checkpoint(config, dtype, device) -> dict[str, RandomTensor]:
+    """Every tensor of a checkpoint of `config` under the Hub's names (Mixtral: block_sparse_moe.experts.N.w1...),
+    none of them drawn yet: a state dict that `from_pretrained(None, state_dict=...)` reads as it loads."""
+    import torch
+    from transformers import MistralForCausalLM
+
+    from mistral_align.model.mixtral_unfused import UnfusedMixtralForCausalLM, hub_names
+
+    cls = UnfusedMixtralForCausalLM if config.model_type == "mixtral" else MistralForCausalLM
+    with torch.device("meta"):
+        model = cls._from_config(config, dtype=dtype)
+    names = hub_names(dict(model.state_dict())) if config.model_type == "mixtral" else dict(model.state_dict())
+    return {k: RandomTensor(k, v.shape, dtype, device) for k, v in names.items()}
+
+
+def write_random_base(config, folder: Path, dtype, device, shard_bytes: int = 2 * 2**30) -> Path:
+    """A Hub-style folder (config.json, model-0000N-of-0000M.safetensors + index) of random weights,
+    drawn on `device` in `dtype` one tensor at a time: what `build_model` then loads like a Hub model."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, current, size = [], {}, 0
+    for name, t in random_checkpoint(config, dtype, device).items():
+        current[name] = t[...].cpu()
+        size += current[name].numel() * current[name].element_size()
+        if size >= shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+    shards += [current] if current else []
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+        total += sum(v.numel() * v.element_size() for v in shard.values())
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                     "weight_map": weight_map}))  # fmt: skip
+    config.dtype = dtype
+    config.to_json_file(str(folder / "config.json"))
+    return folder
+
+
+def scratch_dir(need_bytes: int) -> Path:
+    """/dev/shm when it has room for `need_bytes` (and a margin), else the temporary directory."""
+    import shutil
+
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shutil.disk_usage(shm).free > 1.2 * need_bytes:
+        return Path(tempfile.mkdtemp(prefix="mistral_align_base_", dir=shm))
+    return Path(tempfile.mkdtemp(prefix="mistral_align_base_"))
+
+
+def flop_terms(shape) -> dict[str, int]:
+    """The per-token and per-pair constants of FLOPS_FORMULA for `shape` (an estimate.Shape or ShapeConfig)."""
+    h = shape.hidden_size
+    hd = shape.head_dim or h // shape.num_attention_heads
+    q, kv = shape.num_attention_heads * hd, shape.num_key_value_heads * hd
+    attention = h * q + 2 * h * kv + q * h
+    if shape.num_local_experts:
+        mlp = shape.num_experts_per_tok * 3 * h * shape.intermediate_size + h * shape.num_local_experts
+    else:
+        mlp = 3 * h * shape.intermediate_size
+    return {"n_body": shape.num_hidden_layers * (attention + mlp), "n_head": shape.vocab_size * h,
+            "layers": shape.num_hidden_layers, "d_attn": q}  # fmt: skip
+
+
+def model_flops(terms: dict[str, int], tokens: int, scored: int, sum_sq: int, reference_forward: bool = False) -> float:
+    """FLOPS_FORMULA: the useful FLOPs of training on `tokens` real tokens (`scored` of them scored by
+    the loss) in sequences whose squared lengths sum to `sum_sq`."""
+    p = 8 if reference_forward else 6
+    return float(p * (terms["n_body"] * tokens + terms["n_head"] * scored + terms["layers"] * terms["d_attn"] * sum_sq))
+
+
+def mfu(flops: float, seconds: float, peak_tflops: float | None) -> float | None:
+    return None if not peak_tflops or seconds <= 0 else flops / seconds / (peak_tflops * 1e12)
+
+
+def matmul_tflops(device: str, n: int | None = None, iters: int = 10) -> float:
+    """The measured dense matmul rate: bf16 n x n x n products on CUDA (n=8192, timed with events after 3
+    warm-ups, random data), float32 on the CPU (n=512); TFLOP/s."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    n = n or (8192 if cuda else 512)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            a @ b
+        end.record()
+        torch.cuda.synchronize()
+        seconds = start.elapsed_time(end) / 1000
+    else:
+        t = time.perf_counter()
+        for _ in range(iters):
+            a @ b
+        seconds = time.perf_counter() - t
+    return 2 * n**3 * iters / seconds / 1e12
+
+
+def sequence_lengths(batch) -> list[int]:
+    """The real sequences of a collated batch: padding-free rows (cu_seq_lens / restarting position_ids),
+    else one per row of the attention mask, else every row whole."""
+    import torch
+
+    if batch.get("cu_seq_lens_q") is not None:
+        return batch["cu_seq_lens_q"].diff().tolist()
+    if batch.get("attention_mask") is not None:
+        return batch["attention_mask"].sum(dim=1).tolist()
+    if batch.get("position_ids") is not None:
+        pos = batch["position_ids"].reshape(-1)
+        starts = torch.cat([(pos == 0).nonzero().flatten(), torch.tensor([pos.numel()])])
+        return starts.diff().tolist()
+    ids = batch["input_ids"]
+    return [ids.shape[1]] * ids.shape[0]
+
+
+def sft_batch_counts(batch) -> dict[str, int]:
+    """tokens (real), scored (labels the loss counts: each row's next-token labels that are not -100),
+    sum_sq and sequences of an SFT batch, padded or padding-free."""
+    lengths = sequence_lengths(batch)
+    return {"tokens": sum(lengths), "scored": int((batch["labels"][..., 1:] != -100).sum()),
+            "sum_sq": sum(n * n for n in lengths), "sequences": len(lengths)}  # fmt: skip
+
+
+def dpo_batch_counts(batch) -> dict[str, int]:
+    """The same for a DPO batch (TRL's padded [chosen; rejected] tensors, which our packed collator
+    keeps beside the packed row), plus its pairs."""
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    return {"tokens": sum(lengths), "scored": int(batch["completion_mask"].sum()), "sum_sq": sum(n * n for n in lengths),
+            "sequences": len(lengths), "pairs": len(lengths) // 2}  # fmt: skip
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class TimeBox(TrainerCallback):
+    """Times `seconds` of training after `warmup` optimizer steps, then stops the trainer.
+
+    The clock starts at the first step after the warm-up and stops at the end of the step that
+    reaches `seconds` (or when the data runs out: `ran_out`), both after a device synchronisation;
+    `timing` is True in between, for StepCounter."""
+
+    def __init__(self, seconds: float, warmup: int, sync=_sync, clock=time.perf_counter):
+        self.seconds, self.warmup, self.sync, self.clock = seconds, warmup, sync, clock
+        self.timing, self.ran_out, self.t0, self.elapsed, self.steps = False, False, None, 0.0, 0
+        self.warmup_seconds, self._t_start = 0.0, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._t_start = self.clock()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.t0 is None and state.global_step >= self.warmup:
+            self.sync()
+            self.t0 = self.clock()
+            self.warmup_seconds = self.t0 - self._t_start
+            self.timing = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.timing:
+            return
+        self.steps += 1
+        if self.clock() - self.t0 >= self.seconds:
+            self._stop()
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.timing:
+            self._stop()
+            self.ran_out = True
+
+    def _stop(self):
+        self.sync()
+        self.elapsed = self.clock() - self.t0
+        self.timing = False
+
+
+class StepCounter:
+    """Sums `measure(batch)` over the micro-batches the trainer trains on while `box.timing`: wraps
+    the trainer's `training_step` (an instance attribute, which the Trainer's loop calls), so what
+    is counted is exactly what went through a timed step, whatever the dataloader fetched ahead."""
+
+    def __init__(self, trainer, box, measure):
+        self.totals: dict[str, int] = {}
+        inner = trainer.training_step
+
+        def training_step(model, inputs, *args, **kwargs):
+            if box.timing:
+                for key, value in measure(inputs).items():
+                    self.totals[key] = self.totals.get(key, 0) + value
+            return inner(model, inputs, *args, **kwargs)
+
+        trainer.training_step = training_step
+
+
+def epoch_counts(trainer, measure) -> dict[str, int]:
+    """`measure` summed over one pass of the trainer's training dataloader (no training): what one
+    epoch trains on, for comparing contenders' trained tokens. Call it after training (the pass
+    draws from the sampler's random generator)."""
+    totals: dict[str, int] = {}
+    for batch in trainer.get_train_dataloader():
+        for key, value in measure(batch).items():
+            totals[key] = totals.get(key, 0) + value
+    return totals
+

@@ -58,7 +58,7 @@ def dpo_args(args, out: Path, precompute: bool):
 
     return DPOConfig(
         output_dir=str(out), per_device_train_batch_size=args.batch, per_device_eval_batch_size=args.batch,
-        num_train_epochs=1, learning_rate=1e-4, lr_scheduler_type="constant", beta=0.1, max_length=args.max_length,
+        num_train_epochs=getattr(args, "epochs", 1), learning_rate=1e-4, lr_scheduler_type="constant", beta=0.1, max_length=args.max_length,
         truncation_mode="keep_start", report_to=[], logging_steps=1, save_strategy="no", use_cpu=not torch.cuda.is_available(),
         bf16=torch.cuda.is_available(), gradient_checkpointing=False, seed=0, disable_tqdm=True,
         precompute_ref_log_probs=precompute, dataloader_num_workers=0,
@@ -76,9 +76,11 @@ def build_policy(args):
     return apply_peft(model, peft_cfg, quantized=args.quant != "none", gradient_checkpointing=False), quant_cfg
 
 
-def our_dpo_trainer(args, data_file: Path, out: Path, padding_free: bool, precompute: bool, shared_prompt: bool):
+def our_dpo_trainer(args, data_file: Path, out: Path, padding_free: bool, precompute: bool, shared_prompt: bool,
+                    model=None, keep_float32: bool | None = None):
     """Our DPO stage's pieces, in the recipe's order: exact ids from our loader, tokenizer, model
-    with LoRA, PretokenizedDPOTrainer. (Re-point here when the stage moves into the library.)"""
+    with LoRA (the tiny one, or `model` with its adapter), PretokenizedDPOTrainer. (Re-point here
+    when the stage moves into the library.)"""
     from mistral_align.chat import get_encoder
     from mistral_align.chat.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
     from mistral_align.data.load import load_dpo_dataset
@@ -89,16 +91,18 @@ def our_dpo_trainer(args, data_file: Path, out: Path, padding_free: bool, precom
     encoder = get_encoder("v3")
     data = load_dpo_dataset(DataConfig(train=[SourceConfig(path=str(data_file))], max_length=args.max_length), encoder)
     tokenizer = load_hf_tokenizer(save_hf_tokenizer("v3", out / "tokenizer"))
-    model, quant_cfg = build_policy(args)
+    if model is None:
+        model, quant_cfg = build_policy(args)
+        keep_float32 = keeps_float32(SimpleNamespace(quant=quant_cfg, model=SimpleNamespace(dtype=quant_cfg.compute_dtype)))
     return PretokenizedDPOTrainer(
         model=model, args=dpo_args(args, out / "ckpt", precompute), train_dataset=data.train, processing_class=tokenizer,
-        keep_float32=keeps_float32(SimpleNamespace(quant=quant_cfg, model=SimpleNamespace(dtype=quant_cfg.compute_dtype))),
-        padding_free=padding_free, shared_prompt=shared_prompt,
+        keep_float32=bool(keep_float32), padding_free=padding_free, shared_prompt=shared_prompt,
     )  # fmt: skip
 
 
-def plain_trl_trainer(args, data_file: Path, out: Path):
-    """What a handbook user runs: text rows, the tokenizer's chat template, trl.DPOTrainer defaults."""
+def plain_trl_trainer(args, data_file: Path, out: Path, model=None):
+    """What a handbook user runs: text rows, the tokenizer's chat template, trl.DPOTrainer defaults
+    (on the tiny model, or on `model` with its adapter)."""
     from datasets import load_dataset
     from trl import DPOTrainer
 
@@ -106,7 +110,8 @@ def plain_trl_trainer(args, data_file: Path, out: Path):
     # assistant turn, which is how TRL tokenizes prompt + chosen: a TRL user gets the converted
     # tokenizer and the Hub's Jinja template instead.
     tokenizer = bc.handbook_tokenizer(out / "tokenizer", generation_markers=False)
-    model, _ = build_policy(args)
+    if model is None:
+        model, _ = build_policy(args)
     data = load_dataset("json", data_files=str(data_file), split="train")
     return DPOTrainer(model=model, args=dpo_args(args, out / "ckpt", False), train_dataset=data, processing_class=tokenizer)
 

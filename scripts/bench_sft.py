@@ -59,9 +59,33 @@ class CountingCollator:
 def train_config(args, packing: bool, batch: int):
     from mistral_align.schema.train import SFTTrainConfig
 
-    return SFTTrainConfig(epochs=1, lr=1e-4, lr_scheduler="constant", warmup_ratio=0.0, per_device_batch_size=batch,
+    return SFTTrainConfig(epochs=getattr(args, "epochs", 1), lr=1e-4, lr_scheduler="constant", warmup_ratio=0.0, per_device_batch_size=batch,
                        grad_accum=1, packing=packing, packing_strategy="bfd", max_length=args.max_length,
                        gradient_checkpointing=False, bf16="auto", logging_steps=1, save_steps=10**6)  # fmt: skip
+
+
+def our_sft_data(args, data_file: Path, out: Path):
+    """(stage node, train rows, tokenizer) as `SFTStage` loads them: exact mistral-common ids and
+    masks from load_sft_dataset, our tokenizer."""
+    from mistral_align.chat import get_encoder
+    from mistral_align.chat.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
+    from mistral_align.data.load import load_sft_dataset
+    from mistral_align.schema.data import SFTDataConfig, SourceConfig
+
+    stage = SimpleNamespace(data=SFTDataConfig(train=[SourceConfig(path=str(data_file))], max_length=args.max_length),
+                            train=train_config(args, packing=True, batch=args.packed_batch))  # fmt: skip
+    data = load_sft_dataset(stage.data, get_encoder("v3"))
+    return stage, data.train, load_hf_tokenizer(save_hf_tokenizer("v3", out / "tokenizer"))
+
+
+def our_sft_trainer(stage, model, train_rows, tokenizer, out: Path, keep_float32: bool):
+    """Our SFT trainer on `model` (with its adapter): make_sft_args + build_sft_trainer, as `SFTStage`
+    builds it (bfd packing, padding-free rows of max_length)."""
+    from mistral_align.train.sft import build_sft_trainer, make_sft_args
+
+    sft_args = make_sft_args(stage, 0, out, ["none"], has_eval=False)
+    sft_args.save_strategy, sft_args.disable_tqdm = "no", True
+    return build_sft_trainer(model, tokenizer, sft_args, train_rows, None, keep_float32=keep_float32)
 
 
 def our_sft_stage(args, data_file: Path, out: Path, cpu_changes: bool = True):
@@ -69,38 +93,25 @@ def our_sft_stage(args, data_file: Path, out: Path, cpu_changes: bool = True):
     with LoRA, trainer), with the same functions `SFTStage` uses. `cpu_changes=False` switches off
     the two CPU-only changes (train/lm_head.py, train/precision.py)."""
     from mistral_align.chat import get_encoder
-    from mistral_align.chat.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
-    from mistral_align.data.load import load_sft_dataset
     from mistral_align.model.load import build_model
     from mistral_align.model.lora import apply_peft
-    from mistral_align.schema.data import SFTDataConfig, SourceConfig
-    from mistral_align.train.sft import build_sft_trainer, keeps_float32, make_sft_args
+    from mistral_align.train.sft import keeps_float32
 
     model_cfg, quant_cfg, peft_cfg = bc.tiny_mistral_configs(args.layers, args.hidden, args.quant)
-    stage = SimpleNamespace(data=SFTDataConfig(train=[SourceConfig(path=str(data_file))], max_length=args.max_length),
-                            train=train_config(args, packing=True, batch=args.packed_batch))  # fmt: skip
+    stage, train_rows, tokenizer = our_sft_data(args, data_file, out)
     cfg = SimpleNamespace(model=model_cfg, quant=quant_cfg, peft=peft_cfg, sft=stage)
-    encoder = get_encoder(cfg.model.tokenizer_version)
-    data = load_sft_dataset(stage.data, encoder)
-    tokenizer = load_hf_tokenizer(save_hf_tokenizer(cfg.model.tokenizer_version, out / "tokenizer"))
-    model = build_model(cfg.model, cfg.quant, vocab_size=encoder.vocab_size, seed=0)
+    model = build_model(cfg.model, cfg.quant, vocab_size=get_encoder("v3").vocab_size, seed=0)
     model = apply_peft(model, cfg.peft, quantized=cfg.quant.mode != "none", gradient_checkpointing=stage.train.gradient_checkpointing)
-    sft_args = make_sft_args(stage, 0, out, ["none"], has_eval=False)
-    sft_args.save_strategy, sft_args.disable_tqdm = "no", True
     if not cpu_changes:
         import contextlib
 
         import mistral_align.train.hooks as hooks
 
         hooks.lm_head_scores_labelled_positions_only = contextlib.nullcontext
-    return build_sft_trainer(model, tokenizer, sft_args, data.train, None, keep_float32=cpu_changes and keeps_float32(cfg))
+    return our_sft_trainer(stage, model, train_rows, tokenizer, out, keep_float32=cpu_changes and keeps_float32(cfg))
 
 
 def plain_trl(args, data_file: Path, out: Path, packing: bool):
-    import torch
-    from datasets import load_dataset
-    from trl import SFTConfig, SFTTrainer
-
     from mistral_align.chat import get_encoder
     from mistral_align.model.load import build_model
     from mistral_align.model.lora import apply_peft
@@ -108,13 +119,24 @@ def plain_trl(args, data_file: Path, out: Path, packing: bool):
     model_cfg, quant_cfg, peft_cfg = bc.tiny_mistral_configs(args.layers, args.hidden, args.quant)
     model = build_model(model_cfg, quant_cfg, vocab_size=get_encoder("v3").vocab_size, seed=0)
     model = apply_peft(model, peft_cfg, quantized=args.quant != "none", gradient_checkpointing=False)
+    return trl_sft_trainer(args, model, data_file, out, packing)
+
+
+def trl_sft_trainer(args, model, data_file: Path, out: Path, packing: bool):
+    """trl.SFTTrainer the alignment-handbook way on `model` (with its adapter): conversational rows, the
+    Hub chat template on a converted tokenizer (with `{% generation %}` markers so assistant_only_loss
+    works), padded batches, or TRL's own packing (bfd, padding-free) with `packing`."""
+    import torch
+    from datasets import load_dataset
+    from trl import SFTConfig, SFTTrainer
+
     tokenizer = bc.handbook_tokenizer(out / "tokenizer", generation_markers=True)
     cfg = SFTConfig(
-        output_dir=str(out / "ckpt"), num_train_epochs=1, learning_rate=1e-4, lr_scheduler_type="constant",
-        per_device_train_batch_size=args.packed_batch if packing else args.batch, max_length=args.max_length,
-        packing=packing, assistant_only_loss=True, report_to=[], logging_steps=1, save_strategy="no",
-        use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), gradient_checkpointing=False,
-        seed=0, disable_tqdm=True, pad_token="<unk>",
+        output_dir=str(out / "ckpt"), num_train_epochs=getattr(args, "epochs", 1), learning_rate=1e-4,
+        lr_scheduler_type="constant", per_device_train_batch_size=args.packed_batch if packing else args.batch,
+        max_length=args.max_length, packing=packing, assistant_only_loss=True, report_to=[], logging_steps=1,
+        save_strategy="no", use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(),
+        gradient_checkpointing=False, seed=0, disable_tqdm=True, pad_token="<unk>",
     )  # fmt: skip
     data = load_dataset("json", data_files=str(data_file), split="train")
     return SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tokenizer)

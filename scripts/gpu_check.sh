@@ -1,128 +1,167 @@
 #!/usr/bin/env bash
-# One command for a machine with a CUDA GPU: install what is missing (keeping the image's CUDA
-# torch), run the gpu-marked tests and both benchmarks on a bigger tiny model, write one JSON report.
+# One command for a machine with one CUDA GPU (prepared for the lent H200: offline, ~15 minutes of
+# device time, 10 at most per command). Installs what its image lacks from .whl/, then runs the
+# steps in order of value, each under its own time limit and a shared deadline, each writing its
+# result as soon as it ends:
 #
-#   scripts/gpu_check.sh [REPORT.json]        (default: gpu_check_report.json; also $OUT/ if set)
+#   bash scripts/gpu_wheels.sh    # here, first: the wheels into .whl/ (carry .whl with the tree)
+#   bash scripts/gpu_check.sh     # there: results in $OUT (default ./gpu_check_out)
 #
-# Offline machines: put wheels in .whl/ at the repo root, downloaded for the GPU machine's Python
-# (e.g. `pip download -d .whl --no-deps --python-version 3.12 --platform manylinux2014_x86_64
-# trl==1.16.0 peft==0.21.2 transformers==5.23.0 "mistral-common==1.13.1" hydra-core omegaconf datasets ...`,
-# plus liger-kernel, hjson and deepspeed's source archive, which installs as pure Python: its CUDA ops
-# build on first use), and bitsandbytes unpacked into .whl/bnb_site/); they are unpacked as they are, next to the image's
-# CUDA torch. Without .whl/ the registry is used. Environment knobs: GPU_CHECK_STEPS (default
-# "tests sft dpo"), BENCH_ROUNDS (default 3), BENCH_SFT_ROWS (512), BENCH_DPO_PAIRS (128).
+# Planned minutes on one H200 (a plan, not a measurement; nothing here has run on a GPU yet):
+#   install   0.5  (limit 1.5)  pip install --no-deps .whl/*.whl into the image's own Python
+#   bench7b   5.75 (limit 6.7)  scripts/bench_7b.py: random bf16 7B folder + NF4 load ~1, SFT pair at 2048
+#                               (ours vs TRL packing) 2 rounds ~2.5, DPO pair at 2048 (ours padding-free vs
+#                               plain DPOTrainer) 2 rounds ~2.5; the SFT pair at 4096 only if its rounds
+#                               still fit (they do not by default: GPU_CHECK_STEPS=bench7b BENCH_PAIRS=sft:4096)
+#   then, all at once (the 7B numbers are taken by then; these measure correctness and memory):
+#   fsdp      1    (limit 2.2)  FSDP-QLoRA SFT -> DPO with the generation eval (tests/test_gpu_fsdp_qlora.py)
+#   sharded   1.5  (limit 2.2)  saves under FSDP and ZeRO-3 vs one process (tests/test_gpu_sharded_save.py)
+#   resume    1.25 (limit 2.2)  SIGTERM, SIGKILL, resume on the GPU (test_faults.py::test_sft_killed_then_resumed...)
+#   gputests  1.5  (limit 2.2)  tests/test_gpu.py (4-bit on CUDA, torch.compile, padding-free DPO, Liger)
+#   mixtral   1.5  (limit 2.2)  scripts/measure_mixtral_memory.py: 8x7B NF4 weights vs `estimate`, one step's peak
+#   total     ~8.5 (0.5 + 5.75 + 2); the shared deadline GPU_CHECK_TOTAL_S (default 550 s) cuts every
+#             limit to what is left, so the command ends inside the device's 10 minutes per command.
+#
+# $OUT gets at most 4 files: gpu_check.json (each step's rc, seconds, limit, log tail; rewritten as each
+# ends), gpu_check.log (every step's whole output, appended as each ends), bench_7b.json (rewritten
+# after every contender round), mixtral_memory.json. Knobs: GPU_CHECK_STEPS (default all of the
+# above), GPU_CHECK_TOTAL_S, BENCH_PAIRS, BENCH_ROUNDS (2), BENCH_SECONDS (30), BENCH_BUDGET_S (370).
+# GPU_CHECK_DRY_RUN=1: the CPU path of every step, here: the tiny 2 x 128 shapes through the same
+# scripts (pairs sft:256,dpo:256,sft:512, 10 s rounds), the GPU-only tests skipping themselves.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-REPORT=${1:-gpu_check_report.json}
-WORK=${GPU_CHECK_WORK:-$(mktemp -d /tmp/gpu_check.XXXX)}  # every log and result lands here as it is made
-mkdir -p "$WORK"
-log() { echo "[gpu_check] $*" >&2; }
-
-command -v nvidia-smi >/dev/null || { log "no nvidia-smi: this needs a CUDA GPU"; exit 2; }
 PY=${PYTHON:-python3}
-
-# 1. Python packages. Two routes:
-#  - .whl/ present (offline machines): every wheel there is unpacked into $SITE without dependency
-#    resolution, beside the image's own CUDA torch; .whl/bnb_site/ may hold an unpacked bitsandbytes.
-#  - otherwise: a venv that sees the image's packages, topped up from the registry with the image's
-#    torch/transformers/accelerate pinned as constraints (never replaced by CPU builds).
-# Either way our package is used from src/ (an editable install needs a build backend offline).
-export PYTHONPATH="$ROOT/src:$ROOT/tests${PYTHONPATH:+:$PYTHONPATH}"
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-    VPY=$PY
-    SITE=${GPU_CHECK_SITE:-/tmp/gpu_check_site}
-    if [ ! -f "$SITE/.done" ]; then
-        $VPY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --no-build-isolation \
-            --target "$SITE" .whl/*.whl $(ls .whl/*.tar.gz 2>/dev/null) 2>>"$WORK/pip.log" \
-            && touch "$SITE/.done" || log "installing .whl/ failed (see $WORK/pip.log)"
-    fi
-    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-    [ -d .whl/bnb_site ] && export PYTHONPATH="$ROOT/.whl/bnb_site:$PYTHONPATH"
+OUT=${OUT:-$ROOT/gpu_check_out}
+WORK=$(mktemp -d /tmp/gpu_check.XXXX)
+mkdir -p "$OUT"
+T0=$(date +%s)
+STEPS=" ${GPU_CHECK_STEPS:-install bench7b fsdp sharded resume gputests mixtral} "
+DRY=${GPU_CHECK_DRY_RUN:-0}
+if [ "$DRY" = 1 ]; then
+    BENCH_SHAPE=(--shape tiny --sft-rows 200 --dpo-pairs 80) MIXTRAL_SHAPE=(--shape tiny-mixtral --length 128)
+    : "${BENCH_PAIRS:=sft:256,dpo:256,sft:512}" "${BENCH_SECONDS:=10}" "${BENCH_BUDGET_S:=1500}"
+    SCALE=8  # a loaded 2-core CPU is that much slower than the limits planned for the GPU
 else
-    if [ ! -x .venv/bin/python ]; then
-        $PY -m venv --system-site-packages .venv || { log "cannot create .venv"; exit 2; }
-    fi
-    VPY=$ROOT/.venv/bin/python
-    $VPY -m pip freeze 2>/dev/null | grep -iE '^(torch|transformers|accelerate|peft|triton|nvidia-[a-z0-9-]+)==' > "$WORK/constraints.txt"
-    for spec in "mistral-common[sentencepiece]>=1.13.1,<1.14" "sentencepiece>=0.2,<0.3" "tiktoken>=0.14,<0.15" \
-                "hydra-core>=1.3.2,<1.4" "omegaconf>=2.3,<2.4" "datasets>=5.2,<5.3" "safetensors>=0.8" \
-                "bitsandbytes>=0.50,<0.51" "trl>=1.16,<1.17" "peft>=0.21,<0.22" "pytest>=9,<10" \
-                "hypothesis>=6.170,<7" "tqdm" "pyarrow>=20" "matplotlib" "liger-kernel" "flash-attn"; do
-        $VPY -c "import importlib.metadata as m, re, sys; m.version(re.split(r'[\[<>=]', sys.argv[1])[0])" "$spec" 2>/dev/null \
-            && continue
-        # A pin clashing with the image (e.g. transformers): install the package alone.
-        $VPY -m pip install -q -c "$WORK/constraints.txt" "$spec" 2>>"$WORK/pip.log" \
-            || $VPY -m pip install -q --no-deps "$spec" 2>>"$WORK/pip.log" || log "could not install $spec"
-    done
+    BENCH_SHAPE=() MIXTRAL_SHAPE=() SCALE=1
 fi
-$VPY -c "import torch, sys; assert torch.cuda.is_available(), 'torch has no CUDA'" \
-    || { log "this Python's torch cannot see the GPU"; exit 2; }
-$VPY -c "import mistral_align, trl, peft, bitsandbytes, mistral_common, hydra" 2>>"$WORK/pip.log" \
-    || { log "packages missing after install (see $WORK/pip.log)"; tail -5 "$WORK/pip.log" >&2; exit 2; }
-STEPS=${GPU_CHECK_STEPS:-tests sft dpo}
-has_step() { [[ " $STEPS " == *" $1 "* ]]; }
+TOTAL=${GPU_CHECK_TOTAL_S:-$((550 * SCALE))}
+export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+    WANDB_MODE=disabled TQDM_DISABLE=1 DS_ACCELERATOR=cuda
+log() { echo "[gpu_check $(($(date +%s) - T0))s] $*" >&2; }
+wants() { [[ "$STEPS" == *" $1 "* ]]; }
+limit() { local want=$(($1 * SCALE)) left=$((TOTAL - ($(date +%s) - T0) - 5)); echo $(( want < left ? want : (left > 0 ? left : 1) )); }
 
-# 2. The gpu-marked tests (and the CPU padding-free equality test, which also runs here).
-GPU_RC=5; PF_RC=5  # pytest's "no tests ran", when the step is not asked for
-if has_step tests; then
-    $VPY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_gpu_sharded_save.py -rs >"$WORK/gpu_tests.txt" 2>&1
-    GPU_RC=$?
-    $VPY -m pytest -q -p no:cacheprovider tests/test_dpo_padding_free.py >"$WORK/pf_tests.txt" 2>&1
-    PF_RC=$?
-    log "gpu tests rc $GPU_RC, padding-free tests rc $PF_RC"; tail -3 "$WORK/gpu_tests.txt" >&2
-fi
-
-# 3. Both benchmarks on a bigger tiny model (8 layers x 1024, NF4 + LoRA), sdpa and, if installed, FA2.
-ROUNDS=${BENCH_ROUNDS:-3}
-BIG=(--layers 8 --hidden 1024 --quant nf4 --rounds "$ROUNDS")
-if has_step sft; then
-    $VPY scripts/bench_sft.py "${BIG[@]}" --rows "${BENCH_SFT_ROWS:-512}" --max-length 2048 --packed-batch 4 \
-        --json "$WORK/bench_sft.json" >"$WORK/bench_sft.txt" 2>&1 || log "bench_sft failed"
-    tail -25 "$WORK/bench_sft.txt" >&2
-fi
-if has_step dpo; then
-    $VPY scripts/bench_dpo.py "${BIG[@]}" --pairs "${BENCH_DPO_PAIRS:-128}" --batch 8 \
-        --json "$WORK/bench_dpo.json" >"$WORK/bench_dpo.txt" 2>&1 || log "bench_dpo failed"
-    tail -25 "$WORK/bench_dpo.txt" >&2
-    if $VPY -c "import flash_attn" 2>/dev/null; then
-        BENCH_ATTN=flash_attention_2 $VPY scripts/bench_dpo.py "${BIG[@]}" --pairs "${BENCH_DPO_PAIRS:-128}" --batch 8 \
-            --contenders trl,ours-padded,ours-pf --json "$WORK/bench_dpo_fa2.json" >"$WORK/bench_dpo_fa2.txt" 2>&1
-    fi
-fi
-
-# 4. One JSON report.
-$VPY - "$WORK" "$REPORT" "$GPU_RC" "$PF_RC" <<'EOF'
-import importlib.metadata as md, json, subprocess, sys
+# record STEP RC SECONDS LIMIT: the step's log appended to $OUT/gpu_check.log, gpu_check.json rewritten
+# (under a lock: the last steps end side by side).
+record() {
+    exec 9>"$WORK/record.lock"
+    command -v flock >/dev/null && flock 9
+    { echo "===== $1: rc $2, $3 s (limit $4 s)"; cat "$WORK/$1.log" 2>/dev/null; } >>"$OUT/gpu_check.log"
+    echo "{\"step\": \"$1\", \"rc\": $2, \"seconds\": $3, \"limit_s\": $4}" >>"$WORK/steps.jsonl"
+    "$PY" - "$WORK" "$OUT/gpu_check.json" <<'EOF'
+import json, subprocess, sys
 from pathlib import Path
-work, report, gpu_rc, pf_rc = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-def read(name, n=6000):
-    p = work / name
-    return p.read_text()[-n:] if p.exists() else None
-def load(name):
-    p = work / name
-    return json.loads(p.read_text())["summary"] if p.exists() else None
-versions = {}
-for pkg in ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "mistral-common", "datasets",
-            "flash-attn", "liger-kernel", "mistral-align"):
-    try:
-        versions[pkg] = md.version(pkg)
-    except md.PackageNotFoundError:
-        versions[pkg] = None
-gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                     capture_output=True, text=True).stdout.strip()
-out = {
-    "gpu": gpu, "versions": versions,
-    "gpu_tests": {"rc": gpu_rc, "tail": read("gpu_tests.txt", 4000)},
-    "padding_free_tests": {"rc": pf_rc, "tail": read("pf_tests.txt", 2000)},
-    "bench_sft": load("bench_sft.json"), "bench_dpo": load("bench_dpo.json"), "bench_dpo_fa2": load("bench_dpo_fa2.json"),
-    "bench_text": {k: read(f"{k}.txt", 3000) for k in ("bench_sft", "bench_dpo", "bench_dpo_fa2")},
-    "pip_log_tail": read("pip.log", 3000),
-}
-report.write_text(json.dumps(out, indent=1))
-print(json.dumps({k: out[k] for k in ("gpu", "versions")}, indent=1))
-print("gpu tests rc", gpu_rc, "| padding-free tests rc", pf_rc, "| report:", report)
+work, out = Path(sys.argv[1]), Path(sys.argv[2])
+steps = [json.loads(line) for line in (work / "steps.jsonl").read_text().splitlines()]
+for s in steps:
+    s["timed_out"] = s["rc"] in (124, 137)
+    log = work / f"{s['step']}.log"
+    s["tail"] = log.read_text(errors="replace")[-2500:] if log.exists() else None
+try:
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip()
+except OSError:
+    gpu = None  # no NVIDIA driver here (the CPU dry run)
+versions = work / "versions.json"
+out.write_text(json.dumps({"gpu": gpu, "versions": json.loads(versions.read_text()) if versions.exists() else None,
+                           "steps": steps}, indent=1))
 EOF
-[ -n "${OUT:-}" ] && cp "$REPORT" "$OUT/" 2>/dev/null
-[ "$WORK" != "${REPORT%.json}_files" ] && cp -r "$WORK" "${REPORT%.json}_files" 2>/dev/null
-exit $(( GPU_RC != 0 && GPU_RC != 5 ))
+    exec 9>&-
+}
+
+# step NAME LIMIT CMD...: runs CMD under `timeout` with the limit cut to the deadline; log in $WORK/NAME.log.
+step() {
+    local name=$1 lim t rc
+    lim=$(limit "$2")
+    shift 2
+    log "$name: start (limit ${lim} s)"
+    t=$(date +%s)
+    timeout -k 10 "$lim" "$@" >"$WORK/$name.log" 2>&1
+    rc=$?
+    record "$name" "$rc" $(($(date +%s) - t)) "$lim"
+    log "$name: rc $rc after $(($(date +%s) - t)) s"
+    tail -4 "$WORK/$name.log" >&2
+}
+
+command -v nvidia-smi >/dev/null && nvidia-smi -L >&2 || log "no nvidia-smi: the GPU steps will say so"
+
+# 1. Packages: the wheels go into the image's own Python, so that every process the steps start
+#    (accelerate launch, the recipes the tests start with their own PYTHONPATH) sees them; where that
+#    environment is read-only, into a folder on PYTHONPATH instead (then the resume test cannot see them).
+install() {
+    set -o pipefail
+    if ! ls .whl/*.whl >/dev/null 2>&1; then
+        echo "no .whl/: using the packages already installed (bash scripts/gpu_wheels.sh makes the wheels)"
+    elif [ "$DRY" = 1 ]; then
+        # The wheels are for the device's Python 3.12: here pip only checks that they would install there.
+        local plat=() n
+        for n in 17 24 27 28 31 34 35; do plat+=(--platform "manylinux_2_${n}_x86_64"); done
+        "$PY" -m pip install --dry-run --no-index --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+            "${plat[@]}" --platform manylinux2014_x86_64 --target /tmp/gpu_check_dry_site .whl/*.whl | tail -3 || return 1
+    elif ! "$PY" -m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade -q .whl/*.whl; then
+        echo "the image's Python is read-only: installing into /tmp/gpu_check_site"
+        "$PY" -m pip install --no-index --no-deps --no-compile --no-cache-dir -q --target /tmp/gpu_check_site .whl/*.whl \
+            || return 1
+        echo "/tmp/gpu_check_site" >"$WORK/site"
+    fi
+    [ -f "$WORK/site" ] && export PYTHONPATH="$(cat "$WORK/site"):$PYTHONPATH"
+    "$PY" - "$WORK/versions.json" "$DRY" <<'EOF'
+import importlib.metadata as md, json, sys
+names = ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets", "mistral-common", "hydra-core",
+         "omegaconf", "pydantic", "deepspeed", "liger-kernel", "flash-attn", "pyarrow", "huggingface-hub", "tokenizers", "pytest")
+versions = {}
+for n in names:
+    try:
+        versions[n] = md.version(n)
+    except md.PackageNotFoundError:
+        versions[n] = None
+json.dump(versions, open(sys.argv[1], "w"))
+print(versions)
+import torch, bitsandbytes, trl, peft, datasets, hydra, mistral_common, mistral_align  # noqa: E401,F401
+if torch.cuda.is_available():
+    print("cuda", torch.version.cuda, torch.cuda.get_device_name(0))
+else:
+    assert sys.argv[2] == "1", "torch sees no CUDA GPU"
+EOF
+}
+if wants install; then
+    step install 90 bash -c "$(declare -f install); WORK=$WORK PY=$PY DRY=$DRY install"
+    [ -f "$WORK/site" ] && export PYTHONPATH="$(cat "$WORK/site"):$PYTHONPATH"
+fi
+
+# 2. The 7B-shaped pairs: alone on the GPU, nothing else running.
+if wants bench7b; then
+    budget=$(limit "$(( ${BENCH_BUDGET_S:-370} / SCALE ))")
+    step bench7b 400 "$PY" scripts/bench_7b.py "${BENCH_SHAPE[@]}" --pairs "${BENCH_PAIRS:-sft:2048,dpo:2048,sft:4096}" \
+        --rounds "${BENCH_ROUNDS:-2}" --seconds "${BENCH_SECONDS:-30}" --budget-s "$budget" --json "$OUT/bench_7b.json"
+fi
+
+# 3. Correctness and memory, all at once: each its own process, limit and log.
+pids=()
+wants fsdp && { step fsdp 130 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu_fsdp_qlora.py & pids+=($!); }
+wants sharded && { step sharded 130 "$PY" -m pytest -q -p no:cacheprovider -rs -s tests/test_gpu_sharded_save.py & pids+=($!); }
+wants resume && { step resume 130 "$PY" -m pytest -q -p no:cacheprovider -rs -s \
+    "tests/test_faults.py::test_sft_killed_then_resumed_equals_uninterrupted_and_sigterm_stops_cleanly" & pids+=($!); }
+wants gputests && { step gputests 130 "$PY" -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_gpu.py & pids+=($!); }
+wants mixtral && { step mixtral 130 "$PY" scripts/measure_mixtral_memory.py "${MIXTRAL_SHAPE[@]}" --json "$OUT/mixtral_memory.json" & pids+=($!); }
+for p in "${pids[@]}"; do wait "$p"; done
+
+log "done in $(($(date +%s) - T0)) s; results in $OUT"
+"$PY" - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+for s in json.loads((out / "gpu_check.json").read_text())["steps"]:
+    print(f"{s['step']:<9} rc {s['rc']:>3} {s['seconds']:>4} s (limit {s['limit_s']} s){'  TIMED OUT' if s['timed_out'] else ''}")
+EOF

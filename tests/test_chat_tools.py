@@ -585,8 +585,9 @@ BAD_ROWS = [
                  id="tool-parameters-list"),
     pytest.param("v3", "sft", {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
                                "tools": TOOLS},
-                 "'tools' needs the 'messages' shape (OpenAI messages with tool_calls and 'tool' results), not "
-                 "'conversations' (ShareGPT)", "unknown field", id="tools-with-sharegpt"),
+                 "'tools' needs the 'messages' shape (OpenAI messages with tool_calls and 'tool' results) or "
+                 "'prompt'/'completion' as message lists, not 'conversations' (ShareGPT)", "unknown field",
+                 id="tools-with-sharegpt"),
     pytest.param("v3", "dpo", {"prompt": [U, calling(call())], "chosen": "a", "rejected": "b", "tools": TOOLS},
                  "prompt[1]: tool call(s) 'abcdefgh1' have no tool result; each call needs a 'tool' message with its "
                  "tool_call_id right after the calling message, before the reply", "unanswered tool call",

@@ -22,8 +22,8 @@ EXE = str(Path(sys.executable).with_name("mistral-align"))
 
 BROKEN_LINES = [
     f"{BROKEN}:2: invalid JSON (Expecting ',' delimiter at column 58)",
-    f"{BROKEN}:3: missing field 'messages' (an SFT row holds 'messages', 'conversations' (ShareGPT) or 'prompt' "
-    "and 'completion'; found ['conversation'])",
+    f"{BROKEN}:3: missing field 'messages' (an SFT row holds 'messages', 'conversations' (ShareGPT), 'prompt' "
+    "and 'completion', or 'instruction', 'input' and 'output' (Alpaca); found ['conversation'])",
     f"{BROKEN}:4: messages[0]: unknown role 'human' (expected one of system, user, assistant)",
     f"{BROKEN}:5: messages[0]: wrong role order: expected user, got assistant "
     "(roles must alternate user/assistant, starting with user)",
@@ -125,7 +125,8 @@ def test_validate_and_preview_drop_the_fields_named(tmp_path, capsys):
     data = tmp_path / "extra.jsonl"
     data.write_text('{"prompt": "p", "chosen": "x", "rejected": "y", "score": 3, "source": "web"}\n')
     assert main(["validate", "--kind", "dpo", "--data", str(data)]) == 1
-    assert "unknown field(s) ['score', 'source']" in capsys.readouterr().out
+    out = capsys.readouterr().out  # a rating is named for what it is, not offered to ignore_fields
+    assert "unknown field(s) ['source']" in out and "'score' is not read here: it is a rating of the reply" in out
     assert main(["validate", "--kind", "dpo", "--data", str(data), "--ignore-fields", "score, source"]) == 0
     capsys.readouterr()
     assert main(["preview", "--tokenizer", "v3", "--kind", "dpo", "--data", str(data), "--jsonl",

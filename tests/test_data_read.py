@@ -122,7 +122,7 @@ def test_kind_mismatch_is_named(tmp_path):
 
 def test_forced_unknown_format(tmp_path):
     with pytest.raises(SourceError, match="unknown format"):
-        read_source(SourceConfig(str(write_jsonl(tmp_path / "d.jsonl", ULTRACHAT_ROWS)), format="alpaca"))
+        read_source(SourceConfig(str(write_jsonl(tmp_path / "d.jsonl", ULTRACHAT_ROWS)), format="oasst"))
 
 
 @pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
@@ -261,8 +261,8 @@ def test_dpo_top_level_system_goes_before_the_prompt(tmp_path):
 UNKNOWN_KEY_ROWS = [
     # (kind, row, reason after "FILE:LINE: ")
     ("sft", {"messages": conv("a", "b"), "sytem": "typo"},
-     "unknown field(s) ['sytem'] (an SFT row holds 'messages', 'conversations' (ShareGPT) or 'prompt' and "
-     "'completion', optionally with 'system')"),
+     "unknown field(s) ['sytem'] (an SFT row holds 'messages', 'conversations' (ShareGPT), 'prompt' and "
+     "'completion', or 'instruction', 'input' and 'output' (Alpaca), optionally with 'system')"),
     ("sft", {"messages": conv("a", "b"), "prompt": "a"}, "unknown field(s) ['prompt']"),
     ("sft", {"messages": conv("a", "b"), "conversations": []}, "both 'messages' and 'conversations': a row has one shape"),
     ("sft", {"prompt": "a"}, "missing field 'completion'"),
@@ -343,7 +343,8 @@ def test_ignore_fields_drops_a_sources_extra_columns_by_name(tmp_path):
     path = write_jsonl(tmp_path / "prefs.jsonl", rows)
     with pytest.raises(DataError) as info:
         load_dpo_dataset(DataConfig(train=[SourceConfig(str(path))]), get_encoder("v3"))
-    assert info.value.problems[0].startswith(f"{path}:1: unknown field(s) ['score', 'source']")
+    assert info.value.problems[0].startswith(f"{path}:1: unknown field(s) ['source']")
+    assert "'score' is not read here: it is a rating of the reply" in info.value.problems[0]
     assert "ignore_fields" in info.value.problems[0]
     kept = load_dpo_dataset(DataConfig(train=[SourceConfig(str(path), ignore_fields=["score", "source"])]),
                             get_encoder("v3"))  # fmt: skip

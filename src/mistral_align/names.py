@@ -10,6 +10,8 @@ import re
 
 # The stages a recipe can run, in pipeline order; each has its own config node (`sft.*`, `dpo.*`).
 STAGES = ("sft", "dpo")
+# The recipes (recipes/NAME.py) and the stages each runs.
+RECIPE_STAGES = {"sft": ("sft",), "dpo": ("dpo",), "sft_dpo": ("sft", "dpo")}
 
 # The Mistral tokenizer versions mistral-align encodes exactly (chat/encoder.py): the five whose
 # files mistral-common ships, then the three whose tekken files are derived (chat/tekken_files.py).

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 from mistral_align.chat.messages import (  # re-exported: the schema is where callers find them
     Chunk,
@@ -298,13 +298,13 @@ def _parse_message(raw: Any, where: str, clean: bool, with_tools: bool = False) 
     return _make_message(role, raw, where, clean)
 
 
-def _unanswered(where: str, caller: int, pending: dict, before: str) -> ConversationError:
+def _unanswered(caller: str, pending: dict, before: str) -> ConversationError:
     ids = ", ".join(repr(i) for i in pending)
-    return ConversationError(f"{where}[{caller}]: tool call(s) {ids} have no tool result; each call needs a 'tool' "
+    return ConversationError(f"{caller}: tool call(s) {ids} have no tool result; each call needs a 'tool' "
                              f"message with its tool_call_id right after the calling message, before {before}")
 
 
-def _check_result(m: Message, at: str, prev: str | None, where: str, caller: int, pending: dict, answered: set) -> None:
+def _check_result(m: Message, at: str, prev: str | None, caller: str, pending: dict, answered: set) -> None:
     """A tool result answers one call, not yet answered, of the assistant message just before."""
     if prev not in ("assistant", "tool") or not (pending or answered):
         raise ConversationError(f"{at}: a tool result (for {m.tool_call_id!r}) where no call is waiting; a result "
@@ -313,24 +313,26 @@ def _check_result(m: Message, at: str, prev: str | None, where: str, caller: int
         raise ConversationError(f"{at}: answers call {m.tool_call_id!r} a second time")
     if m.tool_call_id not in pending:
         calls = ", ".join(repr(i) for i in (*answered, *pending))
-        raise ConversationError(f"{at}: tool_call_id {m.tool_call_id!r} answers no call of {where}[{caller}] "
+        raise ConversationError(f"{at}: tool_call_id {m.tool_call_id!r} answers no call of {caller} "
                                 f"(its calls: {calls})")
     del pending[m.tool_call_id]
     answered.add(m.tool_call_id)
 
 
-def _check_turn_order(messages: list[Message], where: str, last: str) -> None:
+def _check_turn_order(messages: list[Message], where: str, last: str, name: Callable[[int], str] | None = None) -> None:
     """System (optional, first only), then user/assistant strictly alternating, ending with `last`.
 
     In a row with tools an assistant turn may be several messages: an assistant message that
     calls tools, one result per call, and so on, until an assistant message without calls. A
-    prompt (`last="user"`) may also end with the results of its last calls."""
+    prompt (`last="user"`) may also end with the results of its last calls. `name(i)` says where
+    message i is in the row (`where[i]` unless the list was put together from two fields)."""
+    at = name or (lambda i: f"{where}[{i}]")
     if not messages:
         raise ConversationError(f"{where}: no messages")
     body = messages[1:] if messages[0].role == "system" else messages
     for i, m in enumerate(messages[1:], start=1):
         if m.role == "system":
-            raise ConversationError(f"{where}[{i}]: a system message is only allowed as the first message")
+            raise ConversationError(f"{at(i)}: a system message is only allowed as the first message")
     if not body:
         raise ConversationError(f"{where}: only a system message, no conversation")
     offset = len(messages) - len(body)
@@ -340,17 +342,17 @@ def _check_turn_order(messages: list[Message], where: str, last: str) -> None:
     caller = -1
     for i, m in enumerate(body, start=offset):
         if m.role == "tool":
-            _check_result(m, f"{where}[{i}]", prev, where, caller, pending, answered)
+            _check_result(m, at(i), prev, at(caller), pending, answered)
         else:
             if pending:
-                raise _unanswered(where, caller, pending, f"the next {m.role} message")
+                raise _unanswered(at(caller), pending, f"the next {m.role} message")
             expected = "user" if prev in (None, "assistant") else "assistant"
             if m.role != expected:
                 if prev == "tool":
-                    raise ConversationError(f"{where}[{i}]: the tool results before this user message are not followed "
+                    raise ConversationError(f"{at(i)}: the tool results before this user message are not followed "
                                             "by an assistant reply; the assistant answers with them before the user speaks")
                 raise ConversationError(
-                    f"{where}[{i}]: wrong role order: expected {expected}, got {m.role} "
+                    f"{at(i)}: wrong role order: expected {expected}, got {m.role} "
                     "(roles must alternate user/assistant, starting with user)"
                 )
         if m.role != "tool":  # a new message: only its own calls may be answered next
@@ -359,7 +361,7 @@ def _check_turn_order(messages: list[Message], where: str, last: str) -> None:
     if last == "assistant" and body[-1].role == "tool":
         raise ConversationError(f"{where}: ends with tool results; the last message must be an assistant reply")
     if last == "user" and pending:
-        raise _unanswered(where, caller, pending, "the reply")
+        raise _unanswered(at(caller), pending, "the reply")
     if body[-1].role != last and not (last == "user" and body[-1].role == "tool"):
         if last == "assistant":
             raise ConversationError(f"{where}: ends with a user turn; the last message must be an assistant reply")
@@ -377,21 +379,23 @@ def _check_calls_known(m: Message, tools: tuple[Tool, ...], at: str) -> None:
                                     f"({listed})")
 
 
-def _link_tools(messages: list[Message], tools: tuple[Tool, ...], where: str) -> list[Message]:
+def _link_tools(messages: list[Message], tools: tuple[Tool, ...], where: str,
+                name: Callable[[int], str] | None = None) -> list[Message]:
     """Check that every call names one of `tools`, and give each result the name of the function it
     answers (v2 writes it into the result). Runs after _check_turn_order, so every result has its call."""
+    at = name or (lambda i: f"{where}[{i}]")
     calls: dict[str, ToolCall] = {}
     out = []
     for i, m in enumerate(messages):
         if m.tool_calls:
-            _check_calls_known(m, tools, f"{where}[{i}]")
+            _check_calls_known(m, tools, at(i))
             calls = {c.id: c for c in m.tool_calls}
         elif m.role == "tool":
             called = calls[m.tool_call_id].name
             if m.name is None:
                 m = replace(m, name=called)
             elif m.name != called:
-                raise ConversationError(f"{where}[{i}]: 'name' is {m.name!r}, but call {m.tool_call_id!r} "
+                raise ConversationError(f"{at(i)}: 'name' is {m.name!r}, but call {m.tool_call_id!r} "
                                         f"called {called!r}")
         out.append(m)
     return out
@@ -453,36 +457,89 @@ def _reply_key(m: Message) -> tuple:
 #   SFT:  {"messages": [...]}                        the canonical shape
 #         {"conversations": [{"from", "value"}]}     ShareGPT (human/user, gpt/assistant, system)
 #         {"prompt": str, "completion": str}         one user turn, one assistant reply
+#         {"prompt": [messages], "completion": [messages]}
+#                                                    TRL's conversational prompt-completion: the
+#                                                    prompt's replies are context (weight 0), the
+#                                                    completion's are trained; may carry "tools"
+#         {"instruction", "input"?, "output"}        Alpaca: one user turn (the instruction, then
+#                                                    the input on the next line when there is one),
+#                                                    one reply (LLaMA-Factory's reading)
 #   DPO:  {"prompt", "chosen", "rejected"}
-#   tools: "tools" beside "messages" (SFT) or in a DPO row: see "tool rows" above
+#         {"chosen": [messages], "rejected": [messages]}
+#                                                    TRL's implicit prompt: both conversations start
+#                                                    with the same messages (the prompt) and differ
+#                                                    in the last one (the reply)
+#   tools: "tools" beside "messages" or a conversational "prompt"/"completion" (SFT) or in a DPO
+#          row: see "tool rows" above
 #   any:  "system": str   becomes the system message (refused if the conversation has one too;
 #                         an empty one means no system prompt, as in many exported datasets)
 #         "id"            a row id, not training text
 #   Hub:  a row with "prompt_id" is HuggingFaceH4's ultrachat_200k (SFT: its "prompt" repeats the
 #         first user turn) or ultrafeedback_binarized (DPO: "messages" repeats the chosen
 #         conversation; scores) shape, and those columns are read as they are (data/read.py).
+#
+# Columns other formats give a meaning (KTO's `label`, ratings, a message's `tool_calls` at the
+# top level) are named for what they are and what takes them (KNOWN_COLUMNS), never offered to
+# ignore_fields: dropping one would train something other than what the data says.
 
 ID_KEYS = frozenset({"id"})
 SFT_SHAPES = {
     "messages": frozenset({"messages", "tools"}),
     "conversations": frozenset({"conversations"}),
-    "completion": frozenset({"prompt", "completion"}),
+    "completion": frozenset({"prompt", "completion", "tools"}),  # tools: with message lists only
+    "instruction": frozenset({"instruction", "input", "output"}),
 }
-SFT_SHAPES_TEXT = "'messages', 'conversations' (ShareGPT) or 'prompt' and 'completion'"
+SFT_SHAPES_TEXT = ("'messages', 'conversations' (ShareGPT), 'prompt' and 'completion', or 'instruction', "
+                   "'input' and 'output' (Alpaca)")
 DPO_KEYS = frozenset({"prompt", "chosen", "rejected", "tools"})
-SHAPE_NAMES = {"messages": "'messages'", "conversations": "'conversations' (ShareGPT)", "completion": "'prompt'/'completion'"}
+SHAPE_NAMES = {"messages": "'messages'", "conversations": "'conversations' (ShareGPT)",
+               "completion": "'prompt'/'completion' as strings", "instruction": "'instruction'/'input'/'output' (Alpaca)"}
 HUB_KEYS = {
     "sft": frozenset({"prompt", "prompt_id"}),  # ultrachat_200k, beside "messages"
     "dpo": frozenset({"prompt_id", "messages", "score_chosen", "score_rejected"}),  # ultrafeedback_binarized
 }
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
+# What KTO's `label` is, said wherever it is met (a row, a source's ignore_fields, a file's shape).
+KTO_LABEL = "KTO's verdict on the completion (true: desirable, false: undesirable)"
+KTO_TAKEN = "KTO rows are taken by a preference stage with dpo.objective=kto"
+KTO_AS_SFT = "as SFT every completion, the undesirable ones too, would be trained as a target"
+_RATING = "a rating of the reply (reward-model or rated data)"
+_RATING_ADVICE = {
+    "sft": "no stage here trains on ratings: filter the rows by it, or make preference pairs "
+           "(prompt/chosen/rejected) from them, before training",
+    "dpo": "DPO reads which reply was chosen, not by how much",
+}
 
-def _refuse_unknown_keys(row: dict, allowed: frozenset, shape: str) -> None:
-    unknown = set(row) - allowed - ID_KEYS - {"system"}
-    if unknown:
-        raise ConversationError(f"unknown field(s) {sorted(unknown)} ({shape}, optionally with 'system'); "
-                                "to drop such columns, list them in the source's ignore_fields")
+
+def known_column(key: str, row: dict, kind: str) -> str | None:
+    """What a column we do not read means, where other formats give it one; None for any other."""
+    if key == "label" and isinstance(row.get(key), bool):
+        return f"{KTO_LABEL}: {KTO_TAKEN}" + (f"; {KTO_AS_SFT}" if kind == "sft" else "")
+    if key in ("score", "scores", "rating", "reward", "score_chosen", "score_rejected", "chosen_rating",
+               "rejected_rating", "chosen_score", "rejected_score"):
+        return f"{_RATING}; {_RATING_ADVICE[kind]}"
+    if key == "tool_calls":
+        return "an assistant message's tool calls: they go inside that message, beside its 'content'"
+    if key in ("chosen", "rejected") and kind == "sft":
+        return "a reply of a preference pair (prompt/chosen/rejected): DPO data, which a DPO stage's data takes"
+    if key == "completion" and kind == "dpo":
+        return "a single reply, not a pair: SFT data ('prompt'/'completion'), or with a 'label' KTO's"
+    if key == "history":
+        return "the earlier turns of an Alpaca row (LLaMA-Factory's), which are not read: write the conversation as 'messages'"
+    return None
+
+
+def _refuse_unknown_keys(row: dict, allowed: frozenset, shape: str, kind: str) -> None:
+    unknown = sorted(set(row) - allowed - ID_KEYS - {"system"})
+    if not unknown:
+        return
+    meanings = {k: known_column(k, row, kind) for k in unknown}
+    other = [k for k in unknown if meanings[k] is None]
+    parts = [f"unknown field(s) {other} ({shape}, optionally with 'system'); to drop such columns, list them in "
+             "the source's ignore_fields"] if other else []
+    parts += [f"'{k}' is not read here: it is {meanings[k]}" for k in unknown if meanings[k] is not None]
+    raise ConversationError("; ".join(parts))
 
 
 def _system(row: dict, clean: bool) -> Message | None:
@@ -520,16 +577,68 @@ def _sharegpt_messages(raw: Any, clean: bool) -> list[Message]:
 
 
 def _prompt_completion_messages(row: dict, clean: bool) -> list[Message]:
-    """One user turn and one assistant reply; conversations go in 'messages'."""
-    for key in ("prompt", "completion"):
+    """One user turn and one assistant reply, given as strings."""
+    for key, other in (("prompt", "completion"), ("completion", "prompt")):
         if not isinstance(row[key], str):
-            raise ConversationError(f"'{key}' must be a string, got {type(row[key]).__name__} "
-                                    "(a 'prompt'/'completion' row is one user turn and one reply; use 'messages' for more)")
+            beside = f", as '{other}' is one" if isinstance(row[other], str) else ""
+            raise ConversationError(f"'{key}' must be a string, got {type(row[key]).__name__}{beside} (or both "
+                                    "lists of messages: TRL's conversational prompt and completion)")
         check_text(row[key], key)
     prompt = _make_message("user", {"content": row["prompt"]}, "prompt", clean)
     if not prompt.content.strip():
         raise ConversationError("prompt: empty")
     return [prompt, _make_message("assistant", {"content": row["completion"]}, "completion", clean)]
+
+
+def _is_chat_prompt_completion(row: dict) -> bool:
+    return isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list)
+
+
+def _chat_prompt_completion(row: dict, clean: bool, tools: tuple[Tool, ...]) -> tuple[list[Message], Callable]:
+    """TRL's conversational prompt-completion: the prompt's messages are context (an assistant
+    message there is never trained, as in TRL), the completion's assistant messages are trained.
+    Returns the messages and where each is in the row."""
+    with_tools = bool(tools)
+    prompt = parse_messages(row["prompt"], "prompt", clean, with_tools)
+    for i, (m, raw) in enumerate(zip(prompt, row["prompt"])):
+        if m.role == "assistant":
+            if raw.get("weight", 0) != 0:
+                raise ConversationError(f"prompt[{i}]: 'weight' 1 in a prompt; a prompt is context, never trained: "
+                                        "a reply to train goes in 'completion'")
+            prompt[i] = replace(m, weight=0)
+    _check_turn_order(prompt, "prompt", last="user")
+    completion = parse_messages(row["completion"], "completion", clean, with_tools)
+    if not completion:
+        raise ConversationError("completion: no messages")
+    if completion[0].role != "assistant":
+        raise ConversationError(f"completion[0]: a completion starts with the assistant's reply, got {completion[0].role}")
+    n = len(prompt)
+    name = lambda i: f"prompt[{i}]" if i < n else f"completion[{i - n}]"  # noqa: E731
+    messages = prompt + completion
+    _check_turn_order(messages, "completion", last="assistant", name=name)
+    if not any(m.role == "assistant" and m.weight for m in completion):
+        raise ConversationError("completion: every assistant message has weight 0, so nothing would be trained")
+    return _link_tools(messages, tools, "completion", name), name
+
+
+def _alpaca_messages(row: dict, clean: bool) -> list[Message]:
+    """Alpaca's instruction (with its input, when there is one, on the next line) as the user turn,
+    its output as the reply."""
+    for key in ("instruction", "output"):
+        if key not in row:
+            raise ConversationError(f"missing field '{key}' (an Alpaca row holds 'instruction', 'input' and 'output')")
+        if not isinstance(row[key], str):
+            raise ConversationError(f"'{key}' must be a string, got {type(row[key]).__name__}")
+        check_text(row[key], key)
+    extra = row.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise ConversationError(f"'input' must be a string, got {type(extra).__name__}")
+    check_text(extra or "", "input")
+    if not row["instruction"].strip():
+        raise ConversationError("instruction: empty")
+    user = f"{row['instruction']}\n{extra}" if extra and extra.strip() else row["instruction"]
+    return [_make_message("user", {"content": user}, "instruction", clean),
+            _make_message("assistant", {"content": row["output"]}, "output", clean)]
 
 
 def _sft_shape(row: dict) -> str:
@@ -541,6 +650,8 @@ def _sft_shape(row: dict) -> str:
         return found[0]
     if "prompt" in row:
         raise ConversationError("missing field 'completion' (an SFT 'prompt' row needs its 'completion')")
+    if "output" in row:
+        raise ConversationError("missing field 'instruction' (an Alpaca row holds 'instruction', 'input' and 'output')")
     others = sorted(set(row) - ID_KEYS - {"system"})
     got = f"; found {others}" if others else ""
     raise ConversationError(f"missing field 'messages' (an SFT row holds {SFT_SHAPES_TEXT}{got})")
@@ -570,28 +681,33 @@ def parse_sft_row(row: Any, clean: bool = False, *, version: str | None = None,
     if not isinstance(row, dict):
         raise ConversationError(f"expected a JSON object with 'messages', got {type(row).__name__}")
     shape = _sft_shape(row)
-    if "tools" in row and shape != "messages":
+    chat_completion = shape == "completion" and _is_chat_prompt_completion(row)
+    if "tools" in row and shape != "messages" and not chat_completion:
         raise ConversationError(f"'tools' needs the 'messages' shape (OpenAI messages with tool_calls and 'tool' "
-                                f"results), not {SHAPE_NAMES[shape]}")
+                                f"results) or 'prompt'/'completion' as message lists, not {SHAPE_NAMES[shape]}")
     hub = shape == "messages" and "prompt_id" in row
     allowed = SFT_SHAPES[shape] | (HUB_KEYS["sft"] if hub else frozenset())
-    _refuse_unknown_keys(row, allowed, f"an SFT row holds {SFT_SHAPES_TEXT}")
+    _refuse_unknown_keys(row, allowed, f"an SFT row holds {SFT_SHAPES_TEXT}", "sft")
     tools = parse_tools(row.get("tools"))
-    if shape == "completion":
+    name = None
+    if chat_completion:
+        (messages, name), where = _chat_prompt_completion(row, clean, tools), "prompt"
+    elif shape == "completion":
         messages, where = _prompt_completion_messages(row, clean), "prompt"
+    elif shape == "instruction":
+        messages, where = _alpaca_messages(row, clean), "instruction"
     elif shape == "conversations":
         messages, where = _sharegpt_messages(row["conversations"], clean), "conversations"
     else:
         messages, where = parse_messages(row["messages"], "messages", clean, with_tools=bool(tools)), "messages"
-    # Checked before the row's system prompt goes first, so errors keep the row's own indices.
-    _check_sft(messages, where)
-    messages = _link_tools(messages, tools, where)
+    if name is None:  # checked before the row's system prompt goes first, so errors keep the row's own indices
+        _check_sft(messages, where)
+        messages = _link_tools(messages, tools, where)
     system = _system(row, clean)
     conversation = _for_version(Conversation(tuple(_with_system(system, messages, where)), tools), version, tool_call_ids)
     if version is not None:
-        offset = int(system is not None)
-        check_messages(conversation.messages, tools, version,
-                       lambda i: "system" if i < offset else f"{where}[{i - offset}]")
+        offset, at = int(system is not None), name or (lambda i: f"{where}[{i}]")
+        check_messages(conversation.messages, tools, version, lambda i: "system" if i < offset else at(i - offset))
     return conversation
 
 
@@ -602,6 +718,8 @@ def parse_preference(row: Any, clean: bool = False, *, version: str | None = Non
     `version`, as parse_sft_row."""
     if not isinstance(row, dict):
         raise ConversationError(f"expected a JSON object, got {type(row).__name__}")
+    if "prompt" not in row and isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list):
+        row = {**row, "prompt": implicit_prompt(row["chosen"], row["rejected"])}
     for key in ("prompt", "chosen", "rejected"):
         if key not in row:
             raise ConversationError(f"missing field '{key}'")
@@ -609,7 +727,7 @@ def parse_preference(row: Any, clean: bool = False, *, version: str | None = Non
             raise ConversationError(f"'{key}' must be a string or a list of messages, got {type(row[key]).__name__}")
     hub = "prompt_id" in row
     _refuse_unknown_keys(row, DPO_KEYS | (HUB_KEYS["dpo"] if hub else frozenset()),
-                         "a DPO row holds 'prompt', 'chosen' and 'rejected'")
+                         "a DPO row holds 'prompt', 'chosen' and 'rejected'", "dpo")
     tools = parse_tools(row.get("tools"))
     raw_prompt = row["prompt"]
     if isinstance(raw_prompt, str):
@@ -634,6 +752,25 @@ def parse_preference(row: Any, clean: bool = False, *, version: str | None = Non
     if version is not None:
         _check_pair_for_version(pair, row, version, offset=int(system is not None))
     return pair
+
+
+def implicit_prompt(chosen: list, rejected: list) -> list:
+    """TRL's implicit prompt: the messages both conversations start with, as written. They must then
+    differ in exactly one message each, the reply."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise ConversationError("missing field 'prompt' (chosen and rejected do not start with the same message: "
+                                "without 'prompt', the prompt is the messages both conversations start with)")
+    if n == len(chosen) == len(rejected):
+        raise ConversationError("chosen and rejected are the same conversation")
+    for field, conversation in (("chosen", chosen), ("rejected", rejected)):
+        if len(conversation) != n + 1:
+            raise ConversationError(
+                f"{field}: {len(conversation) - n} message(s) after the {n} both conversations start with; a pair "
+                "without 'prompt' shares every message but the last, the reply")
+    return chosen[:n]
 
 
 def _reply_at(row: dict, field: str) -> str:

@@ -39,6 +39,7 @@ _CATEGORIES = (
     ("missing field", ("missing field",)),
     ("wrong type", ("must be a string", "expected a list", "expected an object", "must be 0 or 1")),
     ("unknown role", ("unknown role",)),
+    ("column of another format", ("is not read here",)),
     ("unknown field", ("unknown field", "needs the 'messages' shape")),
     ("ends with a user turn", ("ends with a user turn",)),
     ("wrong role order", ("wrong role order", "only allowed as the first", "must end with", "only a system",

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mistral_align.chat.schema import KTO_AS_SFT, KTO_LABEL, KTO_TAKEN
 from mistral_align.errors import DataError
 from mistral_align.schema.data import SourceConfig
+from mistral_align.schema.rules import get
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -25,21 +27,31 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 # data before any row is checked. "messages" and "ultrachat" rows are read the same way
 # (ultrachat's `prompt` / `prompt_id` columns are Hub metadata), as are "preference" and
 # "ultrafeedback" (parse_preference accepts chosen/rejected conversations that repeat the prompt).
+# "unpaired" rows (KTO's: prompt, completion, a true/false label) are no stage's here: both refuse
+# them, saying what takes them.
 FORMATS = {
     "messages": "sft",
     "ultrachat": "sft",
     "sharegpt": "sft",  # {"conversations": [{"from": "human" | "gpt" | "system", "value": ...}]}
     "prompt_completion": "sft",  # {"prompt": str, "completion": str}
+    "conversational_prompt_completion": "sft",  # TRL's: {"prompt": [messages], "completion": [messages]}
+    "alpaca": "sft",  # {"instruction", "input", "output"}
     "preference": "dpo",
+    "implicit_prompt_preference": "dpo",  # TRL's: {"chosen": [messages], "rejected": [messages]}, no prompt
     "ultrafeedback": "dpo",
+    "unpaired": "kto",  # {"prompt", "completion", "label": true | false}: KTO's thumbs-up/down replies
 }
 SHAPE_TEXT = {
     "messages": "'messages'",
     "ultrachat": "'messages'",
     "sharegpt": "'conversations'",
     "prompt_completion": "'prompt'/'completion'",
+    "conversational_prompt_completion": "'prompt'/'completion' as message lists",
+    "alpaca": "'instruction'/'input'/'output'",
     "preference": "'prompt'/'chosen'/'rejected'",
+    "implicit_prompt_preference": "'chosen'/'rejected' conversations sharing their prompt",
     "ultrafeedback": "'prompt'/'chosen'/'rejected'",
+    "unpaired": "'prompt'/'completion'/'label'",
 }
 
 
@@ -96,17 +108,35 @@ def _rows_from_dataset(ds) -> tuple[list[int], list[str | None], list[str | None
     return list(range(1, len(rows) + 1)), rows, [None] * len(rows)
 
 
-def read_source(src: SourceConfig) -> RawRows:
-    path = src.path
+def check_local_file(path: str | None, key: str | None = None) -> None:
+    """A source's path names something: a Hub id, or a local file that is there (SourceError
+    otherwise). `key`: where the config names it (`sft.data.train[0].path`), said in the message."""
     if path in (None, "", "???"):
-        raise SourceError("a data source has no path")
+        raise SourceError(f"{key}: a data source has no path" if key else "a data source has no path")
     if is_local(path):
         p = Path(path)
         if p.is_dir():
-            raise SourceError(f"{path}: is a directory; name a .jsonl, .json or .parquet file in it "
-                              "(several files: list each as a source)")
+            raise SourceError(f"{path}: is a directory{f' ({key})' if key else ''}; name a .jsonl, .json or .parquet "
+                              "file in it (several files: list each as a source)")
         if not p.is_file():
-            raise SourceError(f"{path}: no such file")
+            why = [k for k in (key, None if p.is_absolute() else f"a relative path is read from {Path.cwd()}") if k]
+            raise SourceError(f"{path}: no such file" + (f" ({'; '.join(why)})" if why else ""))
+
+
+def check_local_files(data: Any, key: str) -> None:
+    """Every source of a stage's data node (`sft.data`) is a Hub id or a file that is there, checked
+    before a run starts: a missing file stops it in one line naming the source, before anything
+    loads or is written."""
+    for part in ("train", "eval"):
+        for i, src in enumerate(get(data, part) or []):
+            check_local_file(src.path, f"{key}.{part}[{i}].path")
+
+
+def read_source(src: SourceConfig) -> RawRows:
+    path = src.path
+    check_local_file(path)
+    if is_local(path):
+        p = Path(path)
         data = p.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         if p.suffix == ".jsonl":
@@ -138,11 +168,35 @@ def read_source(src: SourceConfig) -> RawRows:
         raw = _read_hub(src)
     if src.ignore_fields:
         drop = sorted(set(src.ignore_fields))
+        _refuse_dropping_what_rows_mean(raw, drop)
         raw.rows = [_without_fields(text, drop) for text in raw.rows]
         # What is kept is part of what was read: the encoded-data cache must not serve another choice.
         raw.content_hash = hashlib.sha256(json.dumps([raw.content_hash, drop]).encode()).hexdigest()
     raw.format = detect_format(raw, src.format)
     return raw
+
+
+def _json_objects(raw: RawRows):
+    """(line, row) for each row that reads as a JSON object; the others fail their own checks later."""
+    for line, text in zip(raw.lines, raw.rows):
+        try:
+            row = json.loads(text) if text is not None else None
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            yield line, row
+
+
+def _refuse_dropping_what_rows_mean(raw: RawRows, drop: list[str]) -> None:
+    """KTO's `label` cannot be dropped while a row says false: its completion would then be trained
+    as a target. (With every label true, the rows are plain prompt/completion rows.)"""
+    if "label" not in drop:
+        return
+    undesirable = next((line for line, row in _json_objects(raw) if row.get("label") is False), None)
+    if undesirable is not None:
+        raise SourceError(f"{raw.label}: ignore_fields drops 'label', which these rows hold as {KTO_LABEL} (line "
+                          f"{undesirable}: false); dropped, every completion, the undesirable ones too, would be "
+                          f"trained as a target. {KTO_TAKEN}; for SFT, keep only the rows whose label is true")
 
 
 def _without_fields(text: str | None, drop: list[str]) -> str | None:
@@ -192,18 +246,28 @@ def detect_format(raw: RawRows, forced: str = "auto") -> str:
         if not isinstance(row, dict):
             continue
         if "chosen" in row or "rejected" in row:
-            return "ultrafeedback" if "score_chosen" in row else "preference"
+            if "score_chosen" in row:
+                return "ultrafeedback"
+            return "preference" if "prompt" in row else "implicit_prompt_preference"
         if "messages" in row:
             return "ultrachat" if "prompt_id" in row else "messages"
         if "conversations" in row:
             return "sharegpt"
+        if "completion" in row and isinstance(row.get("label"), bool):
+            return "unpaired"
         if "completion" in row:
-            return "prompt_completion"
+            return "conversational_prompt_completion" if isinstance(row["completion"], list) else "prompt_completion"
+        if "instruction" in row or "output" in row:
+            return "alpaca"
     return "auto"  # nothing recognisable: every row will fail its own check with a precise reason
 
 
 def check_kind(raw: RawRows, kind: str) -> None:
     found = FORMATS.get(raw.format)
+    if found == "kto":
+        raise SourceError(f"{raw.label}: rows have 'prompt', 'completion' and a true/false 'label', {KTO_LABEL}: "
+                          f"KTO data, not {kind.upper()} data. {KTO_TAKEN}"
+                          + (f"; {KTO_AS_SFT}" if kind == "sft" else "; DPO pairs hold 'prompt', 'chosen' and 'rejected'"))
     if found and found != kind:
         shape = SHAPE_TEXT[raw.format]
         raise SourceError(

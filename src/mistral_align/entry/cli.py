@@ -36,10 +36,23 @@ def _quiet_libraries() -> None:
 SUBCOMMANDS = (add_validate, add_preview, add_estimate, add_chat, add_merge, add_export_gguf, add_push)
 
 
+# Training is not a subcommand: it is a recipe, launched as a script (python or accelerate launch).
+TRAINING = """training (the recipes in the repository's recipes/, with Hydra overrides):
+  .venv/bin/python recipes/sft.py 'sft.data.train=[{path: chat.jsonl}]' sft.train.lr=1e-4
+  .venv/bin/python recipes/dpo.py dpo.init_from=runs/sft-... 'dpo.data.train=[{path: prefs.jsonl}]'
+  .venv/bin/python recipes/sft_dpo.py experiment=demo      # SFT then DPO in one run directory
+  .venv/bin/accelerate launch --config_file configs/accelerate/cpu_ddp.yaml recipes/sft.py ...
+  make demo                                               # SFT -> DPO on a tiny model, offline, CPU
+A recipe's --cfg job prints its whole config; --help lists the config groups (model=, quant=, ...).
+Check your data first: mistral-align validate --kind sft --data chat.jsonl"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mistral-align",
         description="SFT then DPO for Mistral models, with tokens byte-identical to mistral-common.",
+        epilog=TRAINING,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in SUBCOMMANDS:

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 
 from mistral_align.chat.encoder import IGNORE_INDEX, get_encoder
 from mistral_align.errors import EXIT_BAD_ROWS, EXIT_OK, DataError, UsageError
@@ -93,6 +94,8 @@ def _cmd_validate(args) -> int:
         "tokenizer": args.tokenizer,
         "max_length": args.max_length,
         "valid": not problems,
+        # How the rows were read (data/read.py FORMATS): the shape of the file's first rows.
+        "format": r["sources"][0]["format"],
         "rows": r["rows_read"],
         "valid_rows": r["rows_read"] - len(problems),
         "bad_rows": [_split_problem(p, args.data) for p in problems],
@@ -127,13 +130,42 @@ def _split_problem(problem: str, path: str) -> dict:
     return {"where": f"{path}:{line}", "line": int(line), "reason": reason}
 
 
+# Bad rows printed one per line for each kind of reason; the rest of that kind are counted in one
+# line (500 rows missing the same field are 3 lines and a count, not 500 lines). --json lists all.
+SHOWN_PER_REASON = 3
+
+
+def _print_problems(problems: list[str], bad_rows: list[dict]) -> None:
+    from mistral_align.data.encode import categorize  # lazy: start-up time
+
+    shown: Counter = Counter()
+    hidden: dict[str, list[int]] = {}
+    for problem, row in zip(problems, bad_rows):
+        kind = categorize(row["reason"])
+        kind = row["reason"] if kind == "other" else kind  # "other" is no kind: keep each reason apart
+        if shown[kind] < SHOWN_PER_REASON:
+            print(problem)
+            shown[kind] += 1
+        else:
+            hidden.setdefault(kind, []).append(row["line"])
+    for kind, lines in hidden.items():
+        where = f"line {lines[0]}" if len(lines) == 1 else f"lines {lines[0]} to {lines[-1]}"
+        print(f"... and {len(lines)} more bad row(s) of the kind '{kind}' ({where}); --json lists every row")
+
+
+def _shape(fmt: str) -> str:
+    from mistral_align.data.read import SHAPE_TEXT
+
+    return f"{fmt} ({SHAPE_TEXT[fmt]})" if fmt in SHAPE_TEXT else "no known shape (each bad row says why)"
+
+
 def _print_validate_report(report: dict, problems: list[str]) -> None:
-    for p in problems:
-        print(p)
+    _print_problems(problems, report["bad_rows"])
     eff = report["packing_efficiency"]
     lines = [
         f"{report['file']}: {report['rows']} rows, {report['valid_rows']} valid, {len(problems)} bad "
         f"({report['over_length_rows']} over max_length {report['max_length']})",
+        f"rows read as: {_shape(report['format'])}",
         f"tokens: {report['tokens']}  trained tokens: {report['trained_tokens']}  (valid rows, tokenizer {report['tokenizer']})",
     ]
     if eff is not None:
@@ -185,6 +217,8 @@ def _cmd_preview(args) -> int:
         raise UsageError(str(e)) from None
     encoder = get_encoder(args.tokenizer)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and "NO_COLOR" not in os.environ)
+    if not args.jsonl and raw.format not in ("messages", "preference"):  # (--jsonl: the ids and nothing else)
+        print(f"{raw.label}: rows read as {_shape(raw.format)}\n")
     status = EXIT_OK
     rows = list(zip(raw.lines, raw.rows, raw.read_errors))
     for line, text, err in rows[: args.max_rows] if args.max_rows is not None else rows:

@@ -31,6 +31,7 @@ from mistral_align.chat.hf_tokenizer import save_hf_tokenizer
 from mistral_align.errors import RunDirError
 from mistral_align.files import follow_umask
 from mistral_align.model.load import load_pretrained
+from mistral_align.model.lora import attach_adapter
 from mistral_align.model.quantize import run_quantization_config
 from mistral_align.rundir.finished import RunSource, resolve_source
 
@@ -72,8 +73,6 @@ def _dequantized_weights(src: RunSource) -> dict[str, torch.Tensor]:
 
 def load_merged(src: RunSource, dtype: torch.dtype = torch.float32, base: str = DEFAULT_BASE):
     """The merged model in memory (base as asked, adapter merged in), eval mode."""
-    from peft import PeftModel
-
     if base not in BASES:
         raise RunDirError(f"--base must be one of {', '.join(BASES)}, got {base!r}")
     if src.kind != "run":
@@ -89,7 +88,7 @@ def load_merged(src: RunSource, dtype: torch.dtype = torch.float32, base: str = 
             with torch.no_grad():
                 lin.weight.copy_(w.to(lin.weight.dtype))
         log.info("merge: %d quantised weights replaced by their %s dequantisation", len(weights), src.quant_mode)
-    peft_model = PeftModel.from_pretrained(model, str(src.adapter_dir))
+    peft_model = attach_adapter(model, str(src.adapter_dir))
     merged = peft_model.merge_and_unload()
     return merged.eval()
 

@@ -111,33 +111,63 @@ def check_no_token(folder: Path, token: Optional[str]) -> None:
             raise HubError(f"{p.name} contains the Hub token; refusing to upload")
 
 
-def _with_retries(what: str, fn: Callable[[], Any], tries: int, wait_s: float) -> Any:
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+# What huggingface_hub's own backoff retries (utils/_http.py): a timeout, rate limiting, the server's errors.
+RETRIED_STATUS = (408, 429, 500, 502, 503, 504)
 
-    last: Exception | None = None
+
+def connection_errors() -> tuple[type[BaseException], ...]:
+    """What a refused, reset, dropped or timed-out connection raises in the HTTP client huggingface_hub
+    uses: httpx2 (huggingface_hub 2.x), httpx (1.x), requests (0.x). From each client's own hierarchy,
+    the classes huggingface_hub's backoff retries (a timeout, a network error, a server that hung
+    up), not every error it has: an unsupported URL is not a blip."""
+    import importlib
+
+    found: list[type[BaseException]] = [TimeoutError, ConnectionError]
+    for client in ("httpx2", "httpx"):
+        try:
+            mod = importlib.import_module(client)
+        except ImportError:
+            continue
+        found += [mod.TimeoutException, mod.NetworkError, mod.RemoteProtocolError]
+    try:
+        import requests
+    except ImportError:
+        pass
+    else:
+        found += [requests.ConnectionError, requests.Timeout]
+    return tuple(found)
+
+
+def _with_retries(what: str, fn: Callable[[], Any], tries: int, wait_s: float) -> Any:
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    transient = connection_errors()
+    last: BaseException | None = None
     for attempt in range(1, tries + 1):
         try:
             return fn()
         except RepositoryNotFoundError as e:  # wrong owner / no access: retrying will not help
             raise HubError(f"{what} failed: {_one_line(e)}") from None
+        except OfflineModeIsEnabled:  # a ConnectionError, but a setting: retrying will not help
+            raise HubError(f"{what}: HF_HUB_OFFLINE is set, and pushing needs the network; unset it") from None
         except HfHubHTTPError as e:
             status = getattr(getattr(e, "response", None), "status_code", None)
             if status in (401, 403):
                 raise HubError(f"{what} failed: not authorised ({status}); check HF_TOKEN or `hf auth login`") from None
+            if status is not None and status not in RETRIED_STATUS:  # 400, 404, 409...: the same again
+                raise HubError(f"{what} failed: {_one_line(e)}") from None
             last = e
-        except (OSError, TimeoutError) as e:  # connection errors (requests/httpx derive from OSError or not: both caught below)
+        except transient as e:  # a network blip: refused, reset, dropped or timed out
             last = e
-        except Exception as e:  # httpx.ConnectError etc.
-            if type(e).__module__.split(".")[0] not in ("httpx", "requests", "urllib3"):
-                raise
-            last = e
+        except OSError as e:  # not the network (a file that went away...): one line, no retry
+            raise HubError(f"{what} failed: {_one_line(e)}") from None
         if attempt < tries:
             log.warning("%s failed (try %d of %d): %s; retrying", what, attempt, tries, _one_line(last))
             time.sleep(wait_s * attempt)
     raise HubError(f"{what} failed after {tries} tries: {_one_line(last)}; nothing partial is kept, rerun the same command")
 
 
-def _one_line(e: Exception | None) -> str:
+def _one_line(e: BaseException | None) -> str:
     return " ".join(str(e).split())[:300] if e else "unknown error"
 
 

@@ -14,6 +14,7 @@ from mistral_align.chat.encoder import get_encoder
 from mistral_align.errors import RunDirError
 from mistral_align.model.bnb_cpu import disable_cpu_inference_repacking
 from mistral_align.model.load import load_pretrained
+from mistral_align.model.lora import attach_adapter
 from mistral_align.model.quantize import run_quantization_config
 from mistral_align.model.trust import load_config, weights_kwargs
 from mistral_align.rundir.finished import resolve_source
@@ -22,7 +23,6 @@ from mistral_align.rundir.finished import resolve_source
 def load_for_chat(path, quant: str = "auto", stage: Optional[str] = None, dtype: str = "auto", allow_pickle: bool = False):
     """(model, encoder) for a run directory (base + adapter) or a merged folder; safetensors only unless
     `allow_pickle`, never the folder's own Python code."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     src = resolve_source(path, stage, allow_pickle)
@@ -49,7 +49,7 @@ def load_for_chat(path, quant: str = "auto", stage: Optional[str] = None, dtype:
             q["compute_dtype"] = "float32"
         base = load_pretrained(src.base, revision=src.revision, allow_pickle=allow_pickle, dtype=torch_dtype,
                                quantization_config=run_quantization_config(q, mode))
-        model = PeftModel.from_pretrained(base, str(src.adapter_dir))
+        model = attach_adapter(base, str(src.adapter_dir))
     disable_cpu_inference_repacking(model)
     if torch.cuda.is_available() and mode == "none":
         model = model.to("cuda")

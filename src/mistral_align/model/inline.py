@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -94,13 +95,18 @@ def _inline_facts(model_cfg: Any, vocab_size: int, seed: int) -> dict[str, Any]:
     return {"architecture": arch, "vocab_size": vocab_size, "seed": seed}
 
 
-def ensure_inline_base(model_cfg: Any, vocab_size: int, seed: int, path: str | os.PathLike) -> str:
+def ensure_inline_base(model_cfg: Any, vocab_size: int, seed: int, path: str | os.PathLike,
+                       remake_other: bool = False) -> str:
     """The run directory's `base/` for an inline model: made once (call it on the main process
-    first), reused by later stages and reruns, refused if it was made from other settings."""
+    first), reused by later stages and reruns, refused if it was made from other settings, unless
+    `remake_other` (nothing was trained on it yet): then it is made again from these."""
     facts = _inline_facts(model_cfg, vocab_size, seed)
     marker = os.path.join(str(path), INLINE_BASE_FACTS)
     if os.path.isfile(marker):
         found = json.loads(open(marker).read())
+        if found != facts and remake_other:
+            shutil.rmtree(path)
+            return ensure_inline_base(model_cfg, vocab_size, seed, path)
         if found != facts:
             changed = sorted(k for k in facts if found.get(k) != facts[k])
             raise RunDirError(

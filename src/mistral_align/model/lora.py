@@ -7,6 +7,8 @@ preparation a base needs before a new or loaded adapter goes on it.
 from __future__ import annotations
 
 import logging
+import warnings
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -62,6 +64,24 @@ def lora_config(peft_cfg: Any, model) -> Any:
     )
 
 
+@contextmanager
+def _no_checkpointing_probe_warning():
+    """peft 0.21 wraps every model after asking `model.is_gradient_checkpointing`, a property
+    transformers 5.23 deprecated with a FutureWarning: printed on every merge, chat and training
+    start, about a call no user makes. Only that warning is silenced, only while peft wraps."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def attach_adapter(model, adapter_dir: str, **kwargs):
+    """`PeftModel.from_pretrained(model, adapter_dir, **kwargs)`, without peft's deprecation noise."""
+    from peft import PeftModel
+
+    with _no_checkpointing_probe_warning():
+        return PeftModel.from_pretrained(model, adapter_dir, **kwargs)
+
+
 def apply_peft(model, peft_cfg: Any, quantized: bool, gradient_checkpointing: bool):
     """Wrap `model` in a LoRA adapter (or leave it whole for full fine-tuning, peft.method=none)."""
     if peft_cfg.method == "none":
@@ -71,7 +91,8 @@ def apply_peft(model, peft_cfg: Any, quantized: bool, gradient_checkpointing: bo
     from peft import get_peft_model
 
     model = prepare_for_adapter(model, quantized, gradient_checkpointing)
-    return get_peft_model(model, lora_config(peft_cfg, model))
+    with _no_checkpointing_probe_warning():
+        return get_peft_model(model, lora_config(peft_cfg, model))
 
 
 def prepare_for_adapter(model, quantized: bool, gradient_checkpointing: bool):

@@ -1,5 +1,11 @@
 """A run directory continues only the training it started: a rerun whose config changes what is
-trained (model, data, objective, optimiser, seed) is refused with the differing keys named."""
+trained (model, data, objective, optimiser, seed) is refused with the differing keys named.
+
+"Started" means kept something trained: a complete checkpoint or a saved adapter of the stage. A
+launch that stopped before that (a missing file, a bad row, a model that would not load, a kill
+before the first save) left nothing a rerun would continue, so the rerun may change anything of
+that stage; the shared keys (model, quant, peft, run.seed) are held once any stage has started.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from typing import Any
 from mistral_align.errors import RunDirError
 from mistral_align.names import STAGES
 from mistral_align.redaction import redact
+from mistral_align.rundir.checkpoints import MARKER, checkpoints
 
 # Keys that do not change what is trained: where things go, what is logged, how often it is saved,
 # what is evaluated. Everything else (model, quant, peft, run.seed, each stage's data, train and
@@ -58,19 +65,40 @@ def training_differences(stored: dict, new: dict, cfg: Any, recipe: str) -> list
     return sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>") and not _ignored(k, cfg, recipe))
 
 
+def stage_dir(run_dir: Path, stage: str, stages: tuple[str, ...]) -> Path:
+    """Where a stage writes: the run directory itself, or its own sub-directory in a pipeline."""
+    return Path(run_dir) / stage if len(stages) > 1 else Path(run_dir)
+
+
+def stages_started(run_dir: Path, stages: tuple[str, ...]) -> set[str]:
+    """The stages of `stages` that kept something trained in `run_dir`: a checkpoint marked complete
+    (rundir/checkpoints.py) or the stage's adapter/ (saved once training ended)."""
+    started = set()
+    for stage in stages:
+        d = stage_dir(run_dir, stage, stages)
+        if (d / "adapter").is_dir() or any((c / MARKER).is_file() for c in checkpoints(d / "checkpoints")):
+            started.add(stage)
+    return started
+
+
 def check_same_training(run_dir: Path, cfg: Any, stages: tuple[str, ...], recipe: str) -> None:
-    """Refuse (RunDirError) a run directory whose config.yaml trained with different settings."""
+    """Refuse (RunDirError) a run directory whose config.yaml trained with different settings, in
+    the stages that started training (all of them: `stages_started`) and the shared keys."""
     from omegaconf import OmegaConf
 
     path = Path(run_dir) / "config.yaml"
     if not path.is_file() or cfg.run.allow_config_change:
+        return
+    started = stages_started(run_dir, stages)
+    if not started:  # written by a launch that trained nothing: nothing to continue
         return
     stored = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     new = redact(OmegaConf.to_container(cfg, resolve=True))
     for stage in STAGES:
         if stage not in stages:
             new.pop(stage, None)
-    diff = training_differences(stored, new, cfg, recipe)
+    diff = [k for k in training_differences(stored, new, cfg, recipe)
+            if k.split(".", 1)[0] not in STAGES or k.split(".", 1)[0] in started]
     if diff:
         a, b = _flatten(stored), _flatten(new)
         shown = "; ".join(f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in diff[:8])

@@ -16,6 +16,7 @@ from mistral_align.names import STAGES
 from mistral_align.schema.model import ModelConfig, PeftConfig, QuantConfig, check_model, check_peft, check_quant
 from mistral_align.schema.run import HubConfig, RunConfig, check_hub, check_run
 from mistral_align.schema.stages import DPOStageConfig, SFTStageConfig, check_dpo_stage, check_sft_stage
+from mistral_align.schema.suggest import unknown_key_message
 
 
 @dataclass
@@ -43,13 +44,36 @@ def check_closed(cfg: Any) -> None:
     """Every node stays closed to unknown keys, also against Hydra's `+key=value`, which adds a key
     the schema does not have (only `train.extra` is free-form)."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
     try:
         OmegaConf.merge(OmegaConf.structured(RecipeConfig), OmegaConf.to_container(cfg, resolve=False))
+    except (ConfigKeyError, ConfigAttributeError) as e:
+        raise ConfigError(unknown_key_message(getattr(e, "full_key", None) or "config", RecipeConfig)) from None
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "config"
-        raise ConfigError(f"{key}: not a setting of mistral-align ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+
+
+def refuse_overrides_of_other_stages(stages: tuple[str, ...], recipe: str, overrides: list[str] | None = None) -> None:
+    """`dpo.beta=0.3` given to recipes/sft.py would silently do nothing: refuse it, naming the recipe.
+    `overrides`: the command line's; by default those of the Hydra job running now (none outside one)."""
+    if overrides is None:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            overrides = list(HydraConfig.get().overrides.task)
+        except (ImportError, ValueError):  # not launched through @hydra.main
+            return
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        package = key.split("@", 1)[1] if "@" in key else key  # data@dpo.data=... targets dpo.data
+        stage = package.split(".", 1)[0]
+        if stage in STAGES and stage not in stages:
+            runs = [f"recipes/{r}.py" for r in ("sft", "dpo", "sft_dpo") if stage in r.split("_")]
+            raise ConfigError(
+                f"{package}: recipes/{recipe}.py runs no {stage.upper()} stage; {' or '.join(runs)} does"
+            )
 
 
 def check_config(cfg: Any, stages: tuple[str, ...] = STAGES, need_data: bool = True) -> None:

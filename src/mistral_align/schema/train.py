@@ -12,6 +12,20 @@ from mistral_align.redaction import is_credential_key
 from mistral_align.schema.rules import at_least, choice
 
 PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")
+# transformers' own names (trainer_utils.SchedulerType, training_args.OptimizerNames), written out:
+# importing them takes transformers and torch, seconds before a config mistake could be reported.
+# tests/test_user_mistakes.py checks they equal the installed transformers' lists.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay", "greedy")  # fmt: skip
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor",
+              "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad",
+              "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit",
+              "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit",
+              "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit",
+              "galore_adafactor", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise",
+              "lomo", "adalomo", "grokadamw", "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd",
+              "apollo_adamw", "apollo_adamw_layerwise", "stable_adamw")  # fmt: skip
 BF16 = ("auto", "true", "false")
 ON_NONFINITE = ("stop", "skip")
 
@@ -67,10 +81,6 @@ def bf16_setting(value: Any) -> str:
 
 
 def check_train(t: Any, key: str) -> None:
-    # transformers' own lists of schedulers and optimizers, so a name it accepts is accepted here.
-    from transformers.trainer_utils import SchedulerType
-    from transformers.training_args import OptimizerNames
-
     at_least(t.lr, f"{key}.lr", 0, strict=True)
     at_least(t.epochs, f"{key}.epochs", 0, strict=True)
     if t.max_steps == 0 or t.max_steps < -1:
@@ -85,8 +95,8 @@ def check_train(t: Any, key: str) -> None:
         if t[name] is not None:
             at_least(t[name], f"{key}.{name}", 1)
     at_least(t.dataloader_num_workers, f"{key}.dataloader_num_workers", 0)
-    choice(t.lr_scheduler, f"{key}.lr_scheduler", tuple(s.value for s in SchedulerType))
-    choice(t.optim, f"{key}.optim", tuple(o.value for o in OptimizerNames))
+    choice(t.lr_scheduler, f"{key}.lr_scheduler", LR_SCHEDULERS)
+    choice(t.optim, f"{key}.optim", OPTIMIZERS)
     choice(bf16_setting(t.bf16), f"{key}.bf16", BF16)
     choice(t.on_nonfinite, f"{key}.on_nonfinite", ON_NONFINITE)
     if "packing_strategy" in t:

@@ -20,7 +20,7 @@ from mistral_align.data.load import LoadedData, load_dpo_dataset
 from mistral_align.data.synthetic import write_dpo_splits
 from mistral_align.errors import ConfigError, UntrustedFileError
 from mistral_align.model.load import build_model
-from mistral_align.model.lora import apply_peft, prepare_for_adapter
+from mistral_align.model.lora import apply_peft, attach_adapter, prepare_for_adapter
 from mistral_align.model.trust import require_safetensors
 from mistral_align.model.weights import adapter_problem
 from mistral_align.schema.recipe import stage_max_length
@@ -105,9 +105,7 @@ def safe_adapter(adapter: str, allow_pickle: bool = False) -> str:
 
 def load_policy(base_model, adapter: str, allow_pickle: bool = False):
     """The SFT model as a trainable PeftModel (adapter "default"); the trainer adds the frozen "ref" copy."""
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(base_model, safe_adapter(adapter, allow_pickle), is_trainable=True)
+    return attach_adapter(base_model, safe_adapter(adapter, allow_pickle), is_trainable=True)
 
 
 PREFERENCE_METRICS = {

@@ -20,16 +20,15 @@ from typing import Any
 
 from accelerate.utils import broadcast_object_list
 
-from mistral_align.errors import ConfigError, HubError, RunDirError, UserError
+from mistral_align.errors import HubError, RunDirError, UserError
 from mistral_align.files import write_json
 from mistral_align.hub.push import push_run
-from mistral_align.names import STAGES
 from mistral_align.rundir.drift import check_same_training
 from mistral_align.rundir.layout import resolve_run_dir, write_resolved_config
 from mistral_align.rundir.lock import acquire_lock, release_lock
 from mistral_align.rundir.manifest import command_facts, git_commit, lift_stage_facts, versions, write_manifest
-from mistral_align.schema.recipe import check_config
 from mistral_align.train.metrics import plot_loss
+from mistral_align.train.preflight import check_recipe
 from mistral_align.train.process import check_machine_has_what_the_config_asks, init_state, setup_logging
 from mistral_align.train.ranks import num_nodes, remember_run, run_hosts
 
@@ -60,25 +59,6 @@ class Run:
         where a single-stage run keeps them (main process only)."""
         if self.state.is_main_process:
             lift_stage_facts(self.dir, section)
-
-
-def refuse_overrides_of_other_stages(stages: tuple[str, ...], recipe: str) -> None:
-    """`dpo.beta=0.3` given to recipes/sft.py would silently do nothing: refuse it, naming the recipe."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        overrides = list(HydraConfig.get().overrides.task)
-    except (ImportError, ValueError):  # not launched through @hydra.main
-        return
-    for override in overrides:
-        key = override.lstrip("+~").split("=", 1)[0]
-        package = key.split("@", 1)[1] if "@" in key else key  # data@dpo.data=... targets dpo.data
-        stage = package.split(".", 1)[0]
-        if stage in STAGES and stage not in stages:
-            runs = [f"recipes/{r}.py" for r in ("sft", "dpo", "sft_dpo") if stage in r.split("_")]
-            raise ConfigError(
-                f"{package}: recipes/{recipe}.py runs no {stage.upper()} stage; {' or '.join(runs)} does"
-            )
 
 
 def open_checks(run_dir: Path, cfg: Any, stages: tuple[str, ...], recipe: str, state) -> None:
@@ -120,9 +100,8 @@ def base_manifest(stage: str, state) -> dict[str, Any]:
 
 
 def open_run(cfg, recipe: str, stages: tuple[str, ...]) -> Run:
-    """Check the config, start this process, and open the run directory every rank shares."""
-    refuse_overrides_of_other_stages(stages, recipe)
-    check_config(cfg, stages)
+    """Check the config and the data files, start this process, and open the run directory every rank shares."""
+    check_recipe(cfg, recipe, stages)  # the recipe has done it before importing this module; it is quick
     check_machine_has_what_the_config_asks(cfg, stages)
     state = init_state(cfg.run.dist_timeout_s)
     setup_logging(state)

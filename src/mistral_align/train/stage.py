@@ -25,6 +25,7 @@ from mistral_align.model.estimate import parallel_kind, warn_if_wont_fit
 from mistral_align.model.facts import model_facts
 from mistral_align.model.inline import ensure_inline_base
 from mistral_align.model.tokenizer_file import resolve_tokenizer_file
+from mistral_align.rundir.drift import stages_started
 from mistral_align.schema.data import SourceConfig
 from mistral_align.train.evaluate import generation_eval
 from mistral_align.train.metrics import FirstEvaluation, MetricsJsonl
@@ -102,7 +103,9 @@ class Stage:
         path = self.run.dir / "base"
         with self.run.state.main_process_first():
             if self.run.state.is_main_process:
-                ensure_inline_base(self.cfg.model, self.encoder.vocab_size, self.cfg.run.seed, path)
+                # A base left by a launch that trained nothing may be made again (rundir/drift.py).
+                ensure_inline_base(self.cfg.model, self.encoder.vocab_size, self.cfg.run.seed, path,
+                                   remake_other=not stages_started(self.run.dir, self.run.stages))
         return path
 
     def use_synthetic_data(self) -> None:
