@@ -132,6 +132,8 @@ def test_a_resume_with_another_tool_setting_is_refused(tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         first = compose("sft_dpo", overrides=["experiment=test_tiny"])
         write_resolved_config(tmp_path, first, ("sft", "dpo"))
+        for stage in ("sft", "dpo"):  # both stages kept something trained (rundir/drift.py stages_started)
+            (tmp_path / stage / "adapter").mkdir(parents=True)
         for override, shown in (("sft.data.tool_call_ids=regenerate", "sft.data.tool_call_ids: 'keep' -> 'regenerate'"),
                                 ("dpo.data.tool_call_ids=regenerate", "dpo.data.tool_call_ids: 'keep' -> 'regenerate'"),
                                 ("sft.data.train_thinking=false", "sft.data.train_thinking: True -> False"),
