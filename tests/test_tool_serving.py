@@ -12,7 +12,7 @@ import pytest
 import torch
 from tool_rows import TOOLS, WEATHER, call, sft_row
 
-from mistral_align.chat.decode import call_json, decode_reply, name_calls
+from mistral_align.chat.decode import decode_reply, name_calls
 from mistral_align.chat.encoder import get_encoder
 from mistral_align.chat.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
 from mistral_align.chat.messages import ConversationError, Message, Text, Thinking, ToolCall
