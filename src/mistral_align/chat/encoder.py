@@ -41,14 +41,15 @@ mode), and every mask equal to one built from mistral-common's own normalised re
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Literal, Sequence
 
 from mistral_align.chat.messages import Message, Preference, Thinking, Tool
 from mistral_align.chat.tekken_files import derived_tekken_file
-from mistral_align.names import DERIVED_TOKENIZER_VERSIONS, TOKENIZER_VERSIONS
+from mistral_align.names import DERIVED_TOKENIZER_VERSIONS, TEKKEN_VERSIONS, TOKENIZER_VERSIONS
 
 IGNORE_INDEX = -100
 
@@ -114,25 +115,60 @@ def tokenizer_file(version: str) -> Path:
     return MistralTokenizer._data_path() / TOKENIZER_FILES[version]
 
 
-def load_mistral_tokenizer(version: str):
-    """mistral-common's own `MistralTokenizer` for `version`, in finetuning validation mode."""
+class TokenizerFileError(ValueError):
+    """A tokenizer file that is not one of `version` (or not one mistral-common can read)."""
+
+
+def load_mistral_tokenizer(version: str, path: str | Path | None = None):
+    """mistral-common's own `MistralTokenizer` for `version`, in finetuning validation mode: from
+    `path` (a model repository's own `tekken.json` or `tokenizer.model.vN`), else from the file
+    mistral-common ships for it (or the one derived from it, chat/tekken_files.py)."""
+    from mistral_common.exceptions import MistralCommonException
     from mistral_common.protocol.instruct.validator import ValidationMode
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    return MistralTokenizer.from_file(str(tokenizer_file(version)), mode=ValidationMode.finetuning)
+    if path is None:
+        return MistralTokenizer.from_file(str(tokenizer_file(version)), mode=ValidationMode.finetuning)
+    try:
+        tokenizer = MistralTokenizer.from_file(str(path), mode=ValidationMode.finetuning)
+    except (MistralCommonException, ValueError, KeyError, OSError) as e:
+        raise TokenizerFileError(f"{path}: not a tokenizer file mistral-common can read ({e})") from None
+    found = file_version(tokenizer)
+    if found != version:
+        raise TokenizerFileError(f"{path} is a tokenizer {found} file, not {version}")
+    return tokenizer
+
+
+def file_version(tokenizer) -> str:
+    """Our name for the version of a loaded `MistralTokenizer`: mistral-common's own
+    (`TokenizerVersion`), with "-tekken" added for a v3 or v7 tekken file; a version mistral-align
+    does not encode is named with "(not supported by mistral-align)"."""
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    raw = tokenizer.instruct_tokenizer.tokenizer
+    version = raw.version.value
+    tekken = isinstance(raw, Tekkenizer)
+    name = f"{version}-tekken" if tekken and f"{version}-tekken" in TEKKEN_VERSIONS else version
+    if name in TOKENIZER_VERSIONS and tekken == (name in TEKKEN_VERSIONS):
+        return name
+    return f"{version} {'tekken' if tekken else 'sentencepiece'} (not supported by mistral-align)"
 
 
 class MistralEncoder:
     """Turns conversations into ids and labels exactly as mistral-common would tokenize them."""
 
-    def __init__(self, version: str):
+    def __init__(self, version: str, path: str | Path | None = None):
+        """`path`: the tokenizer file to encode with (a model repository's own); None: the one
+        mistral-common ships for `version` (or the one derived from it)."""
         # Lazy (start-up time): mistral-common is slow to import, and the CLI imports this module
         # before it knows whether a command needs an encoder.
         from mistral_align.chat import to_mistral
 
         self._to_mistral = to_mistral
         self.version = version
-        self.mistral = load_mistral_tokenizer(version)
+        self.file = Path(path) if path is not None else tokenizer_file(version)
+        self.own_file = path is not None  # False: mistral-common's shipped (or derived) file
+        self.mistral = load_mistral_tokenizer(version, path)
         self.instruct = self.mistral.instruct_tokenizer  # InstructTokenizerV1 ... V13
         self.raw = self.instruct.tokenizer  # SentencePieceTokenizer or Tekkenizer
         self.mistral_version = self.raw.version.value  # mistral-common's name: v3-tekken is "v3"
@@ -151,10 +187,15 @@ class MistralEncoder:
 
     def __getstate__(self):
         # datasets.map pickles the encoder into worker processes; rebuild the tokenizer there.
-        return {"version": self.version}
+        return {"version": self.version, "path": str(self.file) if self.own_file else None}
 
     def __setstate__(self, state):
-        self.__init__(state["version"])
+        self.__init__(state["version"], state.get("path"))
+
+    @cached_property
+    def file_sha256(self) -> str:
+        """The tokenizer file's SHA-256: what the ids depend on besides the version and the code."""
+        return hashlib.sha256(self.file.read_bytes()).hexdigest()
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -186,8 +227,8 @@ class MistralEncoder:
         return [_Segment(m, self._message_ids(m, i, first_user, last_user, system, available))
                 for i, m in enumerate(messages)]
 
-    def _reply(self, m: Message) -> list[int]:
-        """A reply after the last user message (a DPO side): its ids and EOS."""
+    def encode_reply(self, m: Message) -> list[int]:
+        """A reply after the last user message (a DPO side, a generated reply): its ids and EOS."""
         return self.instruct.encode_assistant_message(self._to_mistral.assistant(m), is_before_last_user_message=False)
 
     def _thinking_length(self, m: Message) -> int:
@@ -242,8 +283,8 @@ class MistralEncoder:
         segments = self._segments(pair.prompt, pair.tools)
         return DpoEncoding(
             prompt_ids=[self.bos_id, *(i for s in segments for i in s.ids)],
-            chosen_ids=self._reply(pair.chosen),
-            rejected_ids=self._reply(pair.rejected),
+            chosen_ids=self.encode_reply(pair.chosen),
+            rejected_ids=self.encode_reply(pair.rejected),
             **self._dropped(segments),
         )
 
@@ -257,6 +298,11 @@ class MistralEncoder:
         return self.raw.id_to_piece(token_id)
 
 
+def get_encoder(version: str, path: str | Path | None = None) -> MistralEncoder:
+    """The encoder for `version`, with its tokenizer from `path` if given (one per file, cached)."""
+    return _encoder(version, None if path is None else str(Path(path).absolute()))
+
+
 @lru_cache(maxsize=None)
-def get_encoder(version: str) -> MistralEncoder:
-    return MistralEncoder(version)
+def _encoder(version: str, path: str | None) -> MistralEncoder:
+    return MistralEncoder(version, path)

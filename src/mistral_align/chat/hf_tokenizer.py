@@ -2,7 +2,8 @@
 
 `save_hf_tokenizer(version, dir)` writes the native tokenizer file that mistral-common ships
 (`tokenizer.model.v1|v2|v3|v7`, or `tekken.json` for v3-tekken; for v7-tekken, v11 and v13 the
-tekken file made from the shipped one, see `tekken_files.py`) and a `tokenizer_config.json`
+tekken file made from the shipped one, see `tekken_files.py`), or, with `source=`, the file a run
+encoded with (its model repository's own, model/tokenizer_file.py), and a `tokenizer_config.json`
 naming `MistralCommonBackend`, so `AutoTokenizer.from_pretrained(dir)` loads transformers'
 wrapper around mistral-common itself. A fast tokenizer converted from the sentencepiece file is
 not used because it is not exact in transformers 5 (leading and double spaces, and a user typing
@@ -63,14 +64,22 @@ CONFIG_NAME = "tokenizer_config.json"
 BACKEND_CLASS = "MistralCommonBackend"
 
 
+def native_file(folder: str | Path, version: str) -> Path | None:
+    """The tokenizer file of `version` in a folder written by `save_hf_tokenizer`, if it holds one."""
+    path = Path(folder) / NATIVE_FILE_NAMES[version]
+    return path if path.is_file() else None
+
+
 def save_hf_tokenizer(
     version: str,
     out_dir: str | Path,
     *,
+    source: str | Path | None = None,
     model_max_length: int | None = None,
     padding_side: str = "left",
 ) -> Path:
-    """Write a tokenizer directory for `version` that `AutoTokenizer` loads exactly; returns it."""
+    """Write a tokenizer directory for `version` that `AutoTokenizer` loads exactly; returns it.
+    `source`: the tokenizer file to copy (the run's own); None: mistral-common's for `version`."""
     if version not in TOKENIZER_VERSIONS:
         raise ValueError(f"unknown tokenizer version {version!r}; expected one of {', '.join(TOKENIZER_VERSIONS)}")
     if padding_side not in ("left", "right"):
@@ -82,7 +91,10 @@ def save_hf_tokenizer(
     for name in NATIVE_FILE_NAMES.values():
         if name != NATIVE_FILE_NAMES[version]:
             (out / name).unlink(missing_ok=True)
-    shutil.copyfile(tokenizer_file(version), out / NATIVE_FILE_NAMES[version])
+    target = out / NATIVE_FILE_NAMES[version]
+    source = Path(source) if source is not None else tokenizer_file(version)
+    if not (target.exists() and source.samefile(target)):  # a folder re-saved from its own file
+        shutil.copyfile(source, target)
     config: dict = {
         "tokenizer_class": BACKEND_CLASS,
         # Read by `load_hf_tokenizer`; AutoTokenizer itself ignores them for this backend.

@@ -18,10 +18,10 @@ from typing import TypeVar
 
 from mistral_align.chat.messages import Conversation, Message, Preference
 from mistral_align.chat.tool_rules import TOOL_VERSIONS, id_rule
+from mistral_align.names import TOOL_CALL_IDS  # noqa: F401  (re-exported: the schema checks rows against it)
 
 ALPHABET = string.ascii_letters + string.digits
 ID_LENGTH = 9
-TOOL_CALL_IDS = ("keep", "regenerate")
 
 Row = TypeVar("Row", Conversation, Preference)
 

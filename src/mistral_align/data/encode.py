@@ -10,14 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from mistral_align.chat.encoder import IGNORE_INDEX, MistralEncoder
-from mistral_align.chat.schema import ConversationError, parse_preference, parse_sft_row
+from mistral_align.chat.schema import ConversationError, Thinking, parse_preference, parse_sft_row
 
 
 # Output columns of encode_batch besides the ids.
 ID_COLUMNS = {"sft": ("input_ids", "labels"), "dpo": ("prompt_ids", "chosen_ids", "rejected_ids")}
 # ... and the RowResult fields it writes beside them, one column each.
 STAT_COLUMNS = ("error", "over_length", "truncated", "tokens", "trained", "length",
-                "dropped_tool_calls", "dropped_tool_results")
+                "dropped_tool_calls", "dropped_tool_results", "tool_row", "thinking_row")
 
 # Report categories, matched against the reason in order (the schema's messages are stable text).
 _CATEGORIES = (
@@ -69,6 +69,15 @@ class RowResult:
     # Tool calls and results the version's encoding leaves out (v2: those before the last user message).
     dropped_tool_calls: int = 0
     dropped_tool_results: int = 0
+    tool_row: bool = False  # the row has tools, tool calls or tool results
+    thinking_row: bool = False  # ... a reply with thinking (v13)
+
+
+def _kinds(messages, tools) -> dict[str, bool]:
+    """Whether a parsed row holds tools and thinking (RowResult.tool_row, .thinking_row)."""
+    return {"tool_row": bool(tools) or any(m.tool_calls or m.role == "tool" for m in messages),
+            "thinking_row": any(isinstance(m.content, tuple) and any(isinstance(c, Thinking) for c in m.content)
+                                for m in messages)}
 
 
 def check_row(
@@ -112,12 +121,13 @@ def _check_sft(row: Any, encoder, max_length, train_on, clean, on_long_rows, too
     conversation = parse_sft_row(row, clean, version=encoder.version, tool_call_ids=tool_call_ids)
     enc = encoder.encode_sft(conversation.messages, train_on, tools=conversation.tools, train_thinking=train_thinking)
     ids, labels = enc.input_ids, enc.labels
-    dropped = {"dropped_tool_calls": enc.dropped_tool_calls, "dropped_tool_results": enc.dropped_tool_results}
+    facts = {"dropped_tool_calls": enc.dropped_tool_calls, "dropped_tool_results": enc.dropped_tool_results,
+             **_kinds(conversation.messages, conversation.tools)}
     trained = sum(1 for x in labels if x != IGNORE_INDEX)
     if trained == 0:  # train_on="last" with a weight-0 last reply, for instance
         raise ConversationError("no trained tokens (every assistant reply that would be trained has weight 0)")
     result = RowResult({"input_ids": ids, "labels": labels}, None, tokens=len(ids), trained=trained, length=len(ids),
-                       **dropped)
+                       **facts)
     if max_length is not None and len(ids) > max_length:
         if on_long_rows != "truncate":
             result.error = f"{len(ids)} tokens, over max_length {max_length}"
@@ -133,7 +143,7 @@ def _check_sft(row: Any, encoder, max_length, train_on, clean, on_long_rows, too
             return result
         result = RowResult(
             {"input_ids": ids, "labels": labels}, None, truncated=True, tokens=len(ids), trained=trained, length=len(ids),
-            **dropped,
+            **facts,
         )
     return result
 
@@ -141,7 +151,8 @@ def _check_sft(row: Any, encoder, max_length, train_on, clean, on_long_rows, too
 def _check_dpo(row: Any, encoder, max_length, clean, tool_call_ids) -> RowResult:
     if not isinstance(row, dict):
         raise ConversationError(f"expected a JSON object with 'prompt', 'chosen' and 'rejected', got {type(row).__name__}")
-    enc = encoder.encode_dpo(parse_preference(row, clean, version=encoder.version, tool_call_ids=tool_call_ids))
+    pair = parse_preference(row, clean, version=encoder.version, tool_call_ids=tool_call_ids)
+    enc = encoder.encode_dpo(pair)
     p, c, r = enc.prompt_ids, enc.chosen_ids, enc.rejected_ids
     length = len(p) + max(len(c), len(r))  # TRL feeds prompt+chosen and prompt+rejected
     result = RowResult(
@@ -152,6 +163,7 @@ def _check_dpo(row: Any, encoder, max_length, clean, tool_call_ids) -> RowResult
         length=length,
         dropped_tool_calls=enc.dropped_tool_calls,
         dropped_tool_results=enc.dropped_tool_results,
+        **_kinds((*pair.prompt, pair.chosen, pair.rejected), pair.tools),
     )
     if max_length is not None and length > max_length:
         result.error = f"{length} tokens, over max_length {max_length} (prompt {len(p)} + longest reply {max(len(c), len(r))})"

@@ -95,14 +95,17 @@ class _Source:
 
 
 def _settings(kind: str, cfg: DataConfig, encoder: MistralEncoder) -> dict:
-    """The settings that change the ids (num_proc does not)."""
+    """The settings that change the ids (num_proc does not), the tokenizer file's content among them."""
     return {
         "kind": kind,
         "tokenizer": encoder.version,
+        "tokenizer_sha256": encoder.file_sha256,
         "max_length": cfg.max_length,
         "train_on": getattr(cfg, "train_on", "all") if kind == "sft" else None,
+        "train_thinking": getattr(cfg, "train_thinking", True) if kind == "sft" else None,
         "on_long_rows": cfg.on_long_rows,
         "clean_whitespace": cfg.clean_whitespace,
+        "tool_call_ids": getattr(cfg, "tool_call_ids", "keep"),
     }
 
 
@@ -110,7 +113,8 @@ def _code_hash() -> str:
     # The cache must not outlive a change to how rows are parsed or encoded.
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256(CACHE_VERSION.encode())
-    for rel in ("chat/schema.py", "chat/encoder.py", "data/encode.py", "data/read.py"):
+    for rel in ("chat/messages.py", "chat/schema.py", "chat/tool_rules.py", "chat/tool_ids.py", "chat/to_mistral.py",
+                "chat/encoder.py", "data/encode.py", "data/read.py"):
         h.update((root / rel).read_bytes())
     return h.hexdigest()
 
@@ -141,6 +145,8 @@ def _encode_source(src: SourceConfig, kind: str, cfg: DataConfig, encoder: Mistr
         "train_on": getattr(cfg, "train_on", "all"),
         "clean": cfg.clean_whitespace,
         "on_long_rows": cfg.on_long_rows,
+        "tool_call_ids": getattr(cfg, "tool_call_ids", "keep"),
+        "train_thinking": getattr(cfg, "train_thinking", True),
     }
     if len(table) == 0:  # map() on no rows adds no columns; build the empty columns directly
         empty = {"line": [], **encode_batch({"row": [], "read_error": []}, **fn_kwargs)}
@@ -197,14 +203,22 @@ def _mix(sources: list[_Source], specs: list[SourceConfig], kind: str, seed: int
     return mixed, kept
 
 
+# Summed over the kept rows, in each split's report and at the top of the data report.
+_TOOL_COUNTS = {"tool_rows": "tool_row", "thinking_rows": "thinking_row",
+                "dropped_tool_calls": "dropped_tool_calls", "dropped_tool_results": "dropped_tool_results"}
+
+
 def _stats(ds: datasets.Dataset | None) -> dict:
     if ds is None:
-        return {"rows": 0, "tokens": 0, "trained_tokens": 0, "truncated_rows": 0}
+        return {"rows": 0, "tokens": 0, "trained_tokens": 0, "truncated_rows": 0, **dict.fromkeys(_TOOL_COUNTS, 0)}
     return {
         "rows": len(ds),
         "tokens": int(sum(_col(ds, "tokens"))),
         "trained_tokens": int(sum(_col(ds, "trained"))),
         "truncated_rows": int(sum(_col(ds, "truncated"))),
+        # Rows with tools or thinking; the calls and results the version's encoding leaves out
+        # (v2: those before the last user message, which mistral-common encodes as nothing).
+        **{name: int(sum(_col(ds, column))) for name, column in _TOOL_COUNTS.items()},
     }
 
 
@@ -288,6 +302,7 @@ def load_data(
         "eval": eval_stats if eval_ds is not None else None,
         "tokens": train_stats["tokens"],
         "trained_tokens": train_stats["trained_tokens"],
+        **{name: train_stats[name] + eval_stats[name] for name in _TOOL_COUNTS},
         # What SFT training will get from TRL's bfd packing; DPO rows are not packed.
         "packing_efficiency": packing_efficiency(_col(train, "length"), cfg.max_length) if kind == "sft" else None,
         "sources": [_source_report(s, k, spec) for s, k, spec in zip(train_sources, train_kept, cfg.train)],

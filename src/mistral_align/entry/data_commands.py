@@ -6,6 +6,7 @@ call valid is exactly what training accepts.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ from collections import Counter
 
 from mistral_align.chat.encoder import IGNORE_INDEX, get_encoder
 from mistral_align.errors import EXIT_BAD_ROWS, EXIT_OK, DataError, UsageError
-from mistral_align.names import TOKENIZER_VERSIONS
+from mistral_align.names import TOKENIZER_VERSIONS, TOOL_CALL_IDS
 from mistral_align.schema.data import SFTDataConfig, SourceConfig
 
 
@@ -38,12 +39,22 @@ def add_validate(sub) -> None:
     p.add_argument("--train-on", choices=("all", "last"), default="all", help="SFT: which replies are trained")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     _add_ignore_fields(p)
+    _add_tool_options(p)
     p.set_defaults(func=_cmd_validate)
 
 
 def _add_ignore_fields(p) -> None:
     p.add_argument("--ignore-fields", default="", metavar="KEY,KEY",
                    help="top-level keys to drop from every row first (a source's ignore_fields)")
+
+
+def _add_tool_options(p) -> None:
+    """The data node's tool keys (<stage>.data.tool_call_ids, sft.data.train_thinking) as options."""
+    p.add_argument("--tool-call-ids", choices=TOOL_CALL_IDS, default="keep",
+                   help="keep the rows' tool call ids (one the tokenizer refuses is a bad row), or regenerate them "
+                   "in the tokenizer's form (<stage>.data.tool_call_ids)")
+    p.add_argument("--train-thinking", action=argparse.BooleanOptionalAction, default=True,
+                   help="SFT, v13: train each reply's thinking block (default), or mask it (sft.data.train_thinking)")
 
 
 def _source(args):
@@ -62,6 +73,8 @@ def _cmd_validate(args) -> int:
         train=[_source(args)],
         max_length=args.max_length,
         train_on=args.train_on,
+        train_thinking=args.train_thinking,
+        tool_call_ids=args.tool_call_ids,
         on_bad_rows="skip",
         on_long_rows="skip",
     )
@@ -90,6 +103,12 @@ def _cmd_validate(args) -> int:
         "tokens": r["tokens"],
         "trained_tokens": r["trained_tokens"],
         "packing_efficiency": r["packing_efficiency"],
+        # Valid rows with tools or thinking, and the calls and results their encoding leaves out (v2:
+        # those before the last user message; mistral-common encodes them as nothing).
+        "tool_rows": r["tool_rows"],
+        "thinking_rows": r["thinking_rows"],
+        "dropped_tool_calls": r["dropped_tool_calls"],
+        "dropped_tool_results": r["dropped_tool_results"],
     }
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
@@ -151,6 +170,12 @@ def _print_validate_report(report: dict, problems: list[str]) -> None:
     ]
     if eff is not None:
         lines.append(f"packing efficiency (TRL bfd, max_length {report['max_length']}): {eff:.1%}")
+    if report["tool_rows"] or report["thinking_rows"]:
+        lines.append(f"tool rows: {report['tool_rows']}  thinking rows: {report['thinking_rows']}")
+    if report["dropped_tool_calls"] or report["dropped_tool_results"]:
+        lines.append(f"left out by tokenizer {report['tokenizer']} (as mistral-common encodes it): "
+                     f"{report['dropped_tool_calls']} tool call(s) and {report['dropped_tool_results']} tool result(s) "
+                     "before the last user message of their row")
     lines.append("OK: every row is valid" if report["valid"] else "FAILED: fix or drop the rows above")
     print("\n".join(lines))
 
@@ -175,6 +200,7 @@ def add_preview(sub) -> None:
     p.add_argument("--train-on", choices=("all", "last"), default="all", help="SFT: which replies are trained")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     _add_ignore_fields(p)
+    _add_tool_options(p)
     p.set_defaults(func=_cmd_preview)
 
 
@@ -196,7 +222,8 @@ def _cmd_preview(args) -> int:
     status = EXIT_OK
     rows = list(zip(raw.lines, raw.rows, raw.read_errors))
     for line, text, err in rows[: args.max_rows] if args.max_rows is not None else rows:
-        r = check_row(args.kind, text, encoder, train_on=args.train_on, read_error=err)
+        r = check_row(args.kind, text, encoder, train_on=args.train_on, read_error=err,
+                      tool_call_ids=args.tool_call_ids, train_thinking=args.train_thinking)
         if r.error:
             print(f"{raw.label}:{line}: {r.error}", file=sys.stderr)
             status = EXIT_BAD_ROWS
@@ -235,14 +262,21 @@ def _render_tokens(ids: list[int], trained: list[bool], encoder, color: bool) ->
     return " ".join(out)
 
 
+def _left_out(r) -> str:
+    """What the version's encoding leaves out of the row (v2: calls and results before the last user message)."""
+    if not (r.dropped_tool_calls or r.dropped_tool_results):
+        return ""
+    return f"  left out: {r.dropped_tool_calls} tool call(s), {r.dropped_tool_results} tool result(s)"
+
+
 def _render_row(where: str, kind: str, r, encoder, color: bool) -> str:
     if kind == "sft":
         ids, labels = r.ids["input_ids"], r.ids["labels"]
         body = _render_tokens(ids, [x != IGNORE_INDEX for x in labels], encoder, color)
-        return f"── {where}  tokens: {r.tokens}  trained: {r.trained}  masked: {r.tokens - r.trained}\n{body}\n"
+        return f"── {where}  tokens: {r.tokens}  trained: {r.trained}  masked: {r.tokens - r.trained}{_left_out(r)}\n{body}\n"
     p, c, rej = r.ids["prompt_ids"], r.ids["chosen_ids"], r.ids["rejected_ids"]
     return (
-        f"── {where}  prompt: {len(p)} tokens (masked)  chosen: {len(c)}  rejected: {len(rej)} (trained)\n"
+        f"── {where}  prompt: {len(p)} tokens (masked)  chosen: {len(c)}  rejected: {len(rej)} (trained){_left_out(r)}\n"
         f"prompt:   {_render_tokens(p, [False] * len(p), encoder, color)}\n"
         f"chosen:   {_render_tokens(c, [True] * len(c), encoder, color)}\n"
         f"rejected: {_render_tokens(rej, [True] * len(rej), encoder, color)}\n"

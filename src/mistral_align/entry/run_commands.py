@@ -6,6 +6,7 @@ imported inside each command, so `mistral-align --help` and a mistyped path answ
 
 from __future__ import annotations
 
+import json
 import os
 
 from mistral_align.errors import EXIT_OK, UsageError
@@ -105,12 +106,20 @@ def add_chat(sub) -> None:
     p = sub.add_parser(
         "chat",
         help="talk to a run (base + adapter) or a merged model",
-        description="Interactive (history kept; /reset, /system TEXT, /exit) or one-shot with --prompt. Prompts are "
-        "built by the exact Mistral encoder: typing [INST] gives the text, never the control token.",
+        description="Interactive (history kept; /reset, /system TEXT, /tool ID RESULT, /exit) or one-shot with "
+        "--prompt. Prompts are built by the exact Mistral encoder: typing [INST] gives the text, never the control "
+        "token. With --tools FILE the prompt offers those tools as mistral-common encodes them, and a reply that "
+        "calls tools is read by mistral-common's own decoding and printed as one JSON line "
+        '{"tool_calls": [{"id", "type": "function", "function": {"name", "arguments"}}]}; in interactive mode '
+        "answer each call with /tool ID RESULT (RESULT: the tool's output, any text), and the model replies once "
+        "every call of its message has a result.",
     )
     p.add_argument("source", metavar="RUN_DIR|MERGED_DIR")
     p.add_argument("--prompt", default=None, metavar="TEXT", help="one-shot: print the reply and exit")
     p.add_argument("--system", default=None, metavar="TEXT")
+    p.add_argument("--tools", default=None, metavar="FILE",
+                   help='tools the model may call: a JSON file holding a list [{"type": "function", "function": '
+                   '{"name", "description", "parameters"}}, ...] (or {"tools": [...]}), as in a data row')
     p.add_argument("--stage", choices=("sft", "dpo"), default=None)
     p.add_argument("--quant", choices=("auto", "none", "nf4", "fp4", "int8"), default="auto",
                    help="load the base quantised (auto: as the run was trained; merged folders: none)")
@@ -127,23 +136,43 @@ def add_chat(sub) -> None:
     p.set_defaults(func=_cmd_chat)
 
 
+def _read_tools(path: str | None, version: str | None):
+    """--tools FILE as the schema's tools, refused in one line before the model loads."""
+    from mistral_align.chat.schema import ConversationError, parse_tools
+    from mistral_align.chat.tool_rules import TOOL_VERSIONS
+
+    if path is None:
+        return ()
+    if not os.path.isfile(path):
+        raise UsageError(f"--tools {path}: no such file")
+    try:
+        raw = json.loads(open(path, encoding="utf-8").read())
+        tools = parse_tools(raw["tools"] if isinstance(raw, dict) and set(raw) == {"tools"} else raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"--tools {path}: not a JSON file ({e})") from None
+    except ConversationError as e:
+        raise UsageError(f"--tools {path}: {e}") from None
+    if not tools:
+        raise UsageError(f"--tools {path}: lists no tools")
+    if version not in TOOL_VERSIONS:
+        raise UsageError(f"--tools: tokenizer {version} has no tool calling (tools need v2 or later)")
+    return tools
+
+
 def _cmd_chat(args) -> int:
     # lazy: start-up time (torch, transformers)
     from mistral_align.inference.load import load_for_chat
-    from mistral_align.inference.session import ChatSession, Sampling, interactive
+    from mistral_align.inference.session import ChatSession, Sampling, interactive, show_reply
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.max_new_tokens, args.seed)
     sampling.check()
-    resolve_source(args.source, args.stage, args.allow_pickle)
+    src = resolve_source(args.source, args.stage, args.allow_pickle)
+    tools = _read_tools(args.tools, src.tokenizer_version)
     model, encoder = load_for_chat(args.source, quant=args.quant, stage=args.stage, dtype=args.dtype,
                                    allow_pickle=args.allow_pickle)
-    session = ChatSession(model, encoder, sampling, system=args.system)
+    session = ChatSession(model, encoder, sampling, system=args.system, tools=tools)
     if args.prompt is not None:
-        if args.no_stream:
-            print(session.say(args.prompt), flush=True)
-        else:
-            session.say(args.prompt, stream=lambda s: print(s, end="", flush=True))
-            print(flush=True)
+        show_reply(session, args.prompt, stream=not args.no_stream)
         return EXIT_OK
     interactive(session, stream=not args.no_stream)
     return EXIT_OK

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from mistral_align.chat.encoder import tokenizer_file
+from mistral_align.chat.hf_tokenizer import native_file
 from mistral_align.errors import UserError
 from mistral_align.export.merge import merge_run
 from mistral_align.rundir.finished import resolve_source
@@ -71,11 +72,13 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _vocab(version: str, n_vocab: int):
+def _vocab(version: str, n_vocab: int, model_dir: Path | None = None):
     import sentencepiece as spm
     from gguf import TokenType
 
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_file(version)))
+    # The folder's own tokenizer file (the one its run encoded with), else mistral-common's for the version.
+    path = (native_file(model_dir, version) if model_dir is not None else None) or tokenizer_file(version)
+    sp = spm.SentencePieceProcessor(model_file=str(path))
     tokens, scores, types = [], [], []
     for i in range(sp.vocab_size()):
         tokens.append(sp.IdToPiece(i).encode("utf-8"))
@@ -124,7 +127,7 @@ def write_f16(model_dir: Path, out: Path, version: str, name: str = "mistral-ali
     hidden, n_layer = cfg["hidden_size"], cfg["num_hidden_layers"]
     head_dim = cfg.get("head_dim") or hidden // n_head
     n_vocab = cfg["vocab_size"]
-    tokens, scores, types, sp = _vocab(version, n_vocab)
+    tokens, scores, types, sp = _vocab(version, n_vocab, model_dir)
     if len(tokens) != n_vocab:
         raise GGUFExportError(f"tokenizer has {sp.vocab_size()} pieces but the model {n_vocab} embeddings")
 

@@ -124,7 +124,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
         stock["architectures"] = ["MixtralForCausalLM"]
         (out / "config.json").write_text(json.dumps(stock, indent=2) + "\n")
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=None, do_sample=False).save_pretrained(str(out))
-    save_hf_tokenizer(src.tokenizer_version, out)
+    save_hf_tokenizer(src.tokenizer_version, out, source=src.tokenizer_file)
     info = {
         "merged_from": {"run_dir": str(src.path), "stage": src.stage, "adapter": str(src.adapter_dir),
                         "base": src.base if not src.is_inline else "base/ (inline, in the run directory)"},

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from mistral_align.chat.encoder import get_encoder
-from mistral_align.chat.schema import Message
-from mistral_align.names import REPO_ID
+from mistral_align.chat.schema import Message, parse_sft_row
+from mistral_align.names import REPO_ID, STAGES
 from mistral_align.rundir.finished import RunSource
 
 _LOCAL_SUFFIX = (".jsonl", ".json", ".parquet", ".csv", ".txt")
@@ -54,11 +54,15 @@ def _yaml_list(items: list[str]) -> str:
     return "".join(f"\n  - {json.dumps(i)}" for i in items) if items else " []"
 
 
-def prompt_format_section(version: str) -> str:
-    enc = get_encoder(version)
+def _pieces(enc, ids: list[int]) -> str:
+    return " ".join(enc.piece(i).replace(" ", "▁").replace("\n", "\\n") for i in ids)
+
+
+def prompt_format_section(version: str, tokenizer_file: Path | None = None) -> str:
+    enc = get_encoder(version, tokenizer_file)
     conv = [Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello!"), Message("user", "Bye")]
     ids = enc.encode_prompt(conv)
-    pieces = " ".join(enc.piece(i).replace(" ", "▁").replace("\n", "\\n") for i in ids)
+    pieces = _pieces(enc, ids)
     return (
         f"Tokenizer `{version}` (mistral-common). Training and the shipped tokenizer build prompts exactly as "
         "mistral-common does; text a user types as `[INST]` stays text, never a control token. A conversation "
@@ -69,6 +73,54 @@ def prompt_format_section(version: str) -> str:
         f"ids (BOS={enc.bos_id}, EOS={enc.eos_id}):\n\n```\n{ids}\n```\n\npieces:\n\n```\n{pieces}\n```\n\n"
         "Every assistant reply ends with EOS; BOS appears once. `tokenizer.apply_chat_template(messages, "
         "add_generation_prompt=True)` with the tokenizer in this repository gives these ids.\n"
+    )
+
+
+def data_has_tools(src: RunSource) -> bool:
+    """Whether the run trained on rows with tools (the data report in manifest.json counts them)."""
+    path = src.path / "manifest.json"
+    if not path.is_file():
+        return False
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    reports = [manifest.get("data")] + [(manifest.get(s) or {}).get("data") for s in STAGES]
+    return any(((r or {}).get("report") or {}).get("tool_rows") for r in reports)
+
+
+# The tool conversation the card shows: an OpenAI-shaped row, as the run's data spells them.
+TOOL_EXAMPLE = {
+    "tools": [{"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}],
+    "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "tool_calls": [{"id": "a1b2c3d4e", "type": "function",
+                                              "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_call_id": "a1b2c3d4e", "content": "{\"sky\": \"clear\", \"c\": 21}"},
+        {"role": "assistant", "content": "Clear, 21 °C."},
+    ],
+}
+
+
+def tool_format_section(version: str, tokenizer_file: Path | None = None) -> str:
+    """How this model's tokenizer writes tools, a call and its result, with the ids (runs whose data has tools)."""
+    enc = get_encoder(version, tokenizer_file)
+    conv = parse_sft_row(TOOL_EXAMPLE, version=version)
+    messages = list(conv.messages)
+    ask = enc.encode_prompt(messages[:1], tools=conv.tools)
+    call = enc.encode_reply(messages[1])
+    answer = enc.encode_prompt(messages[:3], tools=conv.tools)[len(ask) + len(call):]
+    return (
+        "The training data had tool calls. A row, in the OpenAI shape the data used:\n\n"
+        f"```json\n{json.dumps(TOOL_EXAMPLE, indent=1, ensure_ascii=False)}\n```\n\n"
+        "The prompt up to the first reply (the tools are written before the last user message; v13: the first):\n\n"
+        f"```\n{ask}\n```\n\n```\n{_pieces(enc, ask)}\n```\n\n"
+        "The model's reply that calls the tool (trained, with its EOS):\n\n"
+        f"```\n{call}\n```\n\n```\n{_pieces(enc, call)}\n```\n\n"
+        "The tool's result, given back to the model (not trained):\n\n"
+        f"```\n{answer}\n```\n\n```\n{_pieces(enc, answer)}\n```\n\n"
+        "`tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)` with the tokenizer in "
+        "this repository gives these prompt ids; `mistral-align chat RUN --tools tools.json` reads a generated "
+        "call back with mistral-common's own decoding.\n"
     )
 
 
@@ -129,14 +181,17 @@ def render_card(src: RunSource, repo_id: str, base_id: str, license: str = "apac
         "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))\n"
         "```\n"
     )
+    tool_calls = ("## Tool calls\n\n" + tool_format_section(src.tokenizer_version, src.tokenizer_file) + "\n"
+                  if data_has_tools(src) else "")
     return (
         front
         + f"\n# {repo_id}\n\nA LoRA adapter for `{base_id}` trained with "
         f"mistral-align ({stage.upper()} stage, {method.upper()}).\n\n"
         "## Training set-up\n\n" + "\n".join(setup) + "\n\n"
         "## Final metrics\n\n" + metrics_table(summary) + "\n"
-        "## Prompt format\n\n" + prompt_format_section(src.tokenizer_version) + "\n"
-        "## Usage (plain peft + transformers)\n\n" + usage + "\n"
+        "## Prompt format\n\n" + prompt_format_section(src.tokenizer_version, src.tokenizer_file) + "\n"
+        + tool_calls
+        + "## Usage (plain peft + transformers)\n\n" + usage + "\n"
         "Files: `adapter_model.safetensors`, `adapter_config.json`, the tokenizer, the resolved training "
         "config (`config.yaml`), the loss plot (`loss.png`) and `summary.json`.\n"
     )

@@ -74,7 +74,7 @@ def build_folder(src: RunSource, repo_id: str, out: Path, license: str = "apache
     if src.revision:
         acfg["revision"] = src.revision
     (out / "adapter_config.json").write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    save_hf_tokenizer(src.tokenizer_version, out)
+    save_hf_tokenizer(src.tokenizer_version, out, source=src.tokenizer_file)
     if src.config:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(redact(src.config))), encoding="utf-8")
     for name in ("loss.png",):

@@ -34,7 +34,7 @@ def load_for_chat(path, quant: str = "auto", stage: Optional[str] = None, dtype:
         torch_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     else:
         torch_dtype = dtypes[dtype]
-    encoder = get_encoder(src.tokenizer_version)
+    encoder = get_encoder(src.tokenizer_version, src.tokenizer_file)  # the file the run encoded with
     if quant not in ("auto", "none", "nf4", "fp4", "int8"):
         raise RunDirError(f"--quant must be auto, none, nf4, fp4 or int8, got {quant!r}")
     if src.kind == "merged":

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from mistral_align.chat.hf_tokenizer import native_file
 from mistral_align.errors import RunDirError
 from mistral_align.model.trust import require_safetensors
 from mistral_align.names import STAGES
@@ -31,6 +32,9 @@ class RunSource:
     quant: dict = field(default_factory=dict)  # the run's quant node ({} for merged)
     config: dict = field(default_factory=dict)  # the run's resolved config ({} for merged)
     tokenizer_version: Optional[str] = None
+    # The tokenizer file the run encoded with (the adapter's copy, else the run's tokenizer/; a merged
+    # folder's own); None where there is none (then mistral-common's own file for the version).
+    tokenizer_file: Optional[Path] = None
     stage_dir: Optional[Path] = None  # where this stage's summary.json lives
     allow_pickle: bool = False  # weights may be loaded from pickles (--allow-pickle); else safetensors only
 
@@ -93,7 +97,8 @@ def _resolve(path: str | Path, stage: str | None) -> RunSource:
     if (p / "config.json").is_file() and not (p / "adapter").exists() and not any((p / s / "adapter").exists() for s in STAGES):
         if stage is not None:
             raise RunDirError(f"{p}: a merged model folder has no stages; drop --stage")
-        return RunSource(path=p, kind="merged", tokenizer_version=_tokenizer_version(p))
+        version = _tokenizer_version(p)
+        return RunSource(path=p, kind="merged", tokenizer_version=version, tokenizer_file=_tokenizer_file(version, p))
 
     stages = [s for s in STAGES if (p / s / "adapter" / "adapter_config.json").is_file()]
     if (p / "adapter" / "adapter_config.json").is_file():
@@ -130,4 +135,12 @@ def _resolve(path: str | Path, stage: str | None) -> RunSource:
     return RunSource(
         path=p, kind="run", adapter_dir=adapter, stage=chosen, base=base, revision=acfg.get("revision") or model_node.get("revision"),
         quant=config.get("quant") or {}, config=config, tokenizer_version=version, stage_dir=stage_dir,
+        tokenizer_file=_tokenizer_file(version, adapter, stage_dir / "tokenizer", p / "tokenizer"),
     )
+
+
+def _tokenizer_file(version: Optional[str], *folders: Path) -> Optional[Path]:
+    """The first of `folders` that holds the tokenizer file of `version`, as the run saved it."""
+    if version is None:
+        return None
+    return next((f for f in (native_file(d, version) for d in folders if d.is_dir()) if f is not None), None)

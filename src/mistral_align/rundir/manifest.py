@@ -27,7 +27,7 @@ def write_manifest(run_dir: Path, updates: dict[str, Any], section: str | None =
     return path
 
 
-def lift_stage_facts(run_dir: Path, section: str, keys: tuple[str, ...] = ("model", "tokenizer_version")) -> None:
+def lift_stage_facts(run_dir: Path, section: str, keys: tuple[str, ...] = ("model", "tokenizer_version", "tokenizer")) -> None:
     """Copy shared facts from a pipeline stage's manifest section to the top level, where a
     single-stage run keeps them."""
     manifest = json.loads((Path(run_dir) / "manifest.json").read_text())

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from mistral_align.errors import ConfigError
-from mistral_align.schema.rules import get
+from mistral_align.names import TOOL_CALL_IDS
+from mistral_align.schema.rules import choice, get
 
 ON_BAD_ROWS = ("error", "skip")
 ON_LONG_ROWS = ("error", "skip", "truncate")
@@ -52,6 +53,9 @@ class DataConfig:
     on_long_rows: str = "skip"
     # Strip leading/trailing whitespace from every message. Off: mistral-common does no normalisation.
     clean_whitespace: bool = False
+    # Tool call ids: "keep" them as written (an id the tokenizer version refuses is a bad row), or
+    # "regenerate" every row's ids in the version's form (the same for the same row every time).
+    tool_call_ids: str = "keep"
     num_proc: int = 1
     seed: int = 0
 
@@ -60,6 +64,9 @@ class DataConfig:
 class SFTDataConfig(DataConfig):
     # "all" assistant messages (weight 1) are trained, or only the "last" one.
     train_on: str = "all"
+    # v13 reasoning: train the thinking block ([THINK]...[/THINK]) of each trained reply, or mask it
+    # (false: the model learns the answer after given thinking, not the thinking).
+    train_thinking: bool = True
 
 
 def check_data_config(cfg: Any, kind: str, key: str = "data", need_train: bool = True) -> None:
@@ -82,6 +89,9 @@ def check_data_config(cfg: Any, kind: str, key: str = "data", need_train: bool =
             f"{key}.on_long_rows: 'truncate' is for SFT only: cutting a preference pair can drop a reply or its "
             f"EOS. Use 'skip' (count and drop them) or 'error', or raise {key}.max_length."
         )
+    choice(get(cfg, "tool_call_ids", "keep"), f"{key}.tool_call_ids", TOOL_CALL_IDS)
+    if not isinstance(get(cfg, "train_thinking", True), bool):
+        raise ConfigError(f"{key}.train_thinking: must be true or false, got {get(cfg, 'train_thinking')!r}")
     train_on = get(cfg, "train_on", "all")
     if train_on not in TRAIN_ON:
         raise ConfigError(f"{key}.train_on: {train_on!r} is not one of {', '.join(TRAIN_ON)}")

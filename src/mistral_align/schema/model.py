@@ -66,6 +66,9 @@ class ModelConfig:
     architecture: Optional[ArchitectureConfig] = None
     # The Mistral tokenizer this model was trained with (v1, v2, v3, v7, v3-tekken, v7-tekken, v11, v13): the chat format follows.
     tokenizer_version: str = "???"
+    # The tokenizer file to encode with (a local tekken.json or tokenizer.model.vN). None: a Hub model's
+    # own file from its repository (model/tokenizer_file.py), an inline model's from mistral-common.
+    tokenizer_file: Optional[str] = None
     # Weights dtype for the layers that are not quantised.
     dtype: str = "bfloat16"
     attn_implementation: str = "sdpa"

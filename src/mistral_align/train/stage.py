@@ -24,6 +24,7 @@ from mistral_align.files import follow_umask, write_json
 from mistral_align.model.estimate import parallel_kind, warn_if_wont_fit
 from mistral_align.model.facts import model_facts
 from mistral_align.model.inline import ensure_inline_base
+from mistral_align.model.tokenizer_file import resolve_tokenizer_file
 from mistral_align.rundir.drift import stages_started
 from mistral_align.schema.data import SourceConfig
 from mistral_align.train.evaluate import generation_eval
@@ -51,7 +52,9 @@ class Stage:
         self.out_dir = Path(out_dir or run.dir)  # a pipeline gives each stage its own sub-directory
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.section = section  # ... and its own section of the run's one manifest
-        self.encoder = get_encoder(cfg.model.tokenizer_version)
+        # The model repository's own tokenizer file where it has one (model/tokenizer_file.py).
+        self.tokenizer_source = source = resolve_tokenizer_file(cfg.model, warn=run.state.is_main_process)
+        self.encoder = get_encoder(cfg.model.tokenizer_version, source.path if source.own_file else None)
 
     # -- what each stage defines --------------------------------------------------------------
 
@@ -149,7 +152,7 @@ def _run_stage(stage: Stage, stop: StopOnSignal, print_report: bool) -> dict:
     # 2. Tokenizer and model (each rank's copy on its own device) with its adapter; the trainer.
     with state.main_process_first():  # written once; the other ranks read it whole
         if state.is_main_process:
-            save_hf_tokenizer(cfg.model.tokenizer_version, stage.out_dir / "tokenizer")
+            save_hf_tokenizer(cfg.model.tokenizer_version, stage.out_dir / "tokenizer", source=stage.encoder.file)
         tokenizer = load_hf_tokenizer(stage.out_dir / "tokenizer")
     # On a GPU, a warning before loading when the estimate says the model will not fit.
     warn_if_wont_fit(cfg, num_gpus=state.num_processes, parallel=parallel_kind(), stage=stage.name)
@@ -158,6 +161,7 @@ def _run_stage(stage: Stage, stop: StopOnSignal, print_report: bool) -> dict:
     log.info("model: %s, %d trainable of %d params, %d linear layers in 4-bit", cfg.model.name,
              facts["trainable_params"], facts["total_params"], facts["linear_4bit"])
     record({"model": {"name": cfg.model.name, **facts}, "tokenizer_version": cfg.model.tokenizer_version,
+            "tokenizer": stage.tokenizer_source.facts(),
             "data": {"fingerprint": data.fingerprint, "report": data.report}, **stage.model_facts()})
     # The held-out metrics before training are measured by the trainer as its first act (eval_on_start,
     # train/hooks.py), on a stage's first launch; a resumed launch reports what the first one recorded.
@@ -190,7 +194,7 @@ def _run_stage(stage: Stage, stop: StopOnSignal, print_report: bool) -> dict:
     result = train_from(resume, trainer, stage, stop)  # a signal stops it cleanly (exit 3)
     train_seconds = time.time() - t_train
     check_ranks_agree(trainer)  # several processes trained one model, not one each
-    save_adapter(trainer, stage.out_dir / "adapter", cfg.model.tokenizer_version)
+    save_adapter(trainer, stage.out_dir / "adapter", cfg.model.tokenizer_version, stage.encoder.file)
     # A signal in the last step or while saving: the stage is not finished (no summary.json), so a
     # rerun resumes it from its newest checkpoint.
     stop.stop_here(stage, f"after training, before evaluating (adapter saved in {stage.out_dir / 'adapter'})")
@@ -231,9 +235,10 @@ def build_trainer(trainer_class, model, tokenizer, args, train_ds, eval_ds=None,
     return trainer
 
 
-def save_adapter(trainer, out_dir: Path, tokenizer_version: str | None = None) -> Path:
+def save_adapter(trainer, out_dir: Path, tokenizer_version: str | None = None, tokenizer_file: Path | None = None) -> Path:
     """The final adapter (adapter_model.safetensors + adapter_config.json naming its base), or the
-    full model with peft=none, plus the exact tokenizer so the folder loads (and pushes) on its own.
+    full model with peft=none, plus the exact tokenizer (the file the run encoded with) so the folder
+    loads (and pushes) on its own.
     Collective under FSDP/DeepSpeed: call it on every rank."""
     with whole_adapter_saves(trainer):  # FSDP: one whole file, also when checkpoints are sharded
         trainer.save_model(str(out_dir))
@@ -242,7 +247,7 @@ def save_adapter(trainer, out_dir: Path, tokenizer_version: str | None = None) -
         # (checkpoints keep theirs, for resuming).
         (Path(out_dir) / "training_args.bin").unlink(missing_ok=True)
     if tokenizer_version and trainer.accelerator.is_main_process:
-        save_hf_tokenizer(tokenizer_version, out_dir)
+        save_hf_tokenizer(tokenizer_version, out_dir, source=tokenizer_file)
     if trainer.accelerator.is_main_process:
         follow_umask(out_dir)  # safetensors writes 0600; the folder is meant to be shared
     return Path(out_dir)
