@@ -1,4 +1,4 @@
-"""Run directories built in code to the run-directory contract (no recipe is run).
+"""Runs for tests: run directories built in code (no recipe is run), and recipes run in this process.
 
     run = make_run(tmp_path / "run", arch="mistral", quant="nf4")
 
@@ -12,15 +12,23 @@ writes, like a finished single-stage run of an inline model:
 
 `pipeline=True` writes sft/adapter and dpo/adapter (the dpo adapter trained a few steps more).
 The LoRA is trained on a tiny copy task so that it changes the model's greedy outputs.
+
+    out = run_recipe("sft.py", "experiment=test_tiny", f"run.dir={run_dir}", cwd=tmp_path)
+
+runs recipes/sft.py as `python recipes/sft.py ...` would, in this process (out.returncode, out.stdout,
+out.stderr); a subprocess is for what one process cannot show: signals that end it, several ranks,
+a fresh interpreter.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
 VERSION = "v3"
 VOCAB = 32768  # tokenizer v3
 
@@ -239,3 +247,70 @@ def processes_of(pid: int) -> list[int]:
         found += kids
         todo += kids
     return found
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    """A copy of a run directory (a shared session run, for a test that changes it), as if it had been
+    made at `to`: the paths its config and adapter configs name are rewritten to the copy's."""
+    import shutil
+
+    run, to = Path(run).absolute(), Path(to).absolute()
+    shutil.copytree(run, to)
+    for path in [*to.rglob("*.json"), *to.rglob("*.yaml")]:
+        text = path.read_text()
+        if str(run) in text:
+            path.write_text(text.replace(str(run), str(to)))
+    return to
+
+
+@dataclass
+class Ran:
+    """What a recipe run in this process left: its exit code and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_recipe(recipe: str, *argv: str, cwd: Path | None = None) -> Ran:
+    """Run recipes/RECIPE as `python recipes/RECIPE ARGV...` would (runpy, through the same
+    `run_hydra_recipe` its __main__ calls, sys.argv as a shell gives it), in this process and in `cwd`.
+    What our code registers with atexit (the run directory's lock release) runs when the recipe ends,
+    as it would when its process exits. An exception that is no SystemExit is a traceback the user
+    would have seen: it propagates, with what the run had printed."""
+    import atexit
+    import contextlib
+    import io
+    import os
+    import runpy
+    import sys
+
+    path = ROOT / "recipes" / recipe
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, saved_cwd, register = sys.argv, os.getcwd(), atexit.register
+    at_exit = []
+
+    def ours_at_recipe_end(func, *args, **kwargs):
+        if getattr(func, "__module__", "").startswith("mistral_align"):
+            at_exit.append((func, args, kwargs))
+            return func
+        return register(func, *args, **kwargs)
+
+    sys.argv, atexit.register = [str(path), *argv], ours_at_recipe_end
+    code = 0
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:
+        sys.stderr.write(err.getvalue()[-5000:])
+        raise
+    finally:
+        sys.argv, atexit.register = saved_argv, register
+        os.chdir(saved_cwd)
+        for func, args, kwargs in reversed(at_exit):
+            func(*args, **kwargs)
+    return Ran(code, out.getvalue(), err.getvalue())

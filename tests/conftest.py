@@ -1,0 +1,82 @@
+"""What every test shares: one load of each tekken tokenizer file, a clean os.environ, and the tiny
+runs several test files read.
+
+Session fixtures (ask for them by name; each is built once, on first use):
+
+    tiny_run           make_run(arch="mistral-small", quant="nf4", steps=24): a finished single-stage
+                       run directory (base/, adapter/, tokenizer/, config.yaml, ...) whose LoRA changed
+                       the greedy outputs. Read it, never write into it: copy it first (runfixtures.copy_run).
+    tiny_pipeline_run  make_run(arch="mistral-small", quant="none", pipeline=True, steps=8): sft/adapter
+                       and dpo/adapter in one run directory.
+
+The tekken cache: mistral-common builds a `Tekkenizer` from its JSON file in about a second of CPU
+(it decodes all 131,072 pieces), and mistral-common, transformers' MistralCommonBackend and our
+encoder each load one per call. The suite loaded them some hundred times. `Tekkenizer.from_file` is
+wrapped so that a file whose bytes were loaded before gives a copy of that tokenizer (its own object,
+with this path) instead of a new parse: the same bytes give the same tokenizer, so no test sees a
+difference, and a file that changed (other bytes) is parsed again. Subprocesses load their own.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+
+def _cache_tekken_loads() -> None:
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    original = Tekkenizer.from_file.__func__
+    loaded: dict[tuple[str, str], Tekkenizer] = {}
+
+    def from_file(cls, path):
+        path = Path(path)
+        key = (hashlib.sha256(path.read_bytes()).hexdigest(), path.name)
+        if key not in loaded:
+            loaded[key] = original(cls, path)
+        tokenizer = copy.copy(loaded[key])  # its own attributes; the vocabulary tables are shared, read-only
+        tokenizer._file_path = path
+        return tokenizer
+
+    Tekkenizer.from_file = classmethod(from_file)
+
+
+def pytest_configure(config):
+    _cache_tekken_loads()
+    # A run directory fixed in the shell would be every in-process run's (tests name their own).
+    os.environ.pop("MISTRAL_ALIGN_RUN_DIR", None)
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_state():
+    """Recipes run in this process (runfixtures.run_recipe) set WANDB_*, TENSORBOARD_LOGGING_DIR, ...
+    and point the root logger at the stream they printed to: each test starts from the environment
+    and the logging the session started with."""
+    saved_env = dict(os.environ)
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    yield
+    os.environ.clear()
+    os.environ.update(saved_env)
+    root.handlers[:] = saved_handlers
+    root.setLevel(saved_level)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    from runfixtures import make_run
+
+    return make_run(tmp_path_factory.mktemp("tiny") / "run", arch="mistral-small", quant="nf4", steps=24)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_run(tmp_path_factory) -> Path:
+    from runfixtures import make_run
+
+    return make_run(tmp_path_factory.mktemp("tiny_pipeline") / "run", arch="mistral-small", quant="none",
+                    pipeline=True, steps=8)  # fmt: skip
