@@ -1,4 +1,5 @@
-"""`mistral-align validate` and `preview`: the contracts in DESIGN.md, run as a real program."""
+"""`mistral-align validate` and `preview`: the contracts in DESIGN.md, through the CLI's `main` (one test runs
+the console script itself, as a user does)."""
 
 from __future__ import annotations
 
@@ -41,37 +42,46 @@ def _private_cache(tmp_path, monkeypatch):
 
 
 def run(*args):
+    """The console script itself, as a user runs it (one test; the rest call `main` in this process)."""
     return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=120, env=os.environ.copy())
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """`mistral-align ARGS` in this process: exit code, stdout, stderr."""
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def rows_of(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-# -- validate (subprocess) ----------------------------------------------------------------------
+# -- validate ------------------------------------------------------------------------------------
 
 
 def test_validate_good_file_exits_0():
-    p = run("validate", "--kind", "sft", "--data", SFT)
+    p = run("validate", "--kind", "sft", "--data", SFT)  # the console script, in a process of its own
     assert p.returncode == 0, p.stderr
     assert "10 rows, 10 valid, 0 bad" in p.stdout and "packing efficiency" in p.stdout
     assert "Traceback" not in p.stderr
 
 
-def test_validate_json_on_broken_file_exits_1():
-    p = run("validate", "--kind", "sft", "--data", BROKEN, "--json")
-    assert p.returncode == 1
-    b = json.loads(p.stdout)  # the whole stdout is one JSON object
+def test_validate_json_on_broken_file_exits_1(capsys):
+    code, out, _ = cli(capsys, "validate", "--kind", "sft", "--data", BROKEN, "--json")
+    assert code == 1
+    b = json.loads(out)  # the whole stdout is one JSON object
     assert b["valid"] is False and (b["rows"], b["valid_rows"]) == (9, 2)
     assert [f"{x['where']}: {x['reason']}" for x in b["bad_rows"]] == BROKEN_LINES
     assert [x["line"] for x in b["bad_rows"]] == [2, 3, 4, 5, 6, 7, 8]
 
 
-def test_validate_missing_file_is_a_clear_error(tmp_path):
-    p = run("validate", "--kind", "sft", "--data", str(tmp_path / "nope.jsonl"))
-    assert p.returncode == 2
-    assert p.stderr.strip() == f"mistral-align validate: error: {tmp_path / 'nope.jsonl'}: no such file"
-    assert p.stdout == ""
+def test_validate_missing_file_is_a_clear_error(tmp_path, capsys):
+    code, out, err = cli(capsys, "validate", "--kind", "sft", "--data", str(tmp_path / "nope.jsonl"))
+    assert code == 2
+    assert err.strip() == f"mistral-align validate: error: {tmp_path / 'nope.jsonl'}: no such file"
+    assert out == ""
 
 
 def test_validate_and_preview_name_a_directory_as_one(tmp_path, capsys):
@@ -79,9 +89,6 @@ def test_validate_and_preview_name_a_directory_as_one(tmp_path, capsys):
         assert main([*args, "--data", str(tmp_path)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.endswith(f"error: {tmp_path}: is a directory; name a .jsonl, .json or .parquet file in it"), err
-
-
-# -- validate (in process: same code, faster) ---------------------------------------------------
 
 
 def test_validate_broken_file_names_every_bad_row(capsys):
@@ -184,11 +191,11 @@ def test_preview_jsonl_equals_mistral_common(version, capsys):
         assert ids == tok.encode_chat_completion(ChatCompletionRequest(messages=msgs)).tokens
 
 
-def test_preview_jsonl_subprocess_skips_invalid_rows():
-    p = run("preview", "--tokenizer", "v3", "--kind", "sft", "--data", BROKEN, "--jsonl")
-    assert p.returncode == 1
-    assert p.stderr.splitlines() == BROKEN_LINES
-    got = [json.loads(line) for line in p.stdout.splitlines()]
+def test_preview_jsonl_skips_invalid_rows(capsys):
+    code, out, err = cli(capsys, "preview", "--tokenizer", "v3", "--kind", "sft", "--data", BROKEN, "--jsonl")
+    assert code == 1
+    assert err.splitlines() == BROKEN_LINES
+    got = [json.loads(line) for line in out.splitlines()]
     enc = get_encoder("v3")
     lines = Path(BROKEN).read_text().splitlines()
     good = [json.loads(lines[0]), json.loads(lines[8])]
@@ -197,7 +204,7 @@ def test_preview_jsonl_subprocess_skips_invalid_rows():
     ]
 
 
-def test_a_lone_surrogate_is_one_line_per_row_in_validate_and_preview(tmp_path):
+def test_a_lone_surrogate_is_one_line_per_row_in_validate_and_preview(tmp_path, capsys):
     # JSON allows "\ud800", which is no Unicode character: sentencepiece used to fail on it with a
     # pybind RuntimeError traceback. Now it is a bad row like any other, named with its field.
     good = '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'
@@ -206,15 +213,15 @@ def test_a_lone_surrogate_is_one_line_per_row_in_validate_and_preview(tmp_path):
     data.write_text(f"{good}\n{bad}\n")
     reason = (f"{data}:2: messages[0].content: not valid Unicode: a lone surrogate \\ud800 at character 3 "
               "(a JSON \\uD800-\\uDBFF escape must be followed by its \\uDC00-\\uDFFF pair)")
-    p = run("validate", "--kind", "sft", "--data", str(data))
-    assert p.returncode == 1 and p.stdout.splitlines()[0] == reason and p.stderr == "", p.stderr
-    p = run("preview", "--tokenizer", "v3", "--kind", "sft", "--data", str(data), "--jsonl")
-    assert p.returncode == 1 and p.stderr.splitlines() == [reason] and len(p.stdout.splitlines()) == 1
+    code, out, err = cli(capsys, "validate", "--kind", "sft", "--data", str(data))
+    assert code == 1 and out.splitlines()[0] == reason and err == "", err
+    code, out, err = cli(capsys, "preview", "--tokenizer", "v3", "--kind", "sft", "--data", str(data), "--jsonl")
+    assert code == 1 and err.splitlines() == [reason] and len(out.splitlines()) == 1
     dpo = tmp_path / "p.jsonl"
     dpo.write_text('{"prompt": "p", "chosen": "\\udfff", "rejected": "b"}\n')
-    p = run("preview", "--tokenizer", "v3", "--kind", "dpo", "--data", str(dpo))
-    assert p.returncode == 1 and p.stderr.startswith(f"{dpo}:1: chosen: not valid Unicode"), p.stderr
-    assert "Traceback" not in p.stderr
+    code, out, err = cli(capsys, "preview", "--tokenizer", "v3", "--kind", "dpo", "--data", str(dpo))
+    assert code == 1 and err.startswith(f"{dpo}:1: chosen: not valid Unicode"), err
+    assert "Traceback" not in err
 
 
 def test_preview_max_rows(capsys):
@@ -248,7 +255,7 @@ def test_human_preview_dpo_shows_prompt_masked_and_replies_trained(capsys):
     assert lines[3].startswith("rejected: {+Green")
 
 
-def test_human_preview_subprocess_on_broken_file():
-    p = run("preview", "--tokenizer", "v1", "--kind", "sft", "--data", BROKEN)
-    assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert p.stdout.count("{+") == 2 and p.stderr.splitlines() == BROKEN_LINES
+def test_human_preview_on_broken_file(capsys):
+    code, out, err = cli(capsys, "preview", "--tokenizer", "v1", "--kind", "sft", "--data", BROKEN)
+    assert code == 1 and "Traceback" not in err
+    assert out.count("{+") == 2 and err.splitlines() == BROKEN_LINES

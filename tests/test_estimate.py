@@ -103,16 +103,20 @@ def test_sharding_divides_weights_and_state():
     assert eight["per_gpu"]["optimizer"] < adam["per_gpu"]["optimizer"] / 3
 
 
-def test_cli_estimate_json_and_table():
-    cmd = [sys.executable, "-m", "mistral_align.entry.cli", "estimate", "model=mixtral-8x7b-v0.1", "quant=nf4"]
-    out = subprocess.run([*cmd, "--json"], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    r = json.loads(out.stdout)
+def test_cli_estimate_json_and_table(capsys, monkeypatch):
+    from mistral_align.entry.cli import main
+
+    monkeypatch.chdir(ROOT)
+    cmd = ["estimate", "model=mixtral-8x7b-v0.1", "quant=nf4"]
+    assert main([*cmd, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
     assert r["fits"]["80GB"] is True and 24e9 <= r["weights_as_loaded"] <= 25e9
-    table = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    assert table.returncode == 0 and "fits on 24GB: no" in table.stdout and "80GB: yes" in table.stdout
-    bad = subprocess.run([*cmd, "quant.mode=nf5"], capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "quant.mode" in bad.stderr
+    assert main(cmd) == 0
+    table = capsys.readouterr().out
+    assert "fits on 24GB: no" in table and "80GB: yes" in table
+    assert main([*cmd, "quant.mode=nf5"]) == 2
+    bad = capsys.readouterr().err
+    assert bad.count("\n") == 1 and "quant.mode" in bad
 
 
 @pytest.mark.slow

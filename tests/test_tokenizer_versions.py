@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -31,7 +29,6 @@ from mistral_align.names import DERIVED_TOKENIZER_VERSIONS
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "data"
 SFT, DPO = (str(EXAMPLES / f) for f in ("sft_example.jsonl", "dpo_example.jsonl"))
-EXE = str(Path(sys.executable).with_name("mistral-align"))
 
 INSTRUCT_CLASS = {"v7-tekken": "InstructTokenizerV7", "v11": "InstructTokenizerV11", "v13": "InstructTokenizerV13"}
 # Ranks as in mistral-common's own test files for these versions (tests/test_tekken.py).
@@ -142,15 +139,13 @@ def test_preview_jsonl_equals_mistral_common_for_dpo(version, capsys):
         assert out["prompt_ids"] == enc.encode_prompt(pair.prompt)
 
 
-def test_preview_subprocess_shows_the_system_block(tmp_path):
+def test_preview_shows_the_system_block(tmp_path, capsys):
     data = tmp_path / "one.jsonl"
     row = {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "[THINK] hi"},
                         {"role": "assistant", "content": "Hello"}]}
     data.write_text(json.dumps(row) + "\n")
-    p = subprocess.run([EXE, "preview", "--tokenizer", "v13", "--kind", "sft", "--data", str(data), "--color", "never"],
-                       capture_output=True, text=True, timeout=120, env=os.environ.copy())
-    assert p.returncode == 0, p.stderr
-    body = p.stdout.splitlines()[1]
+    assert main(["preview", "--tokenizer", "v13", "--kind", "sft", "--data", str(data), "--color", "never"]) == 0
+    body = capsys.readouterr().out.splitlines()[1]
     assert body.startswith("<s> [SYSTEM_PROMPT] Be") and "[/SYSTEM_PROMPT] [INST]" in body
     assert body.endswith("{+Hello </s>+}")
     # A typed "[THINK]" is text: the real control token (id 34) is not in the ids.
