@@ -31,7 +31,8 @@ from mistral_align.rundir.drift import check_same_training, training_differences
 from mistral_align.rundir.lock import LOCK, acquire_lock, release_lock
 from mistral_align.train.signals import StopOnSignal
 
-from runfixtures import adapter_max_diff, processes_of
+from fault_recipe import with_faults
+from runfixtures import adapter_max_diff, run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -119,12 +120,13 @@ def test_a_pipeline_rerun_with_another_seed_or_shape_is_refused_naming_the_keys(
 def test_a_second_launch_on_a_run_directory_in_use_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / LOCK).write_text(json.dumps({"pid": os.getpid(), "host": platform.node()}))  # this test holds it
-    out = subprocess.run(_cmd("sft.py", run_dir), capture_output=True, text=True, timeout=600, cwd=tmp_path, env=ENV)
+    holder = {"pid": os.getppid(), "host": platform.node()}  # a live process that is not this one: the other launch
+    (run_dir / LOCK).write_text(json.dumps(holder))
+    out = run_recipe("sft.py", "experiment=test_tiny", f"run.dir={run_dir}", cwd=tmp_path)
     assert out.returncode == 2, out.stderr[-3000:]
-    assert f"error: {run_dir} is in use by another launch (pid {os.getpid()} on host {platform.node()}" in out.stderr
+    assert f"error: {run_dir} is in use by another launch (pid {holder['pid']} on host {holder['host']}" in out.stderr
     assert "Traceback" not in out.stderr and not (run_dir / "config.yaml").exists()
-    assert json.loads((run_dir / LOCK).read_text())["pid"] == os.getpid()  # left to its holder
+    assert json.loads((run_dir / LOCK).read_text()) == holder  # left to its holder
 
 
 # -- clean stops ---------------------------------------------------------------------------------
@@ -150,29 +152,34 @@ def test_a_first_ctrl_c_asks_for_a_checkpoint_and_a_second_stops_at_once():
 
 
 @pytest.mark.slow
-def test_sigterm_before_training_stops_cleanly_naming_the_newest_checkpoint(tmp_path):
+def test_sigterm_before_training_stops_cleanly_naming_the_newest_checkpoint(tmp_path, monkeypatch):
     """Issue 10 item 4: a signal while the data loads or the model builds (before trainer.train) stops
-    with exit code 3 and one line, not a traceback; nothing is trained, the lock is released."""
+    with exit code 3 and one line, not a traceback; nothing is trained, the lock is released. The
+    signal is a real SIGTERM this process sends itself once the stage's generated data is written
+    (its first write, made after the handler is installed)."""
+    from mistral_align.train.sft import SFTStage
+
+    write = SFTStage.write_synthetic_data
+
+    def write_then_sigterm(self, data_dir):
+        written = write(self, data_dir)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return written
+
+    monkeypatch.setattr(SFTStage, "write_synthetic_data", write_then_sigterm)
+    handler = signal.getsignal(signal.SIGTERM)
     fresh, resumed = tmp_path / "fresh", tmp_path / "resumed"
     _fake_checkpoint(resumed / "checkpoints", 2)  # what an earlier launch left: named, never loaded
     for run_dir, saved in ((fresh, "no checkpoint yet"), (resumed, f"newest checkpoint {resumed}/checkpoints/checkpoint-2")):
-        proc = subprocess.Popen(_cmd("sft.py", run_dir), cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)  # fmt: skip
-        t0 = time.time()
-        # The stage's generated data is its first write, made after the handler is installed.
-        while not (run_dir / "data" / "train.jsonl").exists():
-            assert proc.poll() is None and time.time() - t0 < 300, proc.stderr.read()[-4000:] if proc.stderr else ""
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == EXIT_STOPPED, err[-4000:]
-        assert "Traceback" not in err
-        (line,) = [x for x in err.splitlines() if x.startswith("stopped: ")]
+        out = _run("sft.py", run_dir, expect=EXIT_STOPPED, cwd=tmp_path)
+        assert "Traceback" not in out.stderr
+        (line,) = [x for x in out.stderr.splitlines() if x.startswith("stopped: ")]
         assert line.startswith("stopped: stopped by SIGTERM before training, ") and f"; {saved}; " in line, line
         assert line.endswith(f"to continue, run the same command with run.dir={run_dir}")
         assert not (run_dir / "run.lock").exists() and not (run_dir / "adapter").exists()
         assert not (run_dir / "metrics.jsonl").exists() or "loss" not in (run_dir / "metrics.jsonl").read_text()
     assert newest_complete(resumed / "checkpoints").name == "checkpoint-2"  # left as it was
+    assert signal.getsignal(signal.SIGTERM) is handler  # the stage put the handler it found back
 
 
 # -- checkpoints complete or invisible -------------------------------------------------------------
@@ -216,36 +223,41 @@ def test_save_total_limit_counts_complete_checkpoints_only(tmp_path):
     assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2"]
 
 
-# -- real runs -------------------------------------------------------------------------------------
+# -- real runs ---------------------------------------------------------------------------------------
+# The recipes run in this process (runfixtures.run_recipe) where one process shows it; a SIGKILL ends
+# its process, so a killed launch is a subprocess (tests/fault_recipe.py), and so are several ranks.
+# Every signal is sent at a step the test names, from inside the run (fault_recipe.py), not raced
+# against the training from outside.
 
 slow = pytest.mark.slow
+STEPS8 = ("sft.train.max_steps=8", "sft.train.save_steps=1", "sft.eval.loss_before=false")
 
 
-def _cmd(recipe: str, run_dir: Path, *overrides: str) -> list[str]:
-    return [str(BIN / "python"), str(ROOT / "recipes" / recipe), "experiment=test_tiny",
-            f"run.dir={run_dir}", *overrides]  # fmt: skip
+def _args(run_dir: Path, *overrides: str) -> list[str]:
+    return ["experiment=test_tiny", f"run.dir={run_dir}", *overrides]
 
 
-def _run(cmd, cwd, expect=0, timeout=900):
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=ENV)
+def _run(recipe: str, run_dir: Path, *overrides: str, expect=0, cwd: Path):
+    """The recipe in this process."""
+    out = run_recipe(recipe, *_args(run_dir, *overrides), cwd=cwd)
     assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-5000:]
     return out
 
 
-def _start_and_signal(cmd, cwd, ckpt_dir: Path, at_step: int, sig: int, timeout=900) -> subprocess.Popen:
-    """Start the recipe, wait until checkpoint-<at_step> (or a later one) is complete, send `sig`."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        done = [c for c in checkpoints(ckpt_dir) if _step(c) >= at_step and (c / MARKER).exists()]
-        if done:
-            proc.send_signal(sig)
-            return proc
-        if proc.poll() is not None:
-            raise AssertionError("the run ended before the checkpoint: " + proc.stderr.read()[-4000:])
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("timed out waiting for a checkpoint")
+def _launch(launcher: list[str], recipe: str, run_dir: Path, *overrides: str, cwd: Path, expect=0,
+            faults: dict | None = None) -> subprocess.CompletedProcess:
+    """A subprocess: `launcher` runs tests/fault_recipe.py RECIPE (the recipe itself when no faults)."""
+    script = [str(ROOT / "tests" / "fault_recipe.py"), recipe] if faults else [str(ROOT / "recipes" / recipe)]
+    out = subprocess.run([*launcher, *script, *_args(run_dir, *overrides)], capture_output=True, text=True,
+                         timeout=900, cwd=cwd, env={**ENV, **(faults or {})})  # fmt: skip
+    if expect is not None:
+        assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-5000:]
+    return out
+
+
+PYTHON = [str(BIN / "python")]
+TWO = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_ddp.yaml")]
+KILLED = -signal.SIGKILL
 
 
 def _train_rows(run_dir: Path, stage: str) -> list[tuple[int, float]]:
@@ -253,128 +265,117 @@ def _train_rows(run_dir: Path, stage: str) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if r["stage"] == stage and "loss" in r]
 
 
-def _report(name: str, diff: float, loss_a: float, loss_b: float) -> None:
-    print(f"\nRESUME {name}: max |adapter diff| = {diff:.3g}, train loss {loss_a!r} vs {loss_b!r} "
-          f"(diff {abs(loss_a - loss_b):.3g})")  # fmt: skip
+def _same_result(name: str, ref: Path, cut: Path, stage: str) -> None:
+    """The resumed run's adapter and train loss are the uninterrupted run's, within 1e-5."""
+    sub = "" if (ref / "adapter").is_dir() else stage
+    diff = adapter_max_diff(ref / sub / "adapter", cut / sub / "adapter")
+    loss_ref = json.loads((ref / sub / "summary.json").read_text())[stage]["train_loss"]
+    loss_cut = json.loads((cut / sub / "summary.json").read_text())[stage]["train_loss"]
+    print(f"\nRESUME {name}: max |adapter diff| = {diff:.3g}, train loss {loss_ref!r} vs {loss_cut!r} "
+          f"(diff {abs(loss_ref - loss_cut):.3g})")  # fmt: skip
+    assert diff <= 1e-5 and abs(loss_ref - loss_cut) <= 1e-5
+
+
+def _killed_while_saving(ckpt_dir: Path, step: int) -> None:
+    """A launch SIGKILLed while it saved checkpoint-<step>: its files lie aside, unmarked, invisible."""
+    aside = ckpt_dir / INCOMPLETE / f"checkpoint-{step}"
+    assert aside.is_dir() and (aside / "adapter_model.safetensors").is_file() and not (aside / MARKER).exists()
+    assert _step(newest_complete(ckpt_dir)) == step - 1
 
 
 @slow
-def test_sft_killed_then_resumed_equals_uninterrupted_and_sigterm_stops_cleanly(tmp_path):
-    # 8 steps: room for the SIGKILL two checkpoints after wherever the SIGTERM stop landed (a loaded
-    # machine can take a step or two to notice the signal), before the run could finish on its own.
-    steps = ("sft.train.max_steps=8", "sft.train.save_steps=1", "sft.train.save_total_limit=2",
-             "sft.eval.loss_before=false")  # fmt: skip
+def test_sft_killed_then_resumed_equals_uninterrupted_and_sigterm_stops_cleanly(tmp_path, monkeypatch):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    _run(_cmd("sft.py", ref, *steps), tmp_path)
+    steps = (*STEPS8, "sft.train.save_total_limit=2")
+    _run("sft.py", ref, *steps, cwd=tmp_path)
 
-    # SIGTERM after the first checkpoint: a checkpoint at the next step boundary, exit 3, one line.
-    proc = _start_and_signal(_cmd("sft.py", cut, *steps), tmp_path, cut / "checkpoints", 1, signal.SIGTERM)
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == EXIT_STOPPED, err[-4000:]
-    stop_lines = [line for line in err.splitlines() if line.startswith("stopped: ")]
+    # SIGTERM once checkpoint-1 is complete: training stops at the next step boundary with a
+    # checkpoint, exit 3, one line; the lock is released.
+    handler = signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as m:
+        m.setenv("SIGNAL", "TERM")
+        m.setenv("SIGNAL_STEP", "1")
+        with_faults(m)
+        out = _run("sft.py", cut, *steps, expect=EXIT_STOPPED, cwd=tmp_path)
+    assert signal.getsignal(signal.SIGTERM) is handler  # the stage put the handler it found back
+    stop_lines = [line for line in out.stderr.splitlines() if line.startswith("stopped: ")]
     assert len(stop_lines) == 1 and f"run.dir={cut}" in stop_lines[0] and "SIGTERM" in stop_lines[0]
-    assert newest_complete(cut / "checkpoints") is not None
+    first = _step(newest_complete(cut / "checkpoints"))
+    assert first == 2, first  # the step after the signal, saved
     assert not (cut / "run.lock").exists()
 
-    # Rerun, SIGKILL after a later checkpoint (its second one), rerun again to the end.
-    first = _step(newest_complete(cut / "checkpoints"))
-    assert first + 2 < 8, first
-    proc = _start_and_signal(_cmd("sft.py", cut, *steps), tmp_path, cut / "checkpoints", first + 2, signal.SIGKILL)
-    proc.communicate(timeout=120)
+    # Rerun; SIGKILL while it saves checkpoint-4 (after checkpoint-3), as a lost machine would; rerun to the end.
+    killed = _launch(PYTHON, "sft.py", cut, *steps, cwd=tmp_path, expect=KILLED,
+                     faults={"SIGNAL": "KILL", "SIGNAL_STEP": str(first + 2), "SIGNAL_WHEN": "saving"})
+    assert "SFT: resuming from" in killed.stderr
+    _killed_while_saving(cut / "checkpoints", first + 2)
     assert (cut / "run.lock").exists() and not (cut / "summary.json").exists()  # stale lock: taken over below
-    _run(_cmd("sft.py", cut, *steps), tmp_path)
+    _run("sft.py", cut, *steps, cwd=tmp_path)
 
-    diff = adapter_max_diff(ref / "adapter", cut / "adapter")
-    loss_ref = json.loads((ref / "summary.json").read_text())["sft"]["train_loss"]
-    loss_cut = json.loads((cut / "summary.json").read_text())["sft"]["train_loss"]
-    _report("SFT 1 process", diff, loss_ref, loss_cut)
-    assert diff <= 1e-5 and abs(loss_ref - loss_cut) <= 1e-5
+    _same_result("SFT 1 process", ref, cut, "sft")
     rows_ref, rows_cut = _train_rows(ref, "sft"), _train_rows(cut, "sft")
     assert [s for s, _ in rows_cut] == list(range(1, 9))  # no duplicated, no lost rows
     assert max(abs(a[1] - b[1]) for a, b in zip(rows_ref, rows_cut)) <= 1e-5
     assert len(checkpoints(cut / "checkpoints")) <= 2
+    assert not list((cut / "checkpoints" / INCOMPLETE).glob("checkpoint-*"))  # the killed save was cleared
 
     # The same run directory with a setting that changes training: refused, keys named.
-    out = _run(_cmd("sft.py", cut, *steps, "sft.train.lr=1e-4", "run.seed=7"), tmp_path, expect=2)
+    out = _run("sft.py", cut, *steps, "sft.train.lr=1e-4", "run.seed=7", expect=2, cwd=tmp_path)
     assert "error: " in out.stderr and "run.seed" in out.stderr and "sft.train.lr" in out.stderr
     assert "Traceback" not in out.stderr
 
 
+PIPELINE = ("sft.train.max_steps=2", "dpo.train.save_steps=1", "sft.eval.loss_before=false")
+
+
 @slow
 def test_pipeline_killed_inside_dpo_resumes_to_the_same_result(tmp_path):
-    steps = ("sft.train.max_steps=2", "dpo.train.max_steps=5", "dpo.train.save_steps=1",
-             "sft.eval.loss_before=false")  # fmt: skip
+    steps = (*PIPELINE, "dpo.train.max_steps=5")
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    _run(_cmd("sft_dpo.py", ref, *steps), tmp_path)
-    proc = _start_and_signal(_cmd("sft_dpo.py", cut, *steps), tmp_path, cut / "dpo" / "checkpoints", 2, signal.SIGKILL)
-    proc.communicate(timeout=120)
-    assert not (cut / "dpo" / "summary.json").exists()
-    out = _run(_cmd("sft_dpo.py", cut, *steps), tmp_path)
+    _run("sft_dpo.py", ref, *steps, cwd=tmp_path)
+    _launch(PYTHON, "sft_dpo.py", cut, *steps, cwd=tmp_path, expect=KILLED,
+            faults={"SIGNAL": "KILL", "SIGNAL_STAGE": "dpo", "SIGNAL_STEP": "2"})
+    assert _step(newest_complete(cut / "dpo" / "checkpoints")) == 2 and not (cut / "dpo" / "summary.json").exists()
+    out = _run("sft_dpo.py", cut, *steps, cwd=tmp_path)
     assert "SFT stage already finished" in out.stderr and "DPO: resuming from" in out.stderr
-    diff = adapter_max_diff(ref / "dpo" / "adapter", cut / "dpo" / "adapter")
-    loss_ref = json.loads((ref / "dpo" / "summary.json").read_text())["dpo"]["train_loss"]
-    loss_cut = json.loads((cut / "dpo" / "summary.json").read_text())["dpo"]["train_loss"]
-    _report("DPO (pipeline) 1 process", diff, loss_ref, loss_cut)
-    assert diff <= 1e-5 and abs(loss_ref - loss_cut) <= 1e-5
+    _same_result("DPO (pipeline) 1 process", ref, cut, "dpo")
     assert [s for s, _ in _train_rows(cut, "dpo")] == [1, 2, 3, 4, 5]
-
-
-def _launch(recipe: str, run_dir: Path, *overrides: str) -> list[str]:
-    return [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_ddp.yaml"),
-            str(ROOT / "recipes" / recipe), "experiment=test_tiny", f"run.dir={run_dir}", *overrides]  # fmt: skip
-
-
-def _kill_group_after(cmd, cwd, ckpt_dir: Path, at_step: int) -> None:
-    """SIGKILL the launcher and every rank (as a lost node would), once checkpoint-<at_step> is complete."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    t0 = time.time()
-    while not any(_step(c) >= at_step and (c / MARKER).exists() for c in checkpoints(ckpt_dir)):
-        assert proc.poll() is None and time.time() - t0 < 900, proc.stderr.read()[-4000:] if proc.stderr else ""
-        time.sleep(0.2)
-    tree = processes_of(proc.pid)[1:]  # torchrun starts each rank in a session of its own
-    assert len(tree) >= 2
-    for pid in [proc.pid, *tree]:
-        os.kill(pid, signal.SIGKILL)
-    proc.communicate(timeout=120)
 
 
 @slow
 def test_sft_two_processes_stopped_killed_then_resumed_equals_uninterrupted(tmp_path):
-    steps = ("sft.train.max_steps=8", "sft.train.save_steps=1", "sft.eval.loss_before=false")  # 8: as above
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    _run(_launch("sft.py", ref, *steps), tmp_path)
-    # SIGTERM to the launcher: it passes it to both ranks, which save at the next step and exit 3.
-    proc = _start_and_signal(_launch("sft.py", cut, *steps), tmp_path, cut / "checkpoints", 1, signal.SIGTERM)
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode != 0
-    assert len([line for line in err.splitlines() if line.startswith("stopped: ")]) == 1, err[-4000:]
+    _launch(TWO, "sft.py", ref, *STEPS8, cwd=tmp_path)
+    # Rank 0 sends SIGTERM to the launcher once checkpoint-1 is complete: the launcher passes it to
+    # both ranks, which save at the next step and exit 3.
+    out = _launch(TWO, "sft.py", cut, *STEPS8, cwd=tmp_path, expect=None,
+                  faults={"SIGNAL": "TERM", "SIGNAL_STEP": "1", "SIGNAL_TO": "launcher"})
+    assert out.returncode != 0
+    assert len([line for line in out.stderr.splitlines() if line.startswith("stopped: ")]) == 1, out.stderr[-4000:]
     first = _step(newest_complete(cut / "checkpoints"))
     assert 1 <= first and first + 2 < 8, first
-    _kill_group_after(_launch("sft.py", cut, *steps), tmp_path, cut / "checkpoints", first + 2)
+    assert not (cut / "run.lock").exists()  # released when the stopped processes exited
+    # SIGKILL of the launcher and both ranks (as a lost node would be) once checkpoint first+2 is complete.
+    _launch(TWO, "sft.py", cut, *STEPS8, cwd=tmp_path, expect=KILLED,
+            faults={"SIGNAL": "KILL", "SIGNAL_STEP": str(first + 2), "SIGNAL_TO": "group"})
+    assert _step(newest_complete(cut / "checkpoints")) == first + 2
     assert not (cut / "summary.json").exists()  # killed for real, before the end
-    out = _run(_launch("sft.py", cut, *steps), tmp_path)
+    out = _launch(TWO, "sft.py", cut, *STEPS8, cwd=tmp_path)
     assert "SFT: resuming from" in out.stderr
-    diff = adapter_max_diff(ref / "adapter", cut / "adapter")
-    loss_ref = json.loads((ref / "summary.json").read_text())["sft"]["train_loss"]
-    loss_cut = json.loads((cut / "summary.json").read_text())["sft"]["train_loss"]
-    _report("SFT 2 processes", diff, loss_ref, loss_cut)
-    assert diff <= 1e-5 and abs(loss_ref - loss_cut) <= 1e-5
+    _same_result("SFT 2 processes", ref, cut, "sft")
     assert [s for s, _ in _train_rows(cut, "sft")] == list(range(1, 9))
 
 
 @slow
 def test_pipeline_two_processes_killed_inside_dpo_resumes_to_the_same_result(tmp_path):
-    steps = ("sft.train.max_steps=2", "dpo.train.max_steps=4", "dpo.train.save_steps=1", "sft.eval.loss_before=false")
+    steps = (*PIPELINE, "dpo.train.max_steps=4")
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    _run(_launch("sft_dpo.py", ref, *steps), tmp_path)
-    _kill_group_after(_launch("sft_dpo.py", cut, *steps), tmp_path, cut / "dpo" / "checkpoints", 2)
+    _launch(TWO, "sft_dpo.py", ref, *steps, cwd=tmp_path)
+    _launch(TWO, "sft_dpo.py", cut, *steps, cwd=tmp_path, expect=KILLED,
+            faults={"SIGNAL": "KILL", "SIGNAL_STAGE": "dpo", "SIGNAL_STEP": "2", "SIGNAL_TO": "group"})
+    assert _step(newest_complete(cut / "dpo" / "checkpoints")) == 2
     assert not (cut / "dpo" / "summary.json").exists()  # killed for real, inside DPO
-    out = _run(_launch("sft_dpo.py", cut, *steps), tmp_path)
+    out = _launch(TWO, "sft_dpo.py", cut, *steps, cwd=tmp_path)
     assert "DPO: resuming from" in out.stderr
-    diff = adapter_max_diff(ref / "dpo" / "adapter", cut / "dpo" / "adapter")
-    loss_ref = json.loads((ref / "dpo" / "summary.json").read_text())["dpo"]["train_loss"]
-    loss_cut = json.loads((cut / "dpo" / "summary.json").read_text())["dpo"]["train_loss"]
-    _report("DPO (pipeline) 2 processes", diff, loss_ref, loss_cut)
-    assert diff <= 1e-5 and abs(loss_ref - loss_cut) <= 1e-5
+    _same_result("DPO (pipeline) 2 processes", ref, cut, "dpo")
     assert [s for s, _ in _train_rows(cut, "dpo")] == [1, 2, 3, 4]
