@@ -1,11 +1,11 @@
 """Non-finite steps (train/nonfinite.py, `train.on_nonfinite: stop | skip`).
 
 The fast tests prove the row tracing: every row of a batch, packed or not, is named by its real
-FILE:LINE. The slow ones run the real recipes with a real NaN (tests/nan_recipe.py: a forward hook
-on the model's final norm layer poisons chosen training forwards): stop names the step, the rows of
-the bad micro-batch and the last complete checkpoint in one `error:` line; skip leaves the weights
-exactly as they were, counts the step and trains on; with two processes a NaN on one rank stops or
-skips the step on both.
+FILE:LINE. The slow ones run the real recipes with a real NaN (tests/fault_recipe.py: a forward hook
+on the model's final norm layer poisons chosen training forwards), in this process, and under two
+processes: stop names the step, the rows of the bad micro-batch and the last complete checkpoint in
+one `error:` line; skip leaves the weights exactly as they were, counts the step and trains on; with
+two processes a NaN on one rank stops or skips the step on both.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from mistral_align.data.encode import check_row
 from mistral_align.data.load import load_dpo_dataset, load_sft_dataset
 from mistral_align.schema.data import DataConfig, SFTDataConfig, SourceConfig
 from mistral_align.train.nonfinite import ROW_KEYS, RowKeysCollator, RowNames
+
+from fault_recipe import with_faults
+from runfixtures import run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -115,13 +118,21 @@ slow = pytest.mark.slow
 
 
 def _run(tmp_path, recipe: str, run_dir: Path, *overrides: str, nan_at: str, stage: str = "sft", expect=0,
-         launch: list[str] | None = None, nan_rank: str | None = None):
-    env = {**ENV, "NAN_STAGE": stage, "NAN_AT": nan_at, "NAN_DUMP": str(tmp_path / "nan_batches.jsonl")}
+         monkeypatch=None, launch: list[str] | None = None, nan_rank: str | None = None):
+    """The recipe with NaN training forwards at `nan_at`: in this process (monkeypatch), or started by `launch`."""
+    faults = {"NAN_STAGE": stage, "NAN_AT": nan_at, "NAN_DUMP": str(tmp_path / "nan_batches.jsonl")}
     if nan_rank is not None:
-        env["NAN_RANK"] = nan_rank
-    cmd = [*(launch or [str(BIN / "python")]), str(ROOT / "tests" / "nan_recipe.py"), recipe, "experiment=test_tiny",
-           f"run.dir={run_dir}", *overrides]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
+        faults["NAN_RANK"] = nan_rank
+    args = ["experiment=test_tiny", f"run.dir={run_dir}", *overrides]
+    if launch is None:
+        with monkeypatch.context() as m:
+            for key, value in faults.items():
+                m.setenv(key, value)
+            with_faults(m)
+            out = run_recipe(recipe, *args, cwd=tmp_path)
+    else:
+        out = subprocess.run([*launch, str(ROOT / "tests" / "fault_recipe.py"), recipe, *args], capture_output=True,
+                             text=True, timeout=900, cwd=tmp_path, env={**ENV, **faults})  # fmt: skip
     assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-5000:]
     return out
 
@@ -162,9 +173,10 @@ SFT = ("sft.train.packing=false", "sft.train.grad_accum=2", "sft.train.save_step
 
 
 @slow
-def test_sft_nan_stops_naming_the_step_its_rows_and_the_last_checkpoint(tmp_path):
+def test_sft_nan_stops_naming_the_step_its_rows_and_the_last_checkpoint(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    out = _run(tmp_path, "sft.py", run, *SFT, "sft.train.save_total_limit=null", nan_at="4", expect=2)
+    out = _run(tmp_path, "sft.py", run, *SFT, "sft.train.save_total_limit=null", nan_at="4", expect=2,
+               monkeypatch=monkeypatch)
     line = _error_line(out.stderr)
     assert line.startswith("error: SFT: non-finite loss at step 3 (rows: ")
     assert f"last good checkpoint: {run / 'checkpoints' / 'checkpoint-2'};" in line
@@ -183,10 +195,10 @@ def test_sft_nan_stops_naming_the_step_its_rows_and_the_last_checkpoint(tmp_path
 
 
 @slow
-def test_sft_nan_skip_leaves_the_weights_counts_the_step_and_trains_on(tmp_path):
+def test_sft_nan_skip_leaves_the_weights_counts_the_step_and_trains_on(tmp_path, monkeypatch):
     run = tmp_path / "run"
     out = _run(tmp_path, "sft.py", run, *SFT, "sft.train.save_total_limit=null", "sft.train.max_steps=8",
-               "sft.train.lr=1e-2", "sft.train.on_nonfinite=skip", nan_at="4")
+               "sft.train.lr=1e-2", "sft.train.on_nonfinite=skip", nan_at="4", monkeypatch=monkeypatch)
     assert "non-finite loss at step 3 (rows: " in out.stderr and "update skipped (1 so far" in out.stderr
     ckpt = {n: _adapter(run / "checkpoints" / f"checkpoint-{n}") for n in range(1, 9)}
     assert _same(ckpt[2], ckpt[3])  # the skipped step changed no weight
@@ -204,10 +216,10 @@ def test_sft_nan_skip_leaves_the_weights_counts_the_step_and_trains_on(tmp_path)
 
 
 @slow
-def test_dpo_nan_stop_and_skip(tmp_path):
+def test_dpo_nan_stop_and_skip(tmp_path, monkeypatch):
     steps = ("dpo.train.save_steps=1", "dpo.train.save_total_limit=null", "dpo.eval.loss_before=false")
     stopped = tmp_path / "stop"
-    out = _run(tmp_path, "dpo.py", stopped, *steps, nan_at="2", stage="dpo", expect=2)
+    out = _run(tmp_path, "dpo.py", stopped, *steps, nan_at="2", stage="dpo", expect=2, monkeypatch=monkeypatch)
     line = _error_line(out.stderr)
     assert line.startswith("error: DPO: non-finite loss at step 3 (rows: ")
     assert f"last good checkpoint: {stopped / 'checkpoints' / 'checkpoint-2'};" in line
@@ -222,7 +234,8 @@ def test_dpo_nan_stop_and_skip(tmp_path):
                    for row in batch)
 
     skipped = tmp_path / "skip"
-    _run(tmp_path, "dpo.py", skipped, *steps, "dpo.train.on_nonfinite=skip", nan_at="2", stage="dpo")
+    _run(tmp_path, "dpo.py", skipped, *steps, "dpo.train.on_nonfinite=skip", nan_at="2", stage="dpo",
+         monkeypatch=monkeypatch)
     ckpt = {n: _adapter(skipped / "checkpoints" / f"checkpoint-{n}") for n in range(1, 5)}
     assert _same(ckpt[2], ckpt[3]) and not _same(ckpt[3], ckpt[4])
     assert json.loads((skipped / "summary.json").read_text())["dpo"]["nonfinite_skipped"] == 1
