@@ -1,5 +1,6 @@
 """The real recipes end to end on a tiny QLoRA Mistral: SFT -> DPO in one run directory, resuming
-past a finished stage, standalone DPO from an SFT run, and DPO under two-process DDP on the CPU."""
+past a finished stage, standalone DPO from an SFT run, and DPO under two-process DDP on the CPU.
+One process runs in this process (runfixtures.run_recipe); two are launched."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from runfixtures import adapter_max_diff
+from runfixtures import Ran, adapter_max_diff, run_recipe
 from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,9 +30,15 @@ def run(cmd: list[str], cwd: Path, timeout: int = 400) -> subprocess.CompletedPr
     return out
 
 
-def pipeline(tmp_path: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return run([str(BIN / "python"), str(ROOT / "recipes/sft_dpo.py"), "experiment=test_tiny",
-                f"run.output_dir={tmp_path}", f"run.dir={run_dir}", *overrides], cwd=tmp_path)  # fmt: skip
+def recipe(name: str, tmp_path: Path, *argv: str, expect: int = 0) -> Ran:
+    """recipes/NAME in this process."""
+    out = run_recipe(name, "experiment=test_tiny", *argv, cwd=tmp_path)
+    assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-6000:]
+    return out
+
+
+def pipeline(tmp_path: Path, run_dir: Path, *overrides: str) -> Ran:
+    return recipe("sft_dpo.py", tmp_path, f"run.output_dir={tmp_path}", f"run.dir={run_dir}", *overrides)
 
 
 def adapter_tensors(adapter_dir: Path) -> set[str]:
@@ -122,8 +129,8 @@ def test_standalone_dpo_with_shared_prompts_trains_the_same_adapter(pipeline_run
     # dpo.shared_prompt computes each pair's prompt once; the loss, and so the adapter, stay the padded path's.
     _, run_dir, _ = pipeline_run
     out_dir = tmp_path / "shared"
-    run([str(BIN / "python"), str(ROOT / "recipes/dpo.py"), "experiment=test_tiny", f"dpo.init_from={run_dir / 'sft'}",
-         f"run.output_dir={out_dir}", "dpo.beta=0.2", "dpo.shared_prompt=true"], cwd=tmp_path)  # fmt: skip
+    recipe("dpo.py", tmp_path, f"dpo.init_from={run_dir / 'sft'}", f"run.output_dir={out_dir}", "dpo.beta=0.2",
+           "dpo.shared_prompt=true")  # fmt: skip
     (dpo_run,) = [p for p in out_dir.iterdir() if p.is_dir()]
     manifest = json.loads((dpo_run / "manifest.json").read_text())
     assert manifest["trainer"]["shared_prompt"] is True and manifest["trainer"]["padding_free"] is True
@@ -133,10 +140,7 @@ def test_standalone_dpo_with_shared_prompts_trains_the_same_adapter(pipeline_run
 
 
 def test_dpo_refuses_an_init_from_that_holds_no_adapter(tmp_path):
-    out = subprocess.run([str(BIN / "python"), str(ROOT / "recipes/dpo.py"), "experiment=test_tiny",
-                          f"dpo.init_from={tmp_path}", f"run.output_dir={tmp_path / 'runs'}"],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=ENV)  # fmt: skip
-    assert out.returncode != 0
+    out = recipe("dpo.py", tmp_path, f"dpo.init_from={tmp_path}", f"run.output_dir={tmp_path / 'runs'}", expect=2)
     assert f"dpo.init_from: {tmp_path} holds no adapter" in out.stderr
 
 
@@ -153,10 +157,8 @@ def test_dpo_refuses_a_truncated_adapter_before_the_model_loads(tmp_path):
     save_file({"w": torch.zeros(64, 64)}, str(weights))
     size = weights.stat().st_size
     os.truncate(weights, size // 2)
-    out = subprocess.run([str(BIN / "python"), str(ROOT / "recipes/dpo.py"), "experiment=test_tiny",
-                          f"dpo.init_from={tmp_path / 'sft'}", f"run.output_dir={tmp_path / 'runs'}"],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=ENV)  # fmt: skip
-    assert out.returncode == 2, out.stderr[-3000:]
+    out = recipe("dpo.py", tmp_path, f"dpo.init_from={tmp_path / 'sft'}", f"run.output_dir={tmp_path / 'runs'}",
+                 expect=2)
     assert out.stderr.strip() == (f"error: dpo.init_from: {weights}: truncated: {size // 2} bytes, but its header "
                                   f"describes {size}; copy the adapter again or point dpo.init_from at a whole one")
     assert not (tmp_path / "runs").exists()  # no run was opened, no model loaded
