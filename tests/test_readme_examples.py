@@ -1,5 +1,6 @@
-"""What a new user runs first, run as they would: the README's commands on the shipped example
-files, a sweep, and the mistakes in data that must end in one line (issue 10)."""
+"""What a new user runs first, run as they would (the recipe script with the README's arguments, in
+this process: runfixtures.run_recipe): the README's commands on the shipped example files, a sweep,
+and the mistakes in data that must end in one line (issue 10)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,16 @@ import json
 import os
 import shlex
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from runfixtures import Ran, run_recipe
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-ENV.pop("MISTRAL_ALIGN_RUN_DIR", None)
 
 
 def readme_commands(needle: str) -> list[list[str]]:
@@ -28,6 +26,12 @@ def readme_commands(needle: str) -> list[list[str]]:
     cmds = [shlex.split(line) for line in lines if line.startswith(".venv/bin/python recipes/") and needle in line]
     assert cmds, f"no README command with {needle}"
     return [[sys.executable, *cmd[1:]] for cmd in cmds]
+
+
+def as_user(cmd: list[str], cwd: Path) -> Ran:
+    """`python recipes/X.py ARGS` in `cwd`, run in this process (runfixtures.run_recipe)."""
+    assert cmd[0] == sys.executable and cmd[1].startswith("recipes/"), cmd
+    return run_recipe(Path(cmd[1]).name, *cmd[2:], cwd=cwd)
 
 
 def checkout(tmp_path: Path) -> Path:
@@ -53,9 +57,9 @@ def test_the_readme_example_commands_train_on_the_example_files(tmp_path):
     assert "recipes/sft.py" in sft_cmd[1] and "recipes/dpo.py" in dpo_cmd[1]
     old = os.umask(0o022)
     try:
-        sft = subprocess.run(sft_cmd, capture_output=True, text=True, timeout=400, cwd=cwd, env=ENV)
+        sft = as_user(sft_cmd, cwd)
         assert sft.returncode == 0, sft.stderr[-4000:]
-        dpo = subprocess.run(dpo_cmd, capture_output=True, text=True, timeout=400, cwd=cwd, env=ENV)
+        dpo = as_user(dpo_cmd, cwd)
         assert dpo.returncode == 0, dpo.stderr[-4000:]
     finally:
         os.umask(old)
@@ -75,11 +79,11 @@ def test_the_readme_example_commands_train_on_the_example_files(tmp_path):
 
 
 def test_a_sweep_records_each_jobs_own_overrides_and_checkpoints_are_readable(tmp_path):
-    cmd = [sys.executable, str(ROOT / "recipes/sft.py"), "-m", "experiment=test_tiny", "sft.train.lr=1e-3,2e-3",
+    cmd = [sys.executable, "recipes/sft.py", "-m", "experiment=test_tiny", "sft.train.lr=1e-3,2e-3",
            f"run.output_dir={tmp_path / 'runs'}", "sft.train.save_total_limit=2"]
     old = os.umask(0o022)
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=ENV)
+        out = as_user(cmd, tmp_path)
     finally:
         os.umask(old)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -98,9 +102,8 @@ def test_a_sweep_records_each_jobs_own_overrides_and_checkpoints_are_readable(tm
     assert checkpoints and all(mode(p) == 0o644 for p in checkpoints), [oct(mode(p)) for p in checkpoints]
 
 
-def _recipe(tmp_path: Path, recipe: str, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "recipes" / recipe), f"run.output_dir={tmp_path / 'runs'}", *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ENV)
+def _recipe(tmp_path: Path, recipe: str, *overrides: str) -> Ran:
+    return run_recipe(recipe, f"run.output_dir={tmp_path / 'runs'}", *overrides, cwd=tmp_path)
 
 
 def test_data_mistakes_end_the_recipes_in_one_line(tmp_path):
