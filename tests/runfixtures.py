@@ -276,7 +276,8 @@ def run_recipe(recipe: str, *argv: str, cwd: Path | None = None) -> Ran:
     """Run recipes/RECIPE as `python recipes/RECIPE ARGV...` would (runpy, through the same
     `run_hydra_recipe` its __main__ calls, sys.argv as a shell gives it), in this process and in `cwd`.
     What our code registers with atexit (the run directory's lock release) runs when the recipe ends,
-    as it would when its process exits. An exception that is no SystemExit is a traceback the user
+    as it would when its process exits; a Hydra the test initialised (the compose API) is set aside
+    meanwhile, as the recipe's own process would have none. An exception that is no SystemExit is a traceback the user
     would have seen: it propagates, with what the run had printed."""
     import atexit
     import contextlib
@@ -285,7 +286,11 @@ def run_recipe(recipe: str, *argv: str, cwd: Path | None = None) -> Ran:
     import runpy
     import sys
 
+    from hydra.core.global_hydra import GlobalHydra
+
     path = ROOT / "recipes" / recipe
+    tests_hydra = GlobalHydra.instance().hydra
+    GlobalHydra.instance().clear()
     out, err = io.StringIO(), io.StringIO()
     saved_argv, saved_cwd, register = sys.argv, os.getcwd(), atexit.register
     at_exit = []
@@ -311,6 +316,7 @@ def run_recipe(recipe: str, *argv: str, cwd: Path | None = None) -> Ran:
     finally:
         sys.argv, atexit.register = saved_argv, register
         os.chdir(saved_cwd)
+        GlobalHydra.instance().hydra = tests_hydra
         for func, args, kwargs in reversed(at_exit):
             func(*args, **kwargs)
     return Ran(code, out.getvalue(), err.getvalue())

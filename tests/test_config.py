@@ -3,8 +3,6 @@ the stage schemas refuse the mistakes users make, naming the key, before anythin
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,8 @@ from mistral_align.schema.data import SFTDataConfig
 from mistral_align.schema.model import ModelConfig, PeftConfig, QuantConfig
 from mistral_align.schema.recipe import RecipeConfig, check_config, register_configs
 from mistral_align.schema.train import SFTTrainConfig, TrainConfig
+
+from runfixtures import Ran, run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -257,9 +257,8 @@ def test_user_data_is_never_replaced_by_the_presets_generated_data():
 # -- the real entry points -----------------------------------------------------------------------
 
 
-def _recipe(*args: str, recipe: str = "sft.py") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "recipes" / recipe), *args], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)  # fmt: skip
+def _recipe(*args: str, recipe: str = "sft.py") -> Ran:
+    return run_recipe(recipe, *args, cwd=ROOT)
 
 
 @pytest.mark.slow
