@@ -1,6 +1,7 @@
 """The real recipe under `accelerate launch`: one process, and two CPU processes (gloo DDP), each
 training a tiny QLoRA model and saving ONE adapter in ONE run directory; two processes train the
-same adapter as one process given the same global batch."""
+same adapter as one process given the same global batch. What needs no launcher (no credential in
+any file written) runs the recipe in this process."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runfixtures import adapter_max_diff
+from runfixtures import adapter_max_diff, run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
@@ -94,16 +95,14 @@ def test_two_processes_share_one_run_directory_and_train_one_model(tmp_path, one
     assert diff <= 1e-5
 
 
-def test_no_credentials_in_run_files(tmp_path):
+def test_no_credentials_in_run_files(tmp_path, monkeypatch):
     secret = "hf_THISISNOTAREALTOKEN123"
-    env_token = {"HF_TOKEN": secret, "WANDB_API_KEY": secret}
-    os.environ.update(env_token)
-    try:
-        launch(tmp_path, "cpu.yaml", "run.report_to=wandb", "run.wandb_mode=disabled", "sft.train.max_steps=1",
-               "sft.train.logging_steps=1")
-    finally:
-        for k in env_token:
-            os.environ.pop(k, None)
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    out = run_recipe("sft.py", "experiment=test_tiny", f"run.output_dir={tmp_path}", "run.report_to=wandb",
+                     "run.wandb_mode=disabled", "sft.train.max_steps=1", "sft.train.logging_steps=1", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-6000:]
+    assert secret not in out.stdout + out.stderr
     run = the_run_dir(tmp_path)
     for path in run.rglob("*"):
         if path.is_file() and path.suffix in {".json", ".jsonl", ".yaml", ".md", ".txt", ".log"}:
