@@ -1,5 +1,6 @@
 """Experiment tracking for real, offline: the SFT recipe with wandb (no API key -> offline run files
 under the run directory, holding the logged train loss), wandb disabled by config, and tensorboard.
+The wandb runs are fresh processes; the others run the recipe in this process.
 
 Every run goes through a recording proxy (HTTP(S)_PROXY and WANDB_BASE_URL point at a local socket)
 so that any attempt to reach the network shows up as a connection and fails the test."""
@@ -16,6 +17,8 @@ import threading
 from pathlib import Path
 
 import pytest
+
+from runfixtures import run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hf_FAKE_SECRET_123"
@@ -76,7 +79,9 @@ def trap():
     t.close()
 
 
-def run_sft(tmp_path: Path, trap: Trap, *overrides: str, extra_env: dict | None = None):
+def run_sft(tmp_path: Path, trap: Trap, *overrides: str, extra_env: dict | None = None, monkeypatch=None):
+    """The SFT recipe with every proxy pointing at the trap: in this process (monkeypatch given), or in
+    a fresh one, which wandb needs (its service process keeps the environment it was started with)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "HTTP_PROXY": trap.url, "HTTPS_PROXY": trap.url, "http_proxy": trap.url, "https_proxy": trap.url,
            "WANDB_BASE_URL": trap.url}
@@ -85,9 +90,16 @@ def run_sft(tmp_path: Path, trap: Trap, *overrides: str, extra_env: dict | None 
         env.pop(k, None)
     env.update(extra_env or {})
     runs = tmp_path / "runs"
-    cmd = [sys.executable, str(ROOT / "recipes/sft.py"), "experiment=test_tiny", f"run.output_dir={runs}",
-           *overrides]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    args = ["experiment=test_tiny", f"run.output_dir={runs}", *overrides]
+    if monkeypatch is None:
+        out = subprocess.run([sys.executable, str(ROOT / "recipes/sft.py"), *args], capture_output=True, text=True,
+                             timeout=300, cwd=tmp_path, env=env)  # fmt: skip
+    else:
+        for k in set(os.environ) - set(env):
+            monkeypatch.delenv(k)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        out = run_recipe("sft.py", *args, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     hits = trap.collect()
     assert hits == [], f"the run tried the network: {hits}"
@@ -221,18 +233,19 @@ def test_wandb_probe_is_quick_and_follows_the_proxy(monkeypatch):
     assert _probe_target("https://api.wandb.ai") == ("api.wandb.ai", 443)
 
 
-def test_wandb_disabled_by_config(tmp_path, trap):
+def test_wandb_disabled_by_config(tmp_path, trap, monkeypatch):
     run, _ = run_sft(tmp_path, trap, "run.report_to=wandb", "run.wandb_mode=disabled", "sft.train.max_steps=2",
-                     extra_env={"HF_TOKEN": SECRET})
+                     extra_env={"HF_TOKEN": SECRET}, monkeypatch=monkeypatch)
     assert not list(tmp_path.rglob("*wandb*")), list(tmp_path.rglob("*wandb*"))
     assert len(logged_losses(run)) == 2  # the run's own metrics still written
     assert_no_secret(tmp_path)
 
 
-def test_tensorboard(tmp_path, trap):
+def test_tensorboard(tmp_path, trap, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run, _ = run_sft(tmp_path, trap, "run.report_to=tensorboard", extra_env={"HF_TOKEN": SECRET})
+    run, _ = run_sft(tmp_path, trap, "run.report_to=tensorboard", extra_env={"HF_TOKEN": SECRET},
+                     monkeypatch=monkeypatch)
     events = sorted((run / "tensorboard").glob("events.out.tfevents.*"))
     assert events, list(run.rglob("*"))
     scalars: dict[str, list] = {}
