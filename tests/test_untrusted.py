@@ -203,34 +203,39 @@ def test_no_secret_lands_in_any_file_written(tmp_path):
            "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "WANDB_BASE_URL": "http://127.0.0.1:9"}  # fmt: skip
     for key in ("MISTRAL_ALIGN_RUN_DIR", "WANDB_MODE", "WANDB_DIR", "NO_PROXY", "no_proxy", "TENSORBOARD_LOGGING_DIR"):
         env.pop(key, None)
-    outputs = []
-
-    def run(*cmd, expect=0):
-        out = subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, text=True, timeout=900,
-                             cwd=tmp_path, env=env)  # fmt: skip
-        assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-5000:]
-        outputs.append(out.stdout + out.stderr)
-        return out
-
     pipeline, tb, refused = tmp_path / "pipeline", tmp_path / "tb", tmp_path / "refused"
     short = ("sft.train.max_steps=2", "dpo.train.max_steps=2", "sft.eval.loss_before=false")
-    run(ROOT / "recipes/sft_dpo.py", "experiment=test_tiny", f"run.dir={pipeline}", "run.report_to=wandb",
-        "run.wandb_mode=offline", *short)
-    run(ROOT / "recipes/sft.py", "experiment=test_tiny", f"run.dir={tb}", "run.report_to=tensorboard", short[0], short[2])
-    out = run(ROOT / "recipes/sft.py", "experiment=test_tiny", f"run.dir={refused}",
-              f"+sft.train.extra.hub_token={HF_SECRET}", expect=2)
-    assert "error: sft.train.extra.hub_token: credentials are not taken from the config" in out.stderr
-    assert not refused.exists()
-    cli = ("-m", "mistral_align.entry.cli")
-    run(*cli, "push", pipeline, "--repo-id", "someone/tiny", "--dry-run", tmp_path / "upload")
-    run(*cli, "merge", pipeline, "--out", tmp_path / "merged", "--dtype", "fp32")
     try:
         import gguf  # noqa: F401  (a default dependency)
     except ImportError:
         has_gguf = False
     else:
         has_gguf = True
-        run(*cli, "export-gguf", tmp_path / "merged", "--out", tmp_path / "model.gguf")
+    # One fresh process (the environment above is read by the libraries as they are imported) runs
+    # every command in turn, as a user would run them one after another (tests/one_process.py).
+    steps = [
+        ["recipe", "sft_dpo.py", "experiment=test_tiny", f"run.dir={pipeline}", "run.report_to=wandb",
+         "run.wandb_mode=offline", *short],
+        ["recipe", "sft.py", "experiment=test_tiny", f"run.dir={tb}", "run.report_to=tensorboard", short[0], short[2]],
+        ["recipe", "sft.py", "experiment=test_tiny", f"run.dir={refused}", f"+sft.train.extra.hub_token={HF_SECRET}"],
+        ["cli", "push", str(pipeline), "--repo-id", "someone/tiny", "--dry-run", str(tmp_path / "upload")],
+        ["cli", "merge", str(pipeline), "--out", str(tmp_path / "merged"), "--dtype", "fp32"],
+        *([["cli", "export-gguf", str(tmp_path / "merged"), "--out", str(tmp_path / "model.gguf")]] if has_gguf else []),
+    ]  # fmt: skip
+    expected = [0, 0, 2, 0, 0, 0][: len(steps)]
+    driver = tmp_path.parent / f"{tmp_path.name}-steps"  # beside the swept folder: the driver's own files
+    driver.mkdir()
+    (driver / "steps.json").write_text(json.dumps(steps))
+    process = subprocess.run([sys.executable, str(ROOT / "tests/one_process.py"), str(driver / "steps.json"),
+                              str(driver / "results.json")], capture_output=True, text=True, timeout=900,
+                             cwd=tmp_path, env=env)  # fmt: skip
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-5000:]
+    results = json.loads((driver / "results.json").read_text())
+    for step, result, code in zip(steps, results, expected, strict=True):
+        assert result["returncode"] == code, (step, result["stdout"][-3000:] + result["stderr"][-5000:])
+    assert "error: sft.train.extra.hub_token: credentials are not taken from the config" in results[2]["stderr"]
+    assert not refused.exists()
+    outputs = [process.stdout + process.stderr, *(r["stdout"] + r["stderr"] for r in results)]
 
     # What was written: the runs (checkpoints with their pickled trainer state), wandb's offline run,
     # tensorboard events, the upload folder, the merged model, the GGUF file, every cache.
