@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
+import io
 import sys
 
 import pytest
 import torch
 
-from runfixtures import load_trained, make_run
+from runfixtures import load_trained
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("chat") / "run", arch="mistral-small", quant="nf4", steps=16)
+def run(tiny_run):
+    return tiny_run  # conftest.py: one small QLoRA run for the session
 
 
 def _greedy(model, ids, n):
@@ -78,16 +77,14 @@ def test_sampling_seed_is_reproducible_and_bad_knobs_exit_2(run, capsys):
     assert "--top-p" in capsys.readouterr().err
 
 
-def test_scripted_interactive_session(run):
-    script = "copy: red green\n/system Be brief.\ncopy: one two\n/reset\n[INST] typed\n/exit\nnever read\n"
-    import mistral_align
+def test_scripted_interactive_session(run, capsys, monkeypatch):
+    from mistral_align.entry.cli import main
 
-    src = str(__import__("pathlib").Path(mistral_align.__file__).parents[1])
-    env = {**os.environ, "PYTHONPATH": src}
-    r = subprocess.run([sys.executable, "-m", "mistral_align.entry.cli", "chat", str(run), "--temperature", "0",
-                        "--max-new-tokens", "6"], input=script, capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = r.stdout
+    script = "copy: red green\n/system Be brief.\ncopy: one two\n/reset\n[INST] typed\n/exit\nnever read\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))  # piped in, as `mistral-align chat RUN < script`
+    assert main(["chat", str(run), "--temperature", "0", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert sys.stdin.readline() == "never read\n"  # stopped at /exit
     first = out.index("[system prompt set; history cleared]")
     assert 0 < first < out.index("[history cleared]\n", first + 10)  # a reply came before each notice
     assert out.endswith("\n") and out.count("\n") >= 5  # three replies, two notices; stopped at /exit

@@ -282,14 +282,15 @@ def test_the_gguf_chat_template_leaves_tools_out():
 
 
 @pytest.mark.slow
-def test_chat_prints_the_call_a_trained_model_makes_and_answers_its_result(tmp_path):
+def test_chat_prints_the_call_a_trained_model_makes_and_answers_its_result(tmp_path, capsys, monkeypatch):
     """A tiny model trained (full fine-tune, one row) on a tool conversation: `chat --tools` builds the
     same prompt ids, so the greedy reply is the trained call, printed as JSON; /tool gives it the result
     and the greedy reply is the trained answer."""
-    import subprocess
     import sys
 
     from transformers import MistralConfig, MistralForCausalLM
+
+    from mistral_align.entry.cli import main
 
     version = "v3"
     enc = get_encoder(version)
@@ -315,13 +316,12 @@ def test_chat_prints_the_call_a_trained_model_makes_and_answers_its_result(tmp_p
     save_hf_tokenizer(version, folder)
     (tmp_path / "tools.json").write_text(json.dumps(TOOLS))
 
-    cmd = [sys.executable, "-m", "mistral_align.entry.cli", "chat", str(folder), "--tools", str(tmp_path / "tools.json"),
-           "--temperature", "0", "--max-new-tokens", "60"]
-    one = subprocess.run([*cmd, "--prompt", "Weather in Rome?"], capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-2000:]
-    assert json.loads(one.stdout) == {"tool_calls": [
+    cmd = ["chat", str(folder), "--tools", str(tmp_path / "tools.json"), "--temperature", "0", "--max-new-tokens", "60"]
+    capsys.readouterr()
+    assert main([*cmd, "--prompt", "Weather in Rome?"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"tool_calls": [
         {"id": "abcdefgh1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]}
     script = 'Weather in Rome?\n/tool abcdefgh1 {"sky": "cloudy"}\n/exit\n'
-    chat = subprocess.run(cmd, input=script, capture_output=True, text=True, timeout=600)
-    assert chat.returncode == 0, chat.stderr[-2000:]
-    assert chat.stdout.splitlines()[-1] == "It is cloudy in Rome."
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))  # piped in
+    assert main(cmd) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "It is cloudy in Rome."

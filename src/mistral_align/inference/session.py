@@ -215,7 +215,9 @@ def _show(session: ChatSession, user: str | None, stdout: TextIO, stream: bool) 
               flush=True)
 
 
-def interactive(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, stream: bool = True) -> None:
+def interactive(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None,
+                stream: bool = True) -> None:
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout  # looked up now, as in show_reply
     tty = stdin.isatty()
     if tty:
         print(INTERACTIVE_HELP, file=stdout, flush=True)
