@@ -67,16 +67,26 @@ def _restore_process_state():
     root.setLevel(saved_level)
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
-    from runfixtures import make_run
-
-    return make_run(tmp_path_factory.mktemp("tiny") / "run", arch="mistral-small", quant="nf4", steps=24)
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
 @pytest.fixture(scope="session")
-def tiny_pipeline_run(tmp_path_factory) -> Path:
+def tiny_run(tmp_path_factory):
     from runfixtures import make_run
 
-    return make_run(tmp_path_factory.mktemp("tiny_pipeline") / "run", arch="mistral-small", quant="none",
-                    pipeline=True, steps=8)  # fmt: skip
+    run = make_run(tmp_path_factory.mktemp("tiny") / "run", arch="mistral-small", quant="nf4", steps=24)
+    before = _files(run)
+    yield run
+    assert _files(run) == before, "a test wrote into the shared tiny_run: copy it first (runfixtures.copy_run)"
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_run(tmp_path_factory):
+    from runfixtures import make_run
+
+    run = make_run(tmp_path_factory.mktemp("tiny_pipeline") / "run", arch="mistral-small", quant="none",
+                   pipeline=True, steps=8)  # fmt: skip
+    before = _files(run)
+    yield run
+    assert _files(run) == before, "a test wrote into the shared tiny_pipeline_run: copy it first (runfixtures.copy_run)"

@@ -32,11 +32,11 @@ needs_llama = pytest.mark.skipif(not _has_llama_cpp(), reason="llama-cpp-python 
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tiny_run, tmp_path_factory):
     from mistral_align.entry.cli import main
 
     root = tmp_path_factory.mktemp("gguf")
-    run = make_run(root / "run", arch="mistral-small", quant="nf4", steps=16)
+    run = tiny_run  # conftest.py: the session's small QLoRA run
     assert main(["merge", str(run), "--out", str(root / "merged"), "--dtype", "fp32"]) == 0
     assert main(["export-gguf", str(run), "--out", str(root / "model.f16.gguf")]) == 0  # a run: merged on the fly
     return run, root / "merged", root / "model.f16.gguf"

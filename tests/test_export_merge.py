@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def qlora_run(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("merge") / "run", arch="mistral-small", quant="nf4", steps=24)
+def qlora_run(tiny_run):
+    return tiny_run  # conftest.py: make_run(arch="mistral-small", quant="nf4", steps=24), shared
 
 
 def _rows(version="v3"):

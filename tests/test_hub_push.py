@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from runfixtures import HELD_OUT, load_trained, make_run
+from runfixtures import HELD_OUT, copy_run, load_trained
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +23,8 @@ EXPECTED = ["README.md", "adapter_config.json", "adapter_model.safetensors", "co
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    r = make_run(tmp_path_factory.mktemp("push") / "run", arch="mistral-small", quant="nf4", steps=16)
+def run(tiny_run, tmp_path_factory):
+    r = copy_run(tiny_run, tmp_path_factory.mktemp("push") / "run")  # the session's run, changed here
     cfg = (r / "config.yaml").read_text()
     (r / "config.yaml").write_text(cfg.replace("report_to: none", f"report_to: none\n  hf_token: {TOKEN}"))
     (r / "adapter" / "training_args.bin").write_bytes(b"pickle")  # must never be uploaded
@@ -32,8 +32,8 @@ def run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("pushp") / "run", arch="mistral-small", quant="none", pipeline=True, steps=8)
+def pipeline(tiny_pipeline_run):
+    return tiny_pipeline_run
 
 
 def _front_matter(readme: str) -> dict:

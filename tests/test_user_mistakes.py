@@ -216,12 +216,10 @@ def test_validate_summarises_a_reason_repeated_on_many_rows(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_merge_and_chat_print_no_deprecation_warnings(tmp_path, capsys):
-    from runfixtures import make_run
-
+def test_merge_and_chat_print_no_deprecation_warnings(tiny_run, tmp_path, capsys):
     from mistral_align.entry.cli import main
 
-    run = make_run(tmp_path / "run", arch="mistral-small", quant="nf4", steps=2)
+    run = tiny_run  # conftest.py: the session's small QLoRA run (read only)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("default")  # what python shows a user, and DeprecationWarnings too
         assert main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 0
