@@ -42,8 +42,8 @@ def setup(tmp_path_factory):
     text = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
     rows = []
     for i in range(8):  # very different lengths, so the padded batch is mostly padding
-        pair = parse_preference({"prompt": text(rng.choice([3, 8, 40])), "chosen": text(rng.choice([1, 5, 60])),
-                                 "rejected": text(rng.choice([2, 9, 30]))})  # fmt: skip
+        pair = parse_preference({"prompt": text(rng.choice([3, 8, 20])), "chosen": text(rng.choice([1, 5, 30])),
+                                 "rejected": text(rng.choice([2, 9, 15]))})  # fmt: skip
         rows.append(vars(enc.encode_dpo(pair)))
     # Replies that begin alike (the shared prefix runs into the completions), and a rejected reply that is
     # a prefix of the chosen one (all of it but its last token shared).
