@@ -16,10 +16,11 @@ a real overflow makes them.
 Signal: SIGNAL (TERM, KILL, ...), SIGNAL_STAGE (sft or dpo, default sft), SIGNAL_STEP (N),
 SIGNAL_WHEN (saved: once checkpoint-N is complete, renamed into place; saving: while it is being
 saved, its files written aside but not yet marked complete), SIGNAL_TO (self: this process, on
-every rank or only SIGNAL_RANK; launcher: rank 0 sends it to the `accelerate launch` process that
-started it, which passes it on to every rank; group: rank 0 sends it to the launcher and every rank,
-itself last, as a lost node would be killed). A real signal through the real handlers, at a step the
-test knows.
+every rank or only SIGNAL_RANK; launcher: rank SIGNAL_RANK (default 0) sends it to the `accelerate
+launch` process that started it, which passes it on to its ranks; group: rank SIGNAL_RANK (default
+0) sends it to that launcher and every process it started, itself last, as a lost node would be
+killed or stopped). SIGNAL_STAMP: a file the sending rank writes the time it sent the signal to.
+A real signal through the real handlers, at a step the test knows.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import os
 import runpy
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -85,12 +87,14 @@ def _processes_of(pid: int) -> list[int]:
 
 def send_signal() -> None:
     sig = getattr(signal, "SIG" + os.environ["SIGNAL"])
-    to = os.environ.get("SIGNAL_TO", "self")
+    if os.environ.get("SIGNAL_STAMP") and os.environ.get("SIGNAL_RANK", "0") == _rank():
+        Path(os.environ["SIGNAL_STAMP"]).write_text(repr(time.time()))  # when it was sent, for the test's clock
+    to, rank = os.environ.get("SIGNAL_TO", "self"), os.environ.get("SIGNAL_RANK")
     if to == "self":
-        if os.environ.get("SIGNAL_RANK") in (None, _rank()):
+        if rank in (None, _rank()):
             os.kill(os.getpid(), sig)
         return
-    if _rank() != "0":
+    if _rank() != (rank or "0"):
         return
     launcher = os.getppid()  # accelerate launch runs torchrun's agent in its own process: the ranks' parent
     if to == "launcher":

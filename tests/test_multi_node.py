@@ -1,8 +1,8 @@
 """Two "nodes" on one machine: two `accelerate launch` invocations with --num_machines 2, one CPU
 process each (gloo), training one run into one run directory. Then the failure drills: a node killed
-(SIGKILL) or hung (SIGSTOP) mid-training ends the other one with one line naming the lost rank and
-how to resume, within run.dist_timeout_s, never after gloo's default 30 minutes; the printed resume
-command then finishes the run."""
+(SIGKILL) or hung (SIGSTOP) mid-training, at a checkpoint the test names (tests/fault_recipe.py),
+ends the other one with one line naming the lost rank and how to resume, within run.dist_timeout_s,
+never after gloo's default 30 minutes; the printed resume command then finishes the run."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from mistral_align.rundir.checkpoints import _step, newest_complete
+
 from runfixtures import processes_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +27,10 @@ ACCELERATE = Path(sys.executable).parent / "accelerate"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT / "src")}  # fmt: skip
 ENV.pop("MISTRAL_ALIGN_RUN_DIR", None)
-STEPS = ("sft.train.max_steps=12", "sft.train.save_steps=2", "sft.eval.loss_before=false")
+STEPS = ("sft.train.max_steps=6", "sft.train.save_steps=2", "sft.eval.loss_before=false")
+# Node 1 (rank 1) loses itself once checkpoint-2 is complete (tests/fault_recipe.py): its launcher
+# and its rank get the signal together, at a step the test knows.
+LOSE_NODE_1 = {"SIGNAL_STEP": "2", "SIGNAL_TO": "group", "SIGNAL_RANK": "1"}
 
 slow = pytest.mark.slow
 
@@ -54,16 +59,18 @@ def no_node_left_running():
             node.wait()
 
 
-def start_nodes(cwd: Path, port: int, *overrides: str) -> list[subprocess.Popen]:
-    """Node 0 and node 1, as `scripts/slurm_sft.sh` starts them on two machines."""
+def start_nodes(cwd: Path, port: int, *overrides: str, faults: dict | None = None) -> list[subprocess.Popen]:
+    """Node 0 and node 1, as `scripts/slurm_sft.sh` starts them on two machines (the recipe through
+    tests/fault_recipe.py when `faults` are given)."""
     nodes = []
+    script = [str(ROOT / "tests/fault_recipe.py"), "sft.py"] if faults else [str(ROOT / "recipes/sft.py")]
     for rank in (0, 1):
         cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_ddp.yaml"),
                "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
                "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-               str(ROOT / "recipes/sft.py"), "experiment=test_tiny", *STEPS, *overrides]  # fmt: skip
-        nodes.append(subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, start_new_session=True))  # fmt: skip
+               *script, "experiment=test_tiny", *STEPS, *overrides]  # fmt: skip
+        nodes.append(subprocess.Popen(cmd, cwd=cwd, env={**ENV, **(faults or {})}, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, start_new_session=True))  # fmt: skip
     _started.extend(nodes)
     return nodes
 
@@ -74,19 +81,6 @@ def finish(nodes: list[subprocess.Popen], timeout: float = 300) -> list[tuple[in
     return [(n.returncode, err) for n, err in zip(nodes, errs)]
 
 
-def wait_for_checkpoint(nodes, output_dir: Path, timeout: float = 300) -> Path:
-    """The run directory, once it holds a complete checkpoint (training is under way)."""
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        done = list(output_dir.glob("*/checkpoints/checkpoint-*/COMPLETE.json"))
-        if done:
-            return done[0].parents[2]
-        if any(n.poll() is not None for n in nodes):
-            raise AssertionError("a node ended before the first checkpoint: " + finish(nodes)[0][1][-4000:])
-        time.sleep(0.2)
-    raise AssertionError("no checkpoint in time")
-
-
 def signal_node(node: subprocess.Popen, sig: int) -> list[int]:
     pids = processes_of(node.pid)
     for pid in pids:
@@ -94,14 +88,24 @@ def signal_node(node: subprocess.Popen, sig: int) -> list[int]:
     return pids
 
 
-def seconds_until_exit(node: subprocess.Popen, limit: float) -> float:
+def wait_for_the_loss(nodes: list[subprocess.Popen], stamp: Path, timeout: float = 300) -> None:
+    """Until node 1 has lost itself (its rank wrote the stamp), or fail if a node ended first."""
     t0 = time.time()
+    while not stamp.exists():
+        if any(n.poll() is not None for n in nodes) or time.time() - t0 > timeout:
+            raise AssertionError("node 1 was not lost at its checkpoint: " + finish(nodes)[0][1][-4000:])
+        time.sleep(0.2)
+
+
+def seconds_until_exit(node: subprocess.Popen, stamp: Path, limit: float) -> float:
+    """Seconds from node 1's loss (the time its rank wrote in `stamp`) to node 0's exit."""
+    lost = float(stamp.read_text())
     try:
-        node.wait(timeout=limit)
+        node.wait(timeout=max(1.0, lost + limit - time.time()))
     except subprocess.TimeoutExpired:
         signal_node(node, signal.SIGKILL)
         raise AssertionError(f"the surviving node still ran {limit:.0f} s after losing its peer") from None
-    return time.time() - t0
+    return time.time() - lost
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -111,11 +115,14 @@ def error_lines(stderr: str) -> list[str]:
 @slow
 def test_a_killed_node_ends_the_other_in_one_line_and_the_printed_command_resumes(tmp_path):
     # Rank 0 picks the run directory (no run.dir given) and broadcasts it to node 1.
-    nodes = start_nodes(tmp_path, free_port(), f"run.output_dir={tmp_path}", "run.dist_timeout_s=30")
-    run_dir = wait_for_checkpoint(nodes, tmp_path)
-    signal_node(nodes[1], signal.SIGKILL)  # the whole node: launcher and rank
-    took = seconds_until_exit(nodes[0], limit=90)
+    stamp = tmp_path.parent / f"{tmp_path.name}-lost"
+    nodes = start_nodes(tmp_path, free_port(), f"run.output_dir={tmp_path}", "run.dist_timeout_s=30",
+                        faults={**LOSE_NODE_1, "SIGNAL": "KILL", "SIGNAL_STAMP": str(stamp)})  # the whole node
+    wait_for_the_loss(nodes, stamp)
+    took = seconds_until_exit(nodes[0], stamp, limit=90)
     nodes[1].wait()
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert _step(newest_complete(run_dir / "checkpoints")) == 2
     print(f"\nMULTI-NODE: SIGKILL of node 1 -> node 0 exited {nodes[0].returncode} after {took:.1f} s")
     _, err = nodes[0].communicate()
     assert nodes[0].returncode != 0 and "exitcode  : 4" in err  # the rank's EXIT_PEER_LOST, via torchrun
@@ -138,21 +145,21 @@ def test_a_killed_node_ends_the_other_in_one_line_and_the_printed_command_resume
     assert sum(len(ranks) for ranks in manifest["hosts"].values()) == 2
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))  # each step once, from one writer
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))  # each step once, from one writer
     assert "'loss'" not in results[1][1]  # node 1 does not print the trainer's logs again
 
 
 @slow
 def test_a_hung_node_ends_the_other_within_run_dist_timeout(tmp_path):
     timeout_s = 20
-    nodes = start_nodes(tmp_path, free_port(), f"run.dir={tmp_path / 'run'}", f"run.dist_timeout_s={timeout_s}")
-    wait_for_checkpoint(nodes, tmp_path)
-    stopped = signal_node(nodes[1], signal.SIGSTOP)  # alive, sockets open, silent
+    stamp = tmp_path.parent / f"{tmp_path.name}-lost"
+    nodes = start_nodes(tmp_path, free_port(), f"run.dir={tmp_path / 'run'}", f"run.dist_timeout_s={timeout_s}",
+                        faults={**LOSE_NODE_1, "SIGNAL": "STOP", "SIGNAL_STAMP": str(stamp)})  # alive, sockets open, silent
     try:
-        took = seconds_until_exit(nodes[0], limit=timeout_s + 60)
+        wait_for_the_loss(nodes, stamp)
+        took = seconds_until_exit(nodes[0], stamp, limit=timeout_s + 60)
     finally:
-        for pid in stopped:
-            os.kill(pid, signal.SIGKILL)
+        signal_node(nodes[1], signal.SIGKILL)
         nodes[1].wait()
     print(f"\nMULTI-NODE: SIGSTOP of node 1 -> node 0 exited {nodes[0].returncode} after {took:.1f} s "
           f"(run.dist_timeout_s={timeout_s})")  # fmt: skip
