@@ -25,6 +25,7 @@ A real signal through the real handlers, at a step the test knows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import runpy
@@ -126,6 +127,22 @@ def signalling_on_save(on_save):
         return control
 
     return patched
+
+
+@contextlib.contextmanager
+def signal_guard(sig: int):
+    """While a test sends `sig` to its own process: were the run's handler missing, the signal would
+    end the whole test session; this handler, which the run's own replaces while it runs, fails the
+    test instead."""
+
+    def reached_the_test(signum, frame):
+        raise AssertionError(f"{signal.Signals(signum).name} reached no handler of the run")
+
+    previous = signal.signal(sig, reached_the_test)
+    try:
+        yield reached_the_test
+    finally:
+        signal.signal(sig, previous)
 
 
 # -- installing them -------------------------------------------------------------------------------

@@ -254,8 +254,13 @@ def test_sft_tool_rows_equal_mistral_common(version, data):
     assume(usable_sft(messages))
     row = sft_row(messages, tools)
     result = checked("sft", row, version)
-    assert result.error is None, result.error
     ref = reference_encoding(version, messages, tools)
+    if all(label == IGNORE_INDEX for label in ref.labels):
+        # The only trained replies were ones the version encodes as nothing (v2 drops tool calls):
+        # nothing would train, and the row is refused as such.
+        assert result.error is not None and result.error.startswith("no trained tokens"), result.error
+        return
+    assert result.error is None, result.error
     assert result.ids == {"input_ids": ref.ids, "labels": ref.labels}
     assert (result.dropped_tool_calls, result.dropped_tool_results) == (ref.dropped_tool_calls, ref.dropped_tool_results)
     assert controls_in(version, ref.ids) == expected_controls(version, messages, tools)

@@ -31,7 +31,7 @@ from mistral_align.rundir.drift import check_same_training, training_differences
 from mistral_align.rundir.lock import LOCK, acquire_lock, release_lock
 from mistral_align.train.signals import StopOnSignal
 
-from fault_recipe import with_faults
+from fault_recipe import signal_guard, with_faults
 from runfixtures import adapter_max_diff, run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,11 +167,12 @@ def test_sigterm_before_training_stops_cleanly_naming_the_newest_checkpoint(tmp_
         return written
 
     monkeypatch.setattr(SFTStage, "write_synthetic_data", write_then_sigterm)
-    handler = signal.getsignal(signal.SIGTERM)
     fresh, resumed = tmp_path / "fresh", tmp_path / "resumed"
     _fake_checkpoint(resumed / "checkpoints", 2)  # what an earlier launch left: named, never loaded
     for run_dir, saved in ((fresh, "no checkpoint yet"), (resumed, f"newest checkpoint {resumed}/checkpoints/checkpoint-2")):
-        out = _run("sft.py", run_dir, expect=EXIT_STOPPED, cwd=tmp_path)
+        with signal_guard(signal.SIGTERM) as guard:
+            out = _run("sft.py", run_dir, expect=EXIT_STOPPED, cwd=tmp_path)
+            assert signal.getsignal(signal.SIGTERM) is guard  # the stage put the handler it found back
         assert "Traceback" not in out.stderr
         (line,) = [x for x in out.stderr.splitlines() if x.startswith("stopped: ")]
         assert line.startswith("stopped: stopped by SIGTERM before training, ") and f"; {saved}; " in line, line
@@ -179,7 +180,6 @@ def test_sigterm_before_training_stops_cleanly_naming_the_newest_checkpoint(tmp_
         assert not (run_dir / "run.lock").exists() and not (run_dir / "adapter").exists()
         assert not (run_dir / "metrics.jsonl").exists() or "loss" not in (run_dir / "metrics.jsonl").read_text()
     assert newest_complete(resumed / "checkpoints").name == "checkpoint-2"  # left as it was
-    assert signal.getsignal(signal.SIGTERM) is handler  # the stage put the handler it found back
 
 
 # -- checkpoints complete or invisible -------------------------------------------------------------
@@ -291,13 +291,12 @@ def test_sft_killed_then_resumed_equals_uninterrupted_and_sigterm_stops_cleanly(
 
     # SIGTERM once checkpoint-1 is complete: training stops at the next step boundary with a
     # checkpoint, exit 3, one line; the lock is released.
-    handler = signal.getsignal(signal.SIGTERM)
-    with monkeypatch.context() as m:
+    with monkeypatch.context() as m, signal_guard(signal.SIGTERM) as guard:
         m.setenv("SIGNAL", "TERM")
         m.setenv("SIGNAL_STEP", "1")
         with_faults(m)
         out = _run("sft.py", cut, *steps, expect=EXIT_STOPPED, cwd=tmp_path)
-    assert signal.getsignal(signal.SIGTERM) is handler  # the stage put the handler it found back
+        assert signal.getsignal(signal.SIGTERM) is guard  # the stage put the handler it found back
     stop_lines = [line for line in out.stderr.splitlines() if line.startswith("stopped: ")]
     assert len(stop_lines) == 1 and f"run.dir={cut}" in stop_lines[0] and "SIGTERM" in stop_lines[0]
     first = _step(newest_complete(cut / "checkpoints"))
