@@ -1,6 +1,7 @@
 # Two commands do everything: `make demo` (train the tiny model SFT -> DPO on the CPU) and `make test`.
 # Both create .venv/ at the repo root first when it is missing. `make test-fast` is the edit loop:
-# everything but the tests marked slow (those that train a model end to end or launch processes).
+# everything but the tests marked slow (those that train a model end to end or launch processes), and
+# the property tests with a quarter of their examples (tests/conftest.py).
 PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
@@ -20,7 +21,7 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests
 
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -m "not slow" tests
+	$(VENV)/bin/python -m pytest -q -m "not slow" --hypothesis-profile=edit-loop tests
 
 clean:
 	rm -rf $(VENV) outputs runs multirun

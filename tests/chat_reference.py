@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from hypothesis import settings
 from hypothesis import strategies as st
 from mistral_common.protocol.instruct.chunk import TextChunk, ThinkChunk
 from mistral_common.protocol.instruct.messages import (
@@ -30,6 +31,13 @@ from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from mistral_align.chat.encoder import IGNORE_INDEX, load_mistral_tokenizer, tokenizer_file
+
+def examples(full: int) -> int:
+    """A property test's number of examples: `full` in `make test`, a quarter of it (at least 10)
+    under the edit loop's Hypothesis profile (`make test-fast`, conftest.py)."""
+    scale = min(settings.default.max_examples, 100) / 100  # Hypothesis' own default profile: 100
+    return full if scale == 1 else max(10, round(full * scale))
+
 
 # ---------------------------------------------------------------------------------------------
 # mistral-common references

@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 
 def _cache_tekken_loads() -> None:
@@ -44,6 +45,12 @@ def _cache_tekken_loads() -> None:
         return tokenizer
 
     Tekkenizer.from_file = classmethod(from_file)
+
+
+# `make test` runs every property test with the examples it asks for; `make test-fast`, the edit
+# loop, loads this profile (--hypothesis-profile=edit-loop) and runs a quarter of them
+# (chat_reference.examples).
+settings.register_profile("edit-loop", max_examples=25)
 
 
 def pytest_configure(config):

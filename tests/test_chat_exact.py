@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 from chat_reference import (
+    examples,
     nonblank_text,
     reference_prompt,
     reference_sft,
@@ -84,7 +85,7 @@ def assert_only_structural_specials(version: str, ids: list[int], raw: list[dict
     assert ids[0] == get_encoder(version).bos_id
 
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -106,7 +107,7 @@ def test_sft_ids_and_labels_equal_mistral_common(version, raw):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     prompt=conversations(max_turns=3, end_with="user"),
     chosen=nonblank_text,

@@ -21,6 +21,7 @@ import pytest
 from chat_reference import (
     TRICKY,
     any_text,
+    examples,
     finetuning_tokenizer,
     nonblank_text,
     reference_encoding,
@@ -247,7 +248,7 @@ DPO_EXAMPLES = 25
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-@settings(max_examples=SFT_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(SFT_EXAMPLES), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_sft_tool_rows_equal_mistral_common(version, data):
     messages, tools = data.draw(tool_conversations(version))
@@ -285,7 +286,7 @@ def replies(draw, version: str, names: list[str]) -> dict:
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-@settings(max_examples=DPO_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(DPO_EXAMPLES), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_dpo_tool_rows_equal_mistral_common(version, data):
     prompt, tools = data.draw(tool_conversations(version, end="prompt"))

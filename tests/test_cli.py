@@ -61,11 +61,11 @@ def rows_of(path):
 # -- validate ------------------------------------------------------------------------------------
 
 
-def test_validate_good_file_exits_0():
-    p = run("validate", "--kind", "sft", "--data", SFT)  # the console script, in a process of its own
-    assert p.returncode == 0, p.stderr
-    assert "10 rows, 10 valid, 0 bad" in p.stdout and "packing efficiency" in p.stdout
-    assert "Traceback" not in p.stderr
+def test_validate_good_file_exits_0(capsys):
+    code, out, err = cli(capsys, "validate", "--kind", "sft", "--data", SFT)
+    assert code == 0, err
+    assert "10 rows, 10 valid, 0 bad" in out and "packing efficiency" in out
+    assert "Traceback" not in err
 
 
 def test_validate_json_on_broken_file_exits_1(capsys):
@@ -191,11 +191,11 @@ def test_preview_jsonl_equals_mistral_common(version, capsys):
         assert ids == tok.encode_chat_completion(ChatCompletionRequest(messages=msgs)).tokens
 
 
-def test_preview_jsonl_skips_invalid_rows(capsys):
-    code, out, err = cli(capsys, "preview", "--tokenizer", "v3", "--kind", "sft", "--data", BROKEN, "--jsonl")
-    assert code == 1
-    assert err.splitlines() == BROKEN_LINES
-    got = [json.loads(line) for line in out.splitlines()]
+def test_preview_jsonl_subprocess_skips_invalid_rows():
+    p = run("preview", "--tokenizer", "v3", "--kind", "sft", "--data", BROKEN, "--jsonl")  # the console script
+    assert p.returncode == 1
+    assert p.stderr.splitlines() == BROKEN_LINES
+    got = [json.loads(line) for line in p.stdout.splitlines()]
     enc = get_encoder("v3")
     lines = Path(BROKEN).read_text().splitlines()
     good = [json.loads(lines[0]), json.loads(lines[8])]

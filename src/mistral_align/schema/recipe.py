@@ -8,6 +8,7 @@ cannot (choices, ranges, cross-field rules) for the shared nodes and the stages 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,14 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="recipe_schema", node=RecipeConfig)
 
 
+@functools.lru_cache(maxsize=1)
+def _schema():
+    # Built once: half of a config check's time. OmegaConf.merge copies it, never changes it.
+    from omegaconf import OmegaConf
+
+    return OmegaConf.structured(RecipeConfig)
+
+
 def check_closed(cfg: Any) -> None:
     """Every node stays closed to unknown keys, also against Hydra's `+key=value`, which adds a key
     the schema does not have (only `train.extra` is free-form)."""
@@ -47,7 +56,7 @@ def check_closed(cfg: Any) -> None:
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
     try:
-        OmegaConf.merge(OmegaConf.structured(RecipeConfig), OmegaConf.to_container(cfg, resolve=False))
+        OmegaConf.merge(_schema(), OmegaConf.to_container(cfg, resolve=False))
     except (ConfigKeyError, ConfigAttributeError) as e:
         raise ConfigError(unknown_key_message(getattr(e, "full_key", None) or "config", RecipeConfig)) from None
     except OmegaConfBaseException as e:
