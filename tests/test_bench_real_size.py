@@ -201,7 +201,7 @@ def test_bench_7b_dry_run_reports_every_pair_with_equal_tokens_and_losses(tmp_pa
 
     out = tmp_path / "bench.json"
     monkeypatch.setattr(sys, "argv", ["bench_7b.py", "--shape", "tiny", "--pairs", "sft:128,dpo:128", "--rounds", "2",
-                                      "--seconds", "1", "--warmup", "1", "--sft-rows", "40", "--dpo-pairs", "16",
+                                      "--seconds", "0.25", "--warmup", "1", "--sft-rows", "40", "--dpo-pairs", "16",
                                       "--json", str(out)])  # fmt: skip
     bench_7b.main()
     report = json.loads(out.read_text())
