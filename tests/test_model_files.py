@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from mistral_align.errors import ConfigError
 from mistral_align.files import follow_umask
 from mistral_align.model.weights import adapter_problem, safetensors_problem
-from mistral_align.train.dpo import resolve_sft_adapter
+from mistral_align.train.dpo import resolve_init_from
 
 
 def _adapter(folder):
@@ -48,11 +48,11 @@ def test_a_whole_file_has_no_problem_and_every_cut_is_named(tmp_path):
 
 def test_a_truncated_adapter_in_init_from_is_refused_naming_the_file(tmp_path):
     folder = _adapter(tmp_path / "sft" / "adapter")
-    assert resolve_sft_adapter(str(tmp_path / "sft")) == (str(folder), None)
+    assert resolve_init_from(str(tmp_path / "sft")) == (str(folder), None)
     weights = folder / "adapter_model.safetensors"
     os.truncate(weights, weights.stat().st_size // 2)
     with pytest.raises(ConfigError, match=rf"^dpo.init_from: {weights}: truncated: \d+ bytes"):
-        resolve_sft_adapter(str(tmp_path / "sft"))
+        resolve_init_from(str(tmp_path / "sft"))
     (folder / "adapter_config.json").write_text("{")
     assert adapter_problem(folder)[0] == folder / "adapter_config.json"
     (folder / "adapter_config.json").write_text("{}")
