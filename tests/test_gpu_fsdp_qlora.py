@@ -46,16 +46,21 @@ def test_the_fsdp_qlora_overrides_make_a_checked_config():
     assert not cfg.sft.eval.generate and not cfg.dpo.eval.generate and cfg.sft.synthetic.enabled
 
 
+def launch_fsdp(tmp_path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """recipes/sft_dpo.py under `accelerate launch` with fsdp_qlora.yaml, one process."""
+    # A free port of its own: gpu_check.sh runs this beside the sharded-save test's launches (port 29500).
+    cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs/accelerate/fsdp_qlora.yaml"),
+           "--num_processes", "1", "--main_process_port", "0", str(ROOT / "recipes/sft_dpo.py"), *OVERRIDES,
+           *overrides, f"run.dir={tmp_path / 'run'}"]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=ENV)
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fsdp_qlora_sft_then_dpo_evaluates_and_saves_the_trained_adapters(tmp_path):
     run_dir = tmp_path / "run"
-    # A free port of its own: gpu_check.sh runs this beside the sharded-save test's launches (port 29500).
-    cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs/accelerate/fsdp_qlora.yaml"),
-           "--num_processes", "1", "--main_process_port", "0", str(ROOT / "recipes/sft_dpo.py"), *OVERRIDES,
-           f"run.dir={run_dir}"]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=ENV)
+    out = launch_fsdp(tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-8000:]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     for stage in ("sft", "dpo"):
@@ -108,12 +113,8 @@ def test_generation_eval_on_a_sharded_model_is_refused_in_one_line_at_start(tmp_
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fsdp_launch_refuses_the_generation_eval_before_anything_loads(tmp_path):
     """The real launcher on a GPU: FSDP's processes start, and each stops at the config check."""
-    run_dir = tmp_path / "run"
-    cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs/accelerate/fsdp_qlora.yaml"),
-           "--num_processes", "1", "--main_process_port", "0", str(ROOT / "recipes/sft_dpo.py"), *OVERRIDES,
-           *GENERATE, f"run.dir={run_dir}"]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ENV)
+    out = launch_fsdp(tmp_path, *GENERATE, timeout=300)
     assert out.returncode != 0, out.stdout[-3000:]
     lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert lines == [lines[0]] and lines[0].startswith("error: sft.eval.generate: ") and "by FSDP" in lines[0], out.stderr[-4000:]
-    assert not run_dir.exists()
+    assert not (tmp_path / "run").exists()

@@ -112,10 +112,11 @@ def check_files(folder: Path) -> None:
     """A local adapter or model that cannot load (a copy cut short, a corrupt config) is refused naming
     the file, before the base model loads: peft and transformers would fail only after it, with
     safetensors' message and no file name."""
-    bad = adapter_problem(folder) if _is_adapter(folder) else model_problem(folder)
+    what = "adapter" if _is_adapter(folder) else "model"
+    bad = adapter_problem(folder) if what == "adapter" else model_problem(folder)
     if bad is not None:
         file, why = bad
-        raise ConfigError(f"dpo.init_from: {file}: {why}; copy it again or point dpo.init_from at a whole one")
+        raise ConfigError(f"dpo.init_from: {file}: {why}; copy the {what} again or point dpo.init_from at a whole one")
 
 
 def same_base_as_sft_run(cfg):
