@@ -1,4 +1,5 @@
-"""Direct preference optimisation of an SFT adapter (LoRA or QLoRA), against the SFT model.
+"""Direct preference optimisation of an SFT adapter (LoRA or QLoRA), or of a fully fine-tuned SFT model
+(peft=none), against the SFT model.
 
     accelerate launch [--config_file configs/accelerate/X.yaml] recipes/dpo.py dpo.init_from=runs/sft-... [overrides]
     accelerate launch recipes/dpo.py model=mistral-7b-v0.3 quant=nf4 dpo.init_from=me/my-sft-adapter \
@@ -27,13 +28,13 @@ def main(cfg: DictConfig) -> dict:
     from mistral_align.train.run import finish_run, open_run
     from mistral_align.train.stage import run_stage
 
-    # 2. DPO continues the SFT adapter, so it needs the exact base (and quantisation) SFT trained on:
-    #    given an SFT run directory, model, quant and run.seed come from that run's config.
+    # 2. DPO continues the SFT adapter (or model), so it needs the exact base (and quantisation) SFT
+    #    trained on: given an SFT run directory, model, quant, peft and run.seed come from that run's config.
     if cfg.dpo.init_from:
         cfg = same_base_as_sft_run(cfg)
     run = open_run(cfg, "dpo", stages=("dpo",))
-    # 3. The DPO stage: preference pairs (exact ids) -> the SFT adapter as policy, its frozen copy as
-    #    reference -> evaluate before -> train -> save the adapter -> evaluate after -> summary.
+    # 3. The DPO stage: preference pairs (exact ids) -> the SFT adapter (or model) as policy, its frozen
+    #    copy as reference -> evaluate before -> train -> save adapter/ (or model/) -> evaluate after -> summary.
     summary = run_stage(DPOStage(cfg, run))
     # 4. Loss plot and summary.json.
     return finish_run(run, summary, title=f"DPO {cfg.model.name}")

@@ -239,3 +239,34 @@ def processes_of(pid: int) -> list[int]:
         found += kids
         todo += kids
     return found
+
+
+def run_recipe(name: str, overrides: list[str]) -> dict:
+    """recipes/NAME.py's `main`, in this process, on the config Hydra composes from `overrides` (as
+    launching it would, without a process per run); returns its summary. A user mistake ends in
+    SystemExit(2), as on the command line."""
+    import importlib.util
+
+    from mistral_align.entry.estimate_command import compose_config
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(f"{name}_recipe", root / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # registers the typed schema, as launching it does
+    return module.main(compose_config(name, overrides))
+
+
+def card_snippet(folder: Path, repo_id: str) -> str:
+    """The Python block of the model card's Usage section in a pushed (dry-run) `folder`, reading the
+    repository `repo_id` from that folder instead of the Hub."""
+    usage = (Path(folder) / "README.md").read_text(encoding="utf-8").split("\n## Usage", 1)[1]
+    code = usage.split("```python\n", 1)[1].split("```", 1)[0]
+    assert repr(repo_id) in code, code
+    return code.replace(repr(repo_id), repr(str(folder)))
+
+
+def run_card_snippet(folder: Path, repo_id: str) -> dict:
+    """Execute the card's own snippet in this process; returns its variables (`model`, `ids`, `out` ...)."""
+    namespace: dict = {}
+    exec(compile(card_snippet(folder, repo_id), str(Path(folder) / "README.md"), "exec"), namespace)  # noqa: S102
+    return namespace

@@ -10,6 +10,10 @@ import re
 
 # The stages a recipe can run, in pipeline order; each has its own config node (`sft.*`, `dpo.*`).
 STAGES = ("sft", "dpo")
+# What a finished stage keeps of its training, in its directory (rundir/layout.py): a LoRA adapter
+# (peft adapter folder), or with peft=none (full fine-tuning) the whole model (a plain transformers folder).
+ADAPTER_FOLDER = "adapter"
+FULL_MODEL_FOLDER = "model"
 # The recipes (recipes/NAME.py) and the stages each runs.
 RECIPE_STAGES = {"sft": ("sft",), "dpo": ("dpo",), "sft_dpo": ("sft", "dpo")}
 
