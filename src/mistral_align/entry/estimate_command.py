@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from mistral_align.errors import EXIT_OK, UsageError
+from mistral_align.files import CONFIG_DIR
 from mistral_align.schema.recipe import check_config, register_configs
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "configs")
 
 
 def add_estimate(sub) -> None:
@@ -28,14 +26,14 @@ def add_estimate(sub) -> None:
 
 
 def compose_config(config_name: str, overrides: list[str]):
-    """The recipes' resolved config, composed from configs/ with `overrides` (no Hydra app, no run)."""
+    """The recipes' resolved config, composed from the package's configs with `overrides` (no Hydra app, no run)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     register_configs()
     try:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             return compose(config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         cause = e.__cause__ or e
