@@ -49,10 +49,11 @@ def test_estimate_runs_from_an_installed_wheel(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     run = subprocess.run([str(env_dir / "bin" / "mistral-align"), "estimate", "model=mistral-7b-v0.3", "quant=nf4",
-                          "sft.train.max_length=4096", "--json"], capture_output=True, text=True, cwd=elsewhere, env=env)
+                          "sft.train.max_length=4096", "--accelerate-config", str(ROOT / "configs/accelerate/deepspeed_zero3.yaml"),
+                          "--json"], capture_output=True, text=True, cwd=elsewhere, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout)
-    assert report["length"] == 4096
+    assert report["length"] == 4096 and report["parallel"] == "zero3" and report["num_gpus"] == 8
     assert 3.8e9 <= report["weights_as_loaded"] <= 4.3e9 and report["fits"]["80GB"]
     where = subprocess.run([str(python), "-c", "import mistral_align.files as f; print(f.CONFIG_DIR)"],
                            capture_output=True, text=True, cwd=elsewhere, env=env)
