@@ -462,10 +462,9 @@ def format_estimate(r: dict[str, Any]) -> str:
 
 
 def _zero_kind(stage: Any) -> str:
-    stage = int(stage)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"DeepSpeed zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
-    return "ddp" if stage == 0 else f"zero{stage}"
+    if str(stage) not in ("0", "1", "2", "3"):
+        raise ConfigError(f"DeepSpeed ZeRO stage must be 0, 1, 2 or 3, got {stage!r}")
+    return "ddp" if str(stage) == "0" else f"zero{stage}"
 
 
 def _deepspeed_json_kind(path: str | Path) -> str:
@@ -514,10 +513,11 @@ def parallel_from_accelerate_config(path: str | Path) -> tuple[str, int]:
     return "ddp", gpus
 
 
-def warn_if_wont_fit(cfg: Any, gpu_bytes: int | None = None, num_gpus: int = 1, parallel: str = "ddp",
+def warn_if_wont_fit(cfg: Any, gpu_bytes: int | None = None, num_gpus: int = 1, parallel: str | None = None,
                      stage: str | None = None) -> dict[str, Any] | None:
     """Log a warning before loading when the estimate exceeds `gpu_bytes` (default: this process's
-    CUDA device's memory; nothing on the CPU). Returns the estimate, or None when not estimated."""
+    CUDA device's memory; nothing on the CPU). `parallel`: None reads it from `accelerate launch`'s
+    environment (`parallel_kind`). Returns the estimate, or None when not estimated."""
     if gpu_bytes is None:
         try:
             import torch
@@ -528,8 +528,8 @@ def warn_if_wont_fit(cfg: Any, gpu_bytes: int | None = None, num_gpus: int = 1, 
         except Exception:  # noqa: BLE001 - an estimate must never stop a run
             return None
     try:
-        r = estimate_memory(cfg, num_gpus=num_gpus, parallel=parallel, stage=stage)
-    except Exception as e:  # noqa: BLE001 - no shape known, ...
+        r = estimate_memory(cfg, num_gpus=num_gpus, parallel=parallel or parallel_kind(), stage=stage)
+    except Exception as e:  # noqa: BLE001 - no shape known, an unreadable DeepSpeed config, ...
         log.info("memory estimate skipped: %s", e)
         return None
     if r["total_per_gpu"] > FIT_FRACTION * gpu_bytes:
