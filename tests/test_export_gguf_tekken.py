@@ -30,10 +30,13 @@ TEXTS = [
     "e\u0301 combining and ﬁ ligature",
     "def f(x):\n    return x ** 2  # square\n",
     "3.14159 and 2024-12-06, 1,000,000",
-    "مرحبا بالعالم नमस्ते दुनिया",
+    "مرحبا بالعالم",
     "path/to/file\n/next line",
     "[INST] typed [/INST] <s></s> [SYSTEM_PROMPT] [TOOL_CALLS] [THINK] <SPECIAL_20> <pad>",
 ]
+# Devanagari: vowel signs and the virama are combining marks (\p{M}), which Mistral-Nemo's split
+# pattern keeps in a word and llama.cpp's `tekken` pre-tokenizer (llama-cpp-python 0.3.36) splits off.
+COMBINING_MARKS = "नमस्ते दुनिया"
 CONVERSATIONS = [
     [("user", "Hi")],
     [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "数字は？")],
@@ -102,7 +105,7 @@ def test_text_is_tokenized_as_mistral_common_does(tekken_gguf):
 
     version, _, tokenizer, _ = tekken_gguf
     enc = get_encoder(version)
-    for text in TEXTS:  # as data: control tokens typed by a user stay text
+    for text in (*TEXTS, COMBINING_MARKS):  # as data: control tokens typed by a user stay text
         assert tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True) == enc.text(text), text
     # Spelt as control tokens (what a chat template writes), each of the version's specials is its id.
     specials = [enc.raw.id_to_piece(i) for i in range(enc.raw.num_special_tokens)]
@@ -159,6 +162,9 @@ def test_llama_cpp_tokenizes_text_and_the_template_like_mistral_common(tekken_gg
     differ = {text: (llm.tokenize(text.encode(), add_bos=False, special=False), enc.text(text)) for text in TEXTS}
     differ = {t: v for t, v in differ.items() if v[0] != v[1]}
     assert not differ, differ
+    # The known difference (README.md): other ids, more of them, for the same text.
+    ids = llm.tokenize(COMBINING_MARKS.encode(), add_bos=False, special=False)
+    assert len(ids) > len(enc.text(COMBINING_MARKS)) and llm.detokenize(ids).decode() == COMBINING_MARKS
     template = llm.metadata["tokenizer.chat_template"]
     fmt = Jinja2ChatFormatter(template, eos_token="</s>", bos_token="<s>")
     for conversation in CONVERSATIONS:
@@ -168,6 +174,7 @@ def test_llama_cpp_tokenizes_text_and_the_template_like_mistral_common(tekken_gg
 
 
 @needs_llama
+@pytest.mark.parametrize("tekken_gguf", ["v3-tekken"], indirect=True)  # the run: weights are written alike for all
 def test_llama_cpp_greedy_equals_the_merged_tekken_model(tekken_gguf, tmp_path):
     from measure_gguf import hf_greedy, llama_greedy
 
@@ -176,8 +183,6 @@ def test_llama_cpp_greedy_equals_the_merged_tekken_model(tekken_gguf, tmp_path):
     from mistral_align.entry.cli import main
 
     version, path, _, source = tekken_gguf
-    if version != "v3-tekken":
-        pytest.skip("one run is enough: the weights are written as for every version")
     merged = tmp_path / "merged"
     assert main(["merge", str(source), "--out", str(merged), "--dtype", "fp32"]) == 0
     enc = get_encoder(version)
