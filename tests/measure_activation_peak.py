@@ -15,9 +15,10 @@ mmap and unmaps it on free, so the resident set follows the live tensors. Before
 kernel's high-water mark of the resident set is reset (`/proc/self/clear_refs` <- 5, Linux 4.0+);
 the figure is that mark after the step (VmHWM) minus the resident set just before it. So earlier
 allocations (building and quantising the model, a warm-up step at length 16, another mode) never
-count, and several modes can be measured in one process. Every weight is read once first: weights
-loaded from safetensors are mapped from the file and would otherwise become resident during the
-step, page by page (about 28 MB of a 64 MB embedding table for 1,024 random ids). One thread.
+count, and several modes can be measured in one process. Every weight is first copied out of the
+safetensors file's mapping into anonymous memory: mapped, it became resident during the step page by
+page (about 28 MB of a 64 MB embedding table for 1,024 random ids), and could be dropped again
+under memory pressure. One thread.
 """
 
 from __future__ import annotations
@@ -68,10 +69,14 @@ def main() -> None:
     m = apply_peft(m, cfg.peft, quantized=True, gradient_checkpointing=True)
     m.train()
     base_model = m.get_base_model()
-    # Weights loaded from safetensors are mapped from the file and become resident page by page (with
-    # read-ahead) as a step first reads them; read every one now so that never counts as a step's memory.
-    for t in [*m.parameters(), *m.buffers()]:
-        t.float().sum()
+    # Weights loaded from safetensors are mapped from the file: they become resident page by page as a
+    # step first reads them, and the kernel may drop them again under memory pressure. Copies in
+    # anonymous memory do neither, so neither is counted as (or against) a step's memory.
+    for module in m.modules():
+        for p in module.parameters(recurse=False):
+            p.data = p.data.clone()
+        for name, b in module.named_buffers(recurse=False):
+            module._buffers[name] = b.clone()
     torch.manual_seed(0)
     peaks = {}
     for mode in modes:

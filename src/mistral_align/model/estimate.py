@@ -288,9 +288,11 @@ def stack_activation_bytes(s: Shape, batch: int, length: int, act_dtype_bytes: i
 
     - kept: what the forward pass leaves for the backward: every layer's activations, or with
       gradient checkpointing only each layer's input; plus the final norm's input and output.
-    - backward: the most the backward adds at once: the gradients flowing through the residual
-      stream and the layer being differentiated (about 4 x hidden per token), and with gradient
-      checkpointing that layer's activations, recomputed.
+    - backward: the most the backward adds at once: the gradient of the residual stream and of the
+      layer's output (2 x hidden per token) and the first large one the layer's backward makes, its
+      MLP down-projection's input gradient (intermediate; Mixtral: one expert's share of the
+      tokens, the experts running one at a time); with gradient checkpointing also that layer's
+      activations, recomputed.
     - reference: DPO's reference forward (no gradients), run after the policy's forward as TRL's
       DPOTrainer does: the working set of one layer (dense: its input, the norm's output and the
       four MLP tensors; Mixtral: the experts run one at a time on their share of the tokens).
@@ -299,11 +301,11 @@ def stack_activation_bytes(s: Shape, batch: int, length: int, act_dtype_bytes: i
     tokens = batch * length
     layer = layer_activation_bytes(s, a, lora_r)
     per_token_kept = (s.num_hidden_layers * (h * a if checkpointing else layer)) + 2 * h * a
-    per_token_backward = 4 * h * a + (layer if checkpointing else 0)
+    share = s.num_experts_per_tok / s.num_local_experts if s.num_local_experts else 1
+    per_token_backward = int((2 * h + share * s.intermediate_size) * a) + (layer if checkpointing else 0)
     if not reference:
         per_token_reference = 0
     elif s.num_local_experts:
-        share = s.num_experts_per_tok / s.num_local_experts
         per_token_reference = int((3 * h + share * (4 * s.intermediate_size + 2 * h)) * a)
     else:
         per_token_reference = (2 * h + 4 * s.intermediate_size) * a
