@@ -24,6 +24,10 @@ DERIVED_TOKENIZER_VERSIONS = ("v7-tekken", "v11", "v13")
 TOKENIZER_VERSIONS = (*SHIPPED_TOKENIZER_VERSIONS, *DERIVED_TOKENIZER_VERSIONS)
 TEKKEN_VERSIONS = frozenset({"v3-tekken", *DERIVED_TOKENIZER_VERSIONS})
 
+# How a run is spread over several GPUs, as `mistral-align estimate --parallel` names it (what each
+# splits among the GPUs: model/estimate.py SHARDED).
+PARALLEL_KINDS = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+
 # `<stage>.data.tool_call_ids`: keep a row's tool call ids, or regenerate them in the version's form
 # (chat/tool_ids.py).
 TOOL_CALL_IDS = ("keep", "regenerate")

@@ -21,7 +21,7 @@ from mistral_align.chat.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
 from mistral_align.data.load import LoadedData
 from mistral_align.data.synthetic import skill_of
 from mistral_align.files import follow_umask, write_json
-from mistral_align.model.estimate import parallel_kind, warn_if_wont_fit
+from mistral_align.model.estimate import warn_if_wont_fit
 from mistral_align.model.facts import model_facts
 from mistral_align.model.inline import ensure_inline_base
 from mistral_align.model.plain_folder import make_plain
@@ -159,7 +159,7 @@ def _run_stage(stage: Stage, stop: StopOnSignal, print_report: bool) -> dict:
             save_hf_tokenizer(cfg.model.tokenizer_version, stage.out_dir / "tokenizer", source=stage.encoder.file)
         tokenizer = load_hf_tokenizer(stage.out_dir / "tokenizer")
     # On a GPU, a warning before loading when the estimate says the model will not fit.
-    warn_if_wont_fit(cfg, num_gpus=state.num_processes, parallel=parallel_kind(), stage=stage.name)
+    warn_if_wont_fit(cfg, num_gpus=state.num_processes, stage=stage.name)
     model = stage.build_model()
     facts = model_facts(model)
     log.info("model: %s, %d trainable of %d params, %d linear layers in 4-bit", cfg.model.name,
