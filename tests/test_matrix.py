@@ -13,20 +13,19 @@ The cells cover every value and every pair of values (pairwise), peft=none only 
 
 | cell | family  | tokenizer         | peft      | quant | outcome                                            |
 |------|---------|-------------------|-----------|-------|----------------------------------------------------|
-| 1    | Mixtral | tekken v3-tekken  | lora      | nf4   | SFT -> DPO -> push -> merge -> chat; GGUF refused*   |
+| 1    | Mixtral | tekken v3-tekken  | lora      | nf4   | SFT -> DPO -> push -> merge -> chat -> GGUF f16     |
 | 2    | Mistral | sentencepiece v3  | lora      | int8  | SFT -> DPO -> push -> merge -> chat -> GGUF f16     |
 | 3    | Mistral | sentencepiece v3  | lora      | none  | SFT -> DPO -> push -> merge -> chat -> GGUF f16     |
 | 4    | Mistral | sentencepiece v3  | lora-attn | nf4   | SFT -> DPO -> push -> merge -> chat -> GGUF f16     |
-| 5    | Mixtral | tekken v3-tekken  | lora-attn | int8  | SFT -> DPO -> push -> merge -> chat; GGUF refused*   |
+| 5    | Mixtral | tekken v3-tekken  | lora-attn | int8  | SFT -> DPO -> push -> merge -> chat -> GGUF f16     |
 | 6    | Mixtral | sentencepiece v1  | lora-attn | none  | SFT -> DPO -> push -> merge -> chat -> GGUF f16     |
-| 7    | Mistral | tekken v3-tekken  | none      | none  | SFT -> DPO -> push -> merge -> chat; GGUF refused*   |
+| 7    | Mistral | tekken v3-tekken  | none      | none  | SFT -> DPO -> push -> merge -> chat -> GGUF f16     |
 | 8    | Mixtral | sentencepiece v1  | none      | none  | SFT -> DPO -> push -> merge -> chat -> GGUF f16     |
 | 9    | Mistral | sentencepiece v3  | none      | nf4   | refused at config check: `peft.method: 'none' ...` |
 | 10   | Mixtral | tekken v3-tekken  | none      | int8  | refused at config check: `peft.method: 'none' ...` |
 
-* GGUF from a tekken vocabulary is built on another branch (issue 17, item 2); until it lands
-export-gguf refuses v3-tekken in one line, which these cells check. Set TEKKEN_GGUF = True there
-and the tekken cells check the GGUF like the others.
+A tekken cell's GGUF is the byte-level BPE vocabulary llama.cpp reads (export/gguf.py); its ids
+are checked against mistral-common's in tests/test_export_gguf_tekken.py.
 
     .venv/bin/python -m pytest -q tests/test_matrix.py
 """
@@ -41,8 +40,6 @@ from runfixtures import run_recipe
 from safetensors.torch import load_file
 
 from mistral_align.entry.cli import main as cli
-
-TEKKEN_GGUF = False  # GGUF from tekken vocabularies (branch export): until then export-gguf refuses them
 
 SENTENCEPIECE, TEKKEN = "sentencepiece", "tekken"
 VERSION = {("mistral", SENTENCEPIECE): "v3", ("mixtral", SENTENCEPIECE): "v1",
@@ -97,10 +94,6 @@ def _weights(folder: Path) -> dict:
     return load_file(str(folder / name))
 
 
-def _error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if "error:" in line]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("cell", TRAINED, ids=_cell_id)
 def test_a_cell_trains_and_every_verb_takes_its_run(cell, tmp_path, capsys):
@@ -146,12 +139,7 @@ def test_a_cell_trains_and_every_verb_takes_its_run(cell, tmp_path, capsys):
         assert replies[0] == replies[1]
 
     gguf_file = tmp_path / "cell.f16.gguf"
-    code = cli(["export-gguf", str(merged), "--out", str(gguf_file)])
-    if tokenizer == TEKKEN and not TEKKEN_GGUF:
-        errors = _error_lines(capsys.readouterr().err)
-        assert code == 2 and len(errors) == 1 and "tokenizer v3-tekken: GGUF export supports" in errors[0], errors
-        return
-    assert code == 0
+    assert cli(["export-gguf", str(merged), "--out", str(gguf_file)]) == 0
     reader = gguf.GGUFReader(str(gguf_file))
     tensors = {t.name for t in reader.tensors}
     vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
