@@ -22,6 +22,7 @@ from mistral_align.errors import ConfigError
 from mistral_align.schema.rules import at_least, choice
 
 OBJECTIVES = ("dpo", "kto", "orpo", "simpo")
+NAMES = {"dpo": "DPO", "kto": "KTO", "orpo": "ORPO", "simpo": "SimPO"}
 # `dpo.beta` left null: the objective's own default (TRL's, except SimPO's, which is its paper's:
 # TRL's 0.1 makes the length-normalised margin too weak to learn from).
 DEFAULT_BETA = {"dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}
