@@ -6,6 +6,7 @@ preference pairs split into a desirable and an undesirable row; `validate --kind
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import datasets
 import pytest
@@ -19,6 +20,9 @@ from mistral_align.data.kto import balance_advice
 from mistral_align.data.load import load_kto_dataset
 from mistral_align.entry.cli import main
 from mistral_align.schema.data import DataConfig, SourceConfig
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -125,3 +129,14 @@ def test_preview_jsonl_prints_kto_rows_and_a_pair_as_its_two_rows(tmp_path, caps
     assert main(["preview", "--kind", "kto", "--tokenizer", "v3", "--data", str(path), "--color", "never"]) == 0
     shown = capsys.readouterr().out
     assert "desirable:  " in shown and "undesirable: " in shown
+
+
+def test_the_readme_kto_validate_line_runs_and_advises_a_weight(capsys, monkeypatch):
+    (line,) = [x for x in (ROOT / "README.md").read_text().splitlines()
+               if x.startswith(".venv/bin/mistral-align validate --kind kto")]  # fmt: skip
+    monkeypatch.chdir(ROOT)
+    assert main(line.split("#")[0].split()[1:]) == 0
+    out = capsys.readouterr().out
+    # The README's KTO command follows the advice: dpo.undesirable_weight=1.3 is in [1.13, 1.50].
+    assert "KTO replies: 6 desirable, 4 undesirable" in out and "dpo.undesirable_weight in [1.13, 1.50]" in out
+    assert "dpo.undesirable_weight=1.3" in (ROOT / "README.md").read_text()
