@@ -6,8 +6,8 @@
 2. recipes/dpo.py experiment=demo once per objective, into OUT/<objective>: DPO, KTO and SimPO
    continue that SFT adapter on the demo's preference pairs (KTO: the same pairs split into a
    desirable and an undesirable row); ORPO starts from the same random base model, since its loss
-   holds the SFT term, on pairs of the same skills, with the SFT stage's learning rate and as many
-   replies as SFT trains on.
+   holds the SFT term, on pairs of the same skills, with the SFT stage's learning rate and about
+   its compute (SFT's 6000 prompts, once, 16 pairs a step).
 3. One row per objective: held-out reward accuracy and margin before -> after (each objective's
    own: DPO and KTO reward beta x the log-ratio to the frozen SFT model; SimPO and ORPO beta x the
    average log-probability of a reply, so margins compare within a row, not across rows; KTO has no
@@ -37,9 +37,10 @@ OVERRIDES = {
     # 16 rows a step: the 8 pairs' replies DPO sees a step.
     "kto": [*NOT_DPO, "dpo.objective=kto", "dpo.beta=0.1", "dpo.train.per_device_batch_size=16"],
     "simpo": [*NOT_DPO, "dpo.objective=simpo", "dpo.beta=2.0", "dpo.simpo_gamma=0.5"],
-    # From the base model: SFT's learning rate and as many training replies as SFT's 2 x 6000.
+    # From the base model: SFT's learning rate, and about SFT's compute (SFT: 288 steps of 2 packed rows
+    # of 256 tokens; here 375 steps of 16 pairs of 20-odd tokens): SFT's 6000 prompts, once.
     "orpo": [*NOT_DPO, "dpo.objective=orpo", "dpo.beta=0.1", "dpo.train.lr=2e-3", "dpo.synthetic.n_train=6000",
-             "dpo.train.epochs=1", "dpo.train.warmup_ratio=0.05"],
+             "dpo.train.epochs=1", "dpo.train.per_device_batch_size=16"],
 }
 NAMES = {"dpo": "DPO", "kto": "KTO", "simpo": "SimPO", "orpo": "ORPO"}
 

@@ -101,3 +101,11 @@ def test_peers_names_point_at_the_objective_keys():
     assert "did you mean `dpo.desirable_weight`? (axolotl's name)" in unknown_key_message("dpo.kto_desirable_weight", RecipeConfig)
     assert "did you mean `dpo.simpo_gamma`?" in unknown_key_message("dpo.gamma_beta_ratio", RecipeConfig)
     assert "did you mean `dpo.objective`?" in unknown_key_message("rl", RecipeConfig)
+
+
+def test_the_memory_estimate_counts_ktos_rows_as_one_sequence_each(composed):
+    from mistral_align.model.estimate import estimate_memory
+
+    pairs = estimate_memory(checked(composed, []), stage="dpo")["activations_detail"]["total"]
+    rows = estimate_memory(checked(composed, ["dpo.objective=kto"]), stage="dpo")["activations_detail"]["total"]
+    assert rows * 2 == pytest.approx(pairs, rel=0.05)

@@ -89,6 +89,13 @@ def test_the_readme_example_commands_train_on_the_example_files(tmp_path, monkey
         assert (run / "adapter" / "adapter_model.safetensors").is_file()
         # KTO and SimPO continue the SFT adapter; ORPO starts a new one on the base model.
         assert (manifest["init_from"] is None) == (objective == "orpo"), manifest["init_from"]
+        # The pushed model card names the objective (tag, title line, settings).
+        from mistral_align.entry.cli import main as cli
+
+        assert cli(["push", str(run), "--repo-id", f"me/{objective}", "--dry-run", str(tmp_path / f"push-{objective}")]) == 0
+        card = (tmp_path / f"push-{objective}" / "README.md").read_text()
+        name = {"kto": "KTO", "simpo": "SimPO", "orpo": "ORPO"}[objective]
+        assert f'\n  - "{objective}"\n' in card and f"({name} stage, " in card and f"- {name}: beta=" in card
 
 
 def run_in_process(cmd: list[str], monkeypatch) -> int:

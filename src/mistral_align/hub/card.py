@@ -177,7 +177,8 @@ def render_card(src: RunSource, repo_id: str, base_id: str, license: str = "apac
         keys = ("lr", "epochs", "max_steps", "per_device_batch_size", "grad_accum", "packing")
         setup.append("- training: " + ", ".join(f"{k}={train[k]}" for k in keys if k in train))
     if stage == "dpo":
-        setup.append(f"- {NAMES.get(objective, objective)}: " + ", ".join(f"{k}={v}" for k, v in objective_settings(st, objective).items()))
+        settings = objective_settings(st, objective)
+        setup.append(f"- {NAMES.get(objective, objective)}: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     if datasets:
         setup.append("- datasets: " + ", ".join(f"`{d}`" for d in datasets))
     usage = (

@@ -286,7 +286,8 @@ def estimate_memory(cfg: Any, num_gpus: int = 1, parallel: str = "ddp", stage: s
     """Per-GPU memory of training with `cfg` (the recipes' resolved config), in bytes.
 
     parallel: ddp | fsdp | zero3. stage: None / "sft" uses `cfg.sft.train`; "dpo" uses `cfg.dpo.train` and counts the chosen and rejected halves
-    (2 x batch) and, without precomputed reference log-probs, the reference forward (no grad)."""
+    (2 x batch; KTO's batch is rows, each one sequence with gradients: its KL and reference forwards run
+    without them)."""
     s = model_shape(cfg.model)
     train = _stage_train(cfg, stage)
     length = _length(cfg, train, stage)
@@ -301,7 +302,7 @@ def estimate_memory(cfg: Any, num_gpus: int = 1, parallel: str = "ddp", stage: s
     optim = str(train.get("optim", "adamw_torch_fused"))
     opt_bytes = optimizer_bytes(trainable, optim)
     act_bytes = DTYPE_BYTES[quant.compute_dtype] if quant.mode != "none" else DTYPE_BYTES[cfg.model.dtype]
-    act_batch = 2 * batch if stage == "dpo" else batch
+    act_batch = 2 * batch if stage == "dpo" and cfg.dpo.get("objective", "dpo") != "kto" else batch
     acts = activation_bytes(s, act_batch, length, act_bytes, bool(train.get("gradient_checkpointing", True)),
                             lora_r=0 if full_ft else peft.r)
     acts_other = activation_bytes(s, act_batch, length, act_bytes, not bool(train.get("gradient_checkpointing", True)),

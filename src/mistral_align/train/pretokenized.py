@@ -47,7 +47,8 @@ def packed_forward_for(kwargs: dict, collator) -> PackedForward:
     reference (precompute_ref_log_probs) through this collator. A PEFT model is its own reference
     (the "ref" adapter TRL adds to it)."""
     model, ref_model = kwargs["model"], kwargs.get("ref_model")
-    if not hasattr(model, "peft_config") and ref_model is None and getattr(kwargs["args"], "precompute_ref_log_probs", False):
+    precompute = getattr(kwargs["args"], "precompute_ref_log_probs", False)
+    if not hasattr(model, "peft_config") and ref_model is None and precompute:
         raise ValueError("padding-free training with precompute_ref_log_probs needs a PEFT adapter or a ref_model "
                          "(TRL would build the reference model inside its constructor, without our packing hooks)")
     kwargs["data_collator"] = collator

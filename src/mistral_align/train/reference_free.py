@@ -64,7 +64,8 @@ class ReferenceFreeHooks:
         collator = preference_collator(pad, a)
         self._packed_forward = None
         if padding_free or shared_prompt:
-            self._packed_forward = packed_forward_for(kwargs, padding_free_collator(kwargs["model"], collator, pad, shared_prompt))
+            packed = padding_free_collator(kwargs["model"], collator, pad, shared_prompt)
+            self._packed_forward = packed_forward_for(kwargs, packed)
         else:
             kwargs["data_collator"] = collator
         super().__init__(*args, **kwargs)
