@@ -39,8 +39,8 @@ def preference_table(before: dict, after: dict, labels: tuple[str, str] = ("befo
     """Held-out reward accuracy and margin, log-probs of chosen (KTO: desirable) and rejected replies,
     the objective's loss."""
     name = NAMES.get(objective, objective.upper())
-    lines = [f"{'held-out ' + ('rows' if objective == 'kto' else 'pairs'):<16}{labels[0]:>11}{labels[1]:>11}"]
-    lines += [f"{label.format(name=name):<16} {fmt.format(before[key])} {fmt.format(after[key])}"
+    lines = [f"{'held-out ' + ('rows' if objective == 'kto' else 'pairs'):<16}{labels[0]:>12}{labels[1]:>12}"]
+    lines += [f"{label.format(name=name):<16}  {fmt.format(before[key])}  {fmt.format(after[key])}"
               for label, key, fmt in PREFERENCE_ROWS if key in before and key in after]
     return "\n".join(lines)
 
