@@ -63,9 +63,10 @@ class DPOStageConfig:
     label_smoothing: float = 0.0
     # dpo, kto: score every row with the reference once before training, instead of at every step.
     precompute_ref_log_probs: bool = False
-    # kto: the weights of the desirable and undesirable replies' losses (validate --kind kto says which
-    # ratio suits the data's balance).
+    # kto: the weight of the desirable replies' losses (validate --kind kto says which weights suit the
+    # data's balance of desirable and undesirable replies).
     desirable_weight: float = 1.0
+    # kto: the weight of the undesirable replies' losses.
     undesirable_weight: float = 1.0
     # simpo: the target margin gamma between the chosen and rejected replies' rewards (TRL's simpo_gamma).
     simpo_gamma: float = 0.5
