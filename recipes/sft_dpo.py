@@ -1,4 +1,6 @@
-"""SFT, then DPO on the SFT adapter (or model: peft=none): the whole alignment recipe in one launch and one run directory.
+"""SFT, then DPO (or KTO, SimPO: dpo.objective) on the SFT adapter (or model: peft=none): the whole
+alignment recipe in one launch and one run directory. (ORPO is SFT and preference in one stage:
+recipes/dpo.py.)
 
     accelerate launch [--config_file configs/accelerate/X.yaml] recipes/sft_dpo.py experiment=demo
     accelerate launch recipes/sft_dpo.py model=mistral-7b-v0.3 quant=nf4 data@sft.data=ultrachat \
@@ -53,7 +55,8 @@ def main(cfg: DictConfig) -> dict:
         log.info("SFT stage already finished in %s: skipped", sft_dir)
         run.record({"resumed": True}, "sft")
 
-    # 4. DPO on the SFT adapter or model (policy, and frozen, the reference), unless already finished.
+    # 4. The preference stage (dpo.objective: dpo, kto or simpo) on the SFT adapter or model (the policy;
+    #    for DPO and KTO, frozen, the reference too), unless already finished.
     dpo = finished_stage(dpo_dir)
     if dpo is None:
         dpo = run_stage(DPOStage(cfg, run, out_dir=dpo_dir, section="dpo"), print_report=False)
@@ -65,7 +68,7 @@ def main(cfg: DictConfig) -> dict:
     run.lift_stage_facts("sft")
     summary = finish_run(run, pipeline_summary(sft, dpo), title=f"SFT -> DPO {cfg.model.name}")
     if run.state.is_main_process:
-        print("\n" + pipeline_table(summary), flush=True)
+        print("\n" + pipeline_table(summary, cfg.dpo.objective), flush=True)
     return summary
 
 

@@ -10,6 +10,7 @@ from mistral_align.chat.encoder import get_encoder
 from mistral_align.chat.schema import Message, parse_sft_row
 from mistral_align.names import REPO_ID, STAGES
 from mistral_align.rundir.finished import RunSource
+from mistral_align.schema.objectives import DEFAULT_BETA, NAMES, OWN_KEYS
 
 _LOCAL_SUFFIX = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 
@@ -124,6 +125,15 @@ def tool_format_section(version: str, tokenizer_file: Path | None = None) -> str
     )
 
 
+def objective_settings(stage_cfg: dict, objective: str) -> dict[str, Any]:
+    """The preference stage's settings its objective reads (schema/objectives.py), as configured."""
+    keys = ["beta"] + [k for k, (owners, _) in OWN_KEYS.items() if objective in owners]
+    settings = {k: stage_cfg.get(k) for k in keys if k in stage_cfg}
+    if settings.get("beta") is None and objective in DEFAULT_BETA:
+        settings["beta"] = DEFAULT_BETA[objective]
+    return settings
+
+
 def render_card(src: RunSource, repo_id: str, base_id: str, license: str = "apache-2.0",
                 stock_rank: int | None = None) -> str:
     """The model card. `stock_rank`: the rank of a Mixtral adapter converted to stock transformers'
@@ -133,7 +143,10 @@ def render_card(src: RunSource, repo_id: str, base_id: str, license: str = "apac
     quant = src.quant_mode
     peft = config.get("peft") or {}
     method = "full" if src.is_full else "qlora" if quant in ("nf4", "fp4") else "lora"
-    tags = ["trl", stage, method, "mistral-align"] + ([] if src.is_full else ["peft"])
+    st = config.get(stage) or {}
+    # The preference stage's objective (runs from before dpo.objective existed trained DPO).
+    objective = (st.get("objective") or "dpo") if stage == "dpo" else stage
+    tags = ["trl", objective, method, "mistral-align"] + ([] if src.is_full else ["peft"])
     if stage == "dpo" and "sft" in config:
         tags.insert(1, "sft")
     datasets = hub_datasets(config, stage)
@@ -154,7 +167,8 @@ def render_card(src: RunSource, repo_id: str, base_id: str, license: str = "apac
     )
     setup = [
         f"- base model: `{base_id}`" + (" (an inline random-init model kept with the run)" if src.is_inline else ""),
-        f"- stage: `{stage}`" + (" (after SFT)" if stage == "dpo" and "sft" in config else ""),
+        f"- stage: `{stage}`" + (f", objective `{objective}` ({NAMES.get(objective, objective)})" if stage == "dpo" else "")
+        + (" (after SFT)" if stage == "dpo" and "sft" in config else ""),
         ("- weights: every weight trained (full fine-tuning, peft none); this repository holds the whole model"
          if src.is_full else
          f"- adapter: LoRA r={peft.get('r')}, alpha={peft.get('alpha')}, dropout={peft.get('dropout')}, "
@@ -166,13 +180,13 @@ def render_card(src: RunSource, repo_id: str, base_id: str, license: str = "apac
         + (f" (double quant {src.quant.get('double_quant')}, compute dtype {src.quant.get('compute_dtype')})" if quant != "none" else ""),
         f"- tokenizer: mistral-common `{src.tokenizer_version}`",
     ]
-    st = config.get(stage) or {}
     train = st.get("train") or {}
     if train:
         keys = ("lr", "epochs", "max_steps", "per_device_batch_size", "grad_accum", "packing")
         setup.append("- training: " + ", ".join(f"{k}={train[k]}" for k in keys if k in train))
     if stage == "dpo":
-        setup.append(f"- DPO: beta={st.get('beta')}, loss_type={st.get('loss_type')}")
+        settings = objective_settings(st, objective)
+        setup.append(f"- {NAMES.get(objective, objective)}: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     if datasets:
         setup.append("- datasets: " + ", ".join(f"`{d}`" for d in datasets))
     usage = usage_snippet(repo_id, base_id, src.is_full)
@@ -184,7 +198,7 @@ def render_card(src: RunSource, repo_id: str, base_id: str, license: str = "apac
     return (
         front
         + f"\n# {repo_id}\n\n{what} `{base_id}` trained with "
-        f"mistral-align ({stage.upper()} stage, {method.upper()}).\n\n"
+        f"mistral-align ({NAMES.get(objective, stage.upper())} stage, {method.upper()}).\n\n"
         "## Training set-up\n\n" + "\n".join(setup) + "\n\n"
         "## Final metrics\n\n" + metrics_table(summary) + "\n"
         "## Prompt format\n\n" + prompt_format_section(src.tokenizer_version, src.tokenizer_file) + "\n"

@@ -365,9 +365,11 @@ def estimate_memory(cfg: Any, num_gpus: int = 1, parallel: str = "ddp", stage: s
     """Per-GPU memory of training with `cfg` (the recipes' resolved config), in bytes.
 
     parallel: one of PARALLEL_KINDS. stage: None / "sft" uses `cfg.sft.train`; "dpo" uses
-    `cfg.dpo.train` and counts the chosen and rejected halves (2 x batch), the reference's weights
-    (full fine-tuning: a frozen copy of the model; LoRA: a frozen copy of the SFT adapter, shared
-    base weights) and, without `dpo.precompute_ref_log_probs`, the reference's forward (no gradients)."""
+    `cfg.dpo.train` and counts the chosen and rejected halves (2 x batch; KTO's batch is rows, each
+    one sequence with gradients: its KL and reference forwards run without them), the reference's
+    weights (full fine-tuning: a frozen copy of the model; LoRA: a frozen copy of the SFT adapter,
+    shared base weights) and, without `dpo.precompute_ref_log_probs`, the reference's forward (no
+    gradients)."""
     if parallel not in SHARDED:
         raise ConfigError(f"parallel must be one of {', '.join(PARALLEL_KINDS)}, got {parallel!r}")
     s = model_shape(cfg.model)
@@ -391,7 +393,7 @@ def estimate_memory(cfg: Any, num_gpus: int = 1, parallel: str = "ddp", stage: s
         reference_bytes = loaded["total"] if full_ft else param_bytes
     reference_forward = dpo and not bool(cfg.dpo.get("precompute_ref_log_probs", False))
     act_bytes = DTYPE_BYTES[quant.compute_dtype] if quant.mode != "none" else DTYPE_BYTES[cfg.model.dtype]
-    act_batch = 2 * batch if dpo else batch
+    act_batch = 2 * batch if dpo and cfg.dpo.get("objective", "dpo") != "kto" else batch
     checkpointing = bool(train.get("gradient_checkpointing", True))
     head_trainable = full_ft or "lm_head" in list(peft.get("modules_to_save") or [])
 

@@ -1,14 +1,17 @@
-"""The DPO stage: where the SFT adapter (or model) comes from, the trainer arguments, the held-out report.
+"""The preference stage (`dpo.*`): where the SFT adapter (or model) comes from, the data, the held-out report.
 
-The reference policy is the SFT model, never the bare base model: the SFT adapter is loaded as the
-trainable "default" adapter, and `PretokenizedDPOTrainer` keeps an exact frozen copy of it as the
-"ref" adapter (or, with `dpo.precompute_ref_log_probs`, scores every pair with it once up front).
+`dpo.objective` picks the loss (dpo, kto, orpo, simpo); train/objectives.py maps it to TRL's config
+and our trainer for it, everything else here is the same for all four. For DPO and KTO the
+reference policy is the SFT model, never the bare base model: the SFT adapter is loaded as the
+trainable "default" adapter, and the trainer keeps an exact frozen copy of it as the "ref" adapter
+(or, with `dpo.precompute_ref_log_probs`, scores every row with it once up front). SimPO and ORPO
+have no reference; ORPO starts from the base model (its loss holds the SFT term).
 
 Full fine-tuning (peft=none) continues the SFT run's whole model (its model/ folder): the policy is
-that model, trainable, and the reference a second copy loaded from the same folder, frozen and in
-eval mode (the trainer prepares it for inference: no gradients, no optimizer state; about one more
-copy of the weights in memory). With `dpo.precompute_ref_log_probs` no copy is kept: TRL scores every
-pair with the policy before its first step, when it still is the SFT model.
+that model, trainable, and the reference (DPO, KTO) a second copy loaded from the same folder, frozen
+and in eval mode (the trainer prepares it for inference: no gradients, no optimizer state; about one
+more copy of the weights in memory). With `dpo.precompute_ref_log_probs` no copy is kept: TRL scores
+every row with the policy before its first step, when it still is the SFT model.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from huggingface_hub import snapshot_download
 from omegaconf import OmegaConf
 
 from mistral_align.chat.encoder import IGNORE_INDEX
-from mistral_align.data.load import LoadedData, load_dpo_dataset
+from mistral_align.data.load import LoadedData, load_dpo_dataset, load_kto_dataset
 from mistral_align.data.synthetic import write_dpo_splits
 from mistral_align.errors import ConfigError, UntrustedFileError
 from mistral_align.model.load import build_model
@@ -32,12 +35,11 @@ from mistral_align.model.mixtral_unfused import UnfusedMixtralForCausalLM, is_st
 from mistral_align.model.trust import require_safetensors
 from mistral_align.model.weights import adapter_problem, model_problem
 from mistral_align.names import FULL_MODEL_FOLDER
-from mistral_align.schema.recipe import stage_max_length
-from mistral_align.train.args import training_arguments
-from mistral_align.train.dpo_trainer import PretokenizedDPOTrainer
+from mistral_align.schema.objectives import NAMES, WITH_REFERENCE
+from mistral_align.train.objectives import objective_facts, preference_args, preference_trainer
 from mistral_align.train.report import generation_table, preference_table
 from mistral_align.train.sft import keeps_float32
-from mistral_align.train.stage import Stage, build_trainer
+from mistral_align.train.stage import Stage
 
 log = logging.getLogger("mistral_align.dpo")
 
@@ -174,17 +176,23 @@ PREFERENCE_METRICS = {
     "eval_rewards/rejected": "reward_rejected",
     "eval_logps/chosen": "logp_chosen",
     "eval_logps/rejected": "logp_rejected",
+    "eval_kl": "kl",  # KTO's estimate of the policy's KL divergence from the reference
+    "eval_nll_loss": "nll_loss",  # SimPO's (cpo_alpha) and ORPO's SFT term
 }
 
 
 def preference_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """Held-out preference metrics (trainer.evaluate()'s) under readable names: reward accuracy and margin, log-probs."""
+    """Held-out preference metrics (trainer.evaluate()'s) under readable names: reward accuracy and
+    margin, log-probs (each objective's own: SimPO and ORPO's rewards are beta x the average log-prob
+    of a reply; KTO has no pairs, so no accuracy)."""
     return {name: metrics[key] for key, name in PREFERENCE_METRICS.items() if key in metrics}
 
 
-def as_generation_rows(dpo_ds):
-    """Preference rows as (input_ids, labels) rows whose reference reply is the chosen one,
-    so `train.evaluate.generation_eval` can score greedy replies against it."""
+def as_generation_rows(ds):
+    """Preference rows as (input_ids, labels) rows whose reference reply is the chosen one (KTO: the
+    desirable rows), so `train.evaluate.generation_eval` can score greedy replies against it."""
+    if "label" in ds.column_names:
+        ds = ds.filter(lambda row: row["label"]).rename_column("completion_ids", "chosen_ids")
 
     def to_sft(row):
         return {
@@ -192,35 +200,7 @@ def as_generation_rows(dpo_ds):
             "labels": [IGNORE_INDEX] * len(row["prompt_ids"]) + row["chosen_ids"],
         }
 
-    return dpo_ds.map(to_sft, remove_columns=dpo_ds.column_names)
-
-
-def make_dpo_args(stage_cfg: Any, seed: int, out_dir: Path, report_to: list[str], has_eval: bool,
-                  eval_on_start: bool = False):
-    """trl.DPOConfig from the typed `dpo` node (`dpo.train` for the optimiser, `dpo.*` for the objective)."""
-    from trl import DPOConfig
-
-    d = stage_cfg
-    return DPOConfig(
-        # The loader has already applied dpo.data.max_length (prompt + longer reply); TRL truncates
-        # keep_start (BOS and the prompt through [/INST] always stay) only if dpo.train.max_length is lower.
-        max_length=stage_max_length(d),
-        truncation_mode="keep_start",
-        beta=d.beta,
-        loss_type=list(d.loss_type),
-        loss_weights=list(d.loss_weights) if d.loss_weights is not None else None,
-        label_smoothing=d.label_smoothing,
-        precompute_ref_log_probs=d.precompute_ref_log_probs,
-        **training_arguments(d.train, seed, out_dir, report_to, has_eval, eval_on_start),
-    )
-
-
-def build_dpo_trainer(model, tokenizer, args, train_ds, eval_ds=None, callbacks=(), keep_float32: bool = False,
-                      padding_free: bool = False, shared_prompt: bool = False, ref_model=None):
-    """The DPO trainer on pre-tokenised preference rows (prompt_ids, chosen_ids, rejected_ids);
-    `ref_model`: the frozen reference of a full fine-tune (an adapter's is kept by TRL itself)."""
-    return build_trainer(PretokenizedDPOTrainer, model, tokenizer, args, train_ds, eval_ds, callbacks, keep_float32,
-                         padding_free=padding_free, shared_prompt=shared_prompt, ref_model=ref_model)
+    return ds.map(to_sft, remove_columns=ds.column_names)
 
 
 def adapter_base(adapter: str) -> Path | None:
@@ -233,8 +213,8 @@ def adapter_base(adapter: str) -> Path | None:
 
 
 class DPOStage(Stage):
-    """Direct preference optimisation of the SFT adapter (or, peft=none, the SFT model); a frozen
-    copy of it is the reference."""
+    """Preference optimisation (`dpo.objective`): of the SFT adapter or, peft=none, the SFT model (DPO
+    and KTO: a frozen copy of it is the reference; SimPO: none), or of the base model (ORPO)."""
 
     name = "dpo"
 
@@ -254,6 +234,8 @@ class DPOStage(Stage):
         return write_dpo_splits(data_dir, s.skills, s.n_train, s.n_eval, s.seed)
 
     def load_data(self) -> LoadedData:
+        if self.node.objective == "kto":  # KTO rows, and pairs split into a desirable and an undesirable row
+            return load_kto_dataset(self.node.data, self.encoder)
         return load_dpo_dataset(self.node.data, self.encoder)
 
     def inline_base(self) -> Path | None:
@@ -275,10 +257,12 @@ class DPOStage(Stage):
             log.info("policy: %s, trained in full; reference: a frozen copy of it", self.start or c.model.name)
             return apply_peft(base, c.peft, quantized=False, gradient_checkpointing=self.node.train.gradient_checkpointing)
         if self.adapter is None:
-            log.warning("dpo.init_from is not set: training a new adapter; the reference is the bare base model")
+            if self.node.objective in WITH_REFERENCE:
+                log.warning("dpo.init_from is not set: training a new adapter; the reference is the bare base model")
             return apply_peft(base, c.peft, quantized=quantized, gradient_checkpointing=self.node.train.gradient_checkpointing)
         base = prepare_for_adapter(base, quantized, self.node.train.gradient_checkpointing)
-        log.info("policy and reference: the SFT adapter %s", self.adapter)
+        log.info("policy%s: the SFT adapter %s", " and reference" if self.node.objective in WITH_REFERENCE else "",
+                 self.adapter)
         return load_policy(base, self.adapter, allow_pickle=bool(c.model.allow_pickle))
 
     def reference_model(self):
@@ -286,7 +270,7 @@ class DPOStage(Stage):
         with an adapter (TRL keeps the frozen "ref" adapter beside the trained one), and with
         dpo.precompute_ref_log_probs, where TRL scores every pair with the policy before its first step
         (unless the batches are packed: our packing hooks then need a model of their own to attach to)."""
-        if not self.full:
+        if not self.full or self.node.objective not in WITH_REFERENCE:
             return None
         if self.node.precompute_ref_log_probs and not (self.node.padding_free or self.node.shared_prompt):
             return None
@@ -295,23 +279,23 @@ class DPOStage(Stage):
         return ref.eval()
 
     def model_facts(self) -> dict[str, Any]:
-        if self.full:
-            start = "SFT model" if self.start else "base model"
-            return {"init_from": self.start, "reference": f"frozen copy of the {start}"}
-        return {"init_from": self.adapter,
-                "reference": "frozen copy of the SFT adapter" if self.adapter else "base model"}
+        if self.node.objective not in WITH_REFERENCE:
+            reference = f"none ({NAMES[self.node.objective]} has no reference model)"
+        elif self.full:
+            reference = f"frozen copy of the {'SFT model' if self.start else 'base model'}"
+        else:
+            reference = "frozen copy of the SFT adapter" if self.adapter else "base model"
+        return {"init_from": self.start, "objective": self.node.objective, "reference": reference}
 
     def trainer_args(self, report_to: list[str], has_eval: bool, eval_on_start: bool):
-        return make_dpo_args(self.node, self.cfg.run.seed, self.out_dir, report_to, has_eval, eval_on_start)
+        return preference_args(self.node, self.cfg.run.seed, self.out_dir, report_to, has_eval, eval_on_start)
 
     def trainer_facts(self, args) -> dict[str, Any]:
-        return {"beta": args.beta, "loss_type": list(args.loss_type), "precompute_ref_log_probs": args.precompute_ref_log_probs,
-                "padding_free": self.node.padding_free or self.node.shared_prompt, "shared_prompt": self.node.shared_prompt}
+        return objective_facts(self.node, args)
 
     def build_trainer(self, model, tokenizer, args, data: LoadedData, callbacks: list):
-        return build_dpo_trainer(model, tokenizer, args, data.train, data.eval, callbacks, keeps_float32(self.cfg),
-                                 padding_free=self.node.padding_free, shared_prompt=self.node.shared_prompt,
-                                 ref_model=self.reference_model())
+        return preference_trainer(self.node, model, tokenizer, args, data.train, data.eval, callbacks,
+                                  keeps_float32(self.cfg), ref_model=self.reference_model())
 
     def held_out_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         return preference_metrics(metrics)
@@ -320,10 +304,10 @@ class DPOStage(Stage):
         return as_generation_rows(data.eval)
 
     def report(self, summary: dict, gen_before: dict | None, gen_after: dict | None) -> str | None:
-        parts = []
+        parts, name = [], NAMES[self.node.objective]
         if gen_after is not None:
-            parts.append("DPO before / after (held-out prompts)\n" + generation_table(gen_before, gen_after, None, None))
+            parts.append(f"{name} before / after (held-out prompts)\n" + generation_table(gen_before, gen_after, None, None))
         d = summary["dpo"]
         if d.get("before") and d.get("after"):
-            parts.append(preference_table(d["before"], d["after"]))
+            parts.append(preference_table(d["before"], d["after"], objective=self.node.objective))
         return "\n".join(parts) or None
