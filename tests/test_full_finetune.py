@@ -160,3 +160,38 @@ def test_dpo_refuses_what_its_peft_method_cannot_continue(tmp_path, capsys, peft
     assert e.value.code == 2 and len(err.splitlines()) == 1, err
     assert re.search(line, err), err
     assert not (tmp_path / "run").exists()  # refused before the run directory was opened
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective, data", [("kto", "kto_example"), ("simpo", "dpo_example")])
+def test_the_other_objectives_continue_a_full_sft_run(full, objective, data):
+    """KTO keeps a frozen copy of the SFT model as its reference, as DPO does; SimPO has none."""
+    from mistral_align.train.dpo import DPOStage
+
+    tmp = full["tmp"]
+    trainers = []
+    build = DPOStage.build_trainer
+
+    def keep(self, *args, **kwargs):
+        trainers.append(build(self, *args, **kwargs))
+        return trainers[-1]
+
+    root = Path(__file__).resolve().parents[1]
+    run_dir = tmp / objective
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DPOStage, "build_trainer", keep)
+        summary = run_recipe("dpo", [*COMMON, f"dpo.objective={objective}", f"dpo.init_from={tmp / 'sft'}",
+                                     f"dpo.data.train=[{{path: {root / 'examples' / 'data' / (data + '.jsonl')}}}]",
+                                     "dpo.synthetic.enabled=false", "dpo.data.eval_fraction=0.3", "dpo.train.max_steps=3", f"run.output_dir={tmp}",
+                                     f"run.dir={run_dir}"])
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    trainer = trainers[0]
+    ref = getattr(trainer, "ref_model", None)
+    if objective == "kto":
+        assert manifest["reference"] == "frozen copy of the SFT model"
+        assert ref is not None and all(not p.requires_grad for p in ref.parameters())
+    else:
+        assert manifest["reference"].startswith("none") and ref is None
+    sft_weights, trained = _weights(tmp / "sft" / "model"), _weights(run_dir / "model")
+    assert any(not torch.equal(sft_weights[k], trained[k]) for k in sft_weights)  # the whole model trained on
+    assert summary["dpo"]["after"]["loss"] < summary["dpo"]["before"]["loss"]
