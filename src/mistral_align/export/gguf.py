@@ -323,9 +323,15 @@ def export_gguf(source: str | Path, out: str | Path, *, gguf_type: str = "f16", 
     if version not in TOKENIZER_VERSIONS:
         raise GGUFExportError(f"{src.path}: tokenizer version {version!r} is not one of {', '.join(TOKENIZER_VERSIONS)}")
     # Everything that can refuse the export is checked before a merge: the tokenizer file, and where
-    # the model's config.json is at hand (a merged folder, an inline base), its type and vocabulary size.
+    # the model's config.json is at hand (a merged folder, a full fine-tune, an inline base), its type
+    # and vocabulary size.
     tokenizer = src.tokenizer_file or tokenizer_file(version)
-    config_at_hand = src.path if src.kind == "merged" else (Path(src.base) if src.is_inline else None)
+    if src.kind == "merged":
+        config_at_hand = src.path
+    elif src.is_full:  # the trained model itself, not the base it started from
+        config_at_hand = src.model_dir
+    else:
+        config_at_hand = Path(src.base) if src.is_inline else None
     vocab = None
     if config_at_hand is not None:
         vocab = read_vocab(version, tokenizer, model_config(config_at_hand)["vocab_size"])
