@@ -61,7 +61,7 @@ def pytest_configure(config):
 
 @pytest.fixture(autouse=True)
 def _restore_process_state():
-    """Recipes run in this process (runfixtures.run_recipe) set WANDB_*, TENSORBOARD_LOGGING_DIR, ...
+    """Recipes run in this process (runfixtures.run_recipe_script) set WANDB_*, TENSORBOARD_LOGGING_DIR, ...
     and point the root logger at the stream they printed to: each test starts from the environment
     and the logging the session started with."""
     saved_env = dict(os.environ)

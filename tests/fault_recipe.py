@@ -1,7 +1,7 @@
 """Faults injected at a known point of a real run, instead of a test racing a signal against a step.
 
     python tests/fault_recipe.py RECIPE [overrides]          a subprocess (SIGKILL, several ranks)
-    with_faults(monkeypatch); run_recipe(RECIPE, ...)        this process (runfixtures.run_recipe)
+    with_faults(monkeypatch); run_recipe_script(RECIPE, ...)        this process (runfixtures.run_recipe_script)
 
 Both read what to inject from the environment (monkeypatch.setenv in process):
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from runfixtures import run_recipe  # noqa: E402
+from runfixtures import run_recipe_script  # noqa: E402
 
 
 def cli(*argv: str) -> dict:
@@ -39,7 +39,7 @@ def main(steps_file: str, results_file: str) -> None:
         os.environ.clear()  # each command starts from the environment the process was given
         os.environ.update(environ)
         if kind == "recipe":
-            ran = run_recipe(*argv)
+            ran = run_recipe_script(*argv)
             results.append({"returncode": ran.returncode, "stdout": ran.stdout, "stderr": ran.stderr})
         else:
             results.append(cli(*argv))

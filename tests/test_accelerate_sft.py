@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runfixtures import adapter_max_diff, run_recipe
+from runfixtures import adapter_max_diff, run_recipe_script
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
@@ -99,7 +99,7 @@ def test_no_credentials_in_run_files(tmp_path, monkeypatch):
     secret = "hf_THISISNOTAREALTOKEN123"
     monkeypatch.setenv("HF_TOKEN", secret)
     monkeypatch.setenv("WANDB_API_KEY", secret)
-    out = run_recipe("sft.py", "experiment=test_tiny", f"run.output_dir={tmp_path}", "run.report_to=wandb",
+    out = run_recipe_script("sft.py", "experiment=test_tiny", f"run.output_dir={tmp_path}", "run.report_to=wandb",
                      "run.wandb_mode=disabled", "sft.train.max_steps=1", "sft.train.logging_steps=1", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-6000:]
     assert secret not in out.stdout + out.stderr

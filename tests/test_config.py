@@ -18,7 +18,7 @@ from mistral_align.schema.model import ModelConfig, PeftConfig, QuantConfig
 from mistral_align.schema.recipe import RecipeConfig, check_config, register_configs
 from mistral_align.schema.train import SFTTrainConfig, TrainConfig
 
-from runfixtures import Ran, run_recipe
+from runfixtures import Ran, run_recipe_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -258,7 +258,7 @@ def test_user_data_is_never_replaced_by_the_presets_generated_data():
 
 
 def _recipe(*args: str, recipe: str = "sft.py") -> Ran:
-    return run_recipe(recipe, *args, cwd=ROOT)
+    return run_recipe_script(recipe, *args, cwd=ROOT)
 
 
 @pytest.mark.slow
@@ -298,11 +298,11 @@ def test_shared_prompts_need_a_dense_attention_mask():
 
 
 def test_gpu_options_reach_the_trainer_arguments(tmp_path):
-    from mistral_align.train.dpo import make_dpo_args
+    from mistral_align.train.objectives import preference_args
     from mistral_align.train.sft import make_sft_args
 
     cfg = _compose(["experiment=test_tiny", "sft.train.torch_compile=true", "dpo.train.use_liger_kernel=true"])
-    sft, dpo = make_sft_args(cfg.sft, 0, tmp_path, [], False), make_dpo_args(cfg.dpo, 0, tmp_path, [], False)
+    sft, dpo = make_sft_args(cfg.sft, 0, tmp_path, [], False), preference_args(cfg.dpo, 0, tmp_path, [], False)
     assert (sft.torch_compile, sft.use_liger_kernel) == (True, False)
     assert (dpo.torch_compile, dpo.use_liger_kernel) == (False, True)
     assert sft.optim == dpo.optim == "adamw_torch_fused"

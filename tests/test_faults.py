@@ -32,7 +32,7 @@ from mistral_align.rundir.lock import LOCK, acquire_lock, release_lock
 from mistral_align.train.signals import StopOnSignal
 
 from fault_recipe import signal_guard, with_faults
-from runfixtures import adapter_max_diff, run_recipe
+from runfixtures import adapter_max_diff, run_recipe_script
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -122,7 +122,7 @@ def test_a_second_launch_on_a_run_directory_in_use_is_refused(tmp_path):
     run_dir.mkdir()
     holder = {"pid": os.getppid(), "host": platform.node()}  # a live process that is not this one: the other launch
     (run_dir / LOCK).write_text(json.dumps(holder))
-    out = run_recipe("sft.py", "experiment=test_tiny", f"run.dir={run_dir}", cwd=tmp_path)
+    out = run_recipe_script("sft.py", "experiment=test_tiny", f"run.dir={run_dir}", cwd=tmp_path)
     assert out.returncode == 2, out.stderr[-3000:]
     assert f"error: {run_dir} is in use by another launch (pid {holder['pid']} on host {holder['host']}" in out.stderr
     assert "Traceback" not in out.stderr and not (run_dir / "config.yaml").exists()
@@ -224,7 +224,7 @@ def test_save_total_limit_counts_complete_checkpoints_only(tmp_path):
 
 
 # -- real runs ---------------------------------------------------------------------------------------
-# The recipes run in this process (runfixtures.run_recipe) where one process shows it; a SIGKILL ends
+# The recipes run in this process (runfixtures.run_recipe_script) where one process shows it; a SIGKILL ends
 # its process, so a killed launch is a subprocess (tests/fault_recipe.py), and so are several ranks.
 # Every signal is sent at a step the test names, from inside the run (fault_recipe.py), not raced
 # against the training from outside.
@@ -239,7 +239,7 @@ def _args(run_dir: Path, *overrides: str) -> list[str]:
 
 def _run(recipe: str, run_dir: Path, *overrides: str, expect=0, cwd: Path):
     """The recipe in this process."""
-    out = run_recipe(recipe, *_args(run_dir, *overrides), cwd=cwd)
+    out = run_recipe_script(recipe, *_args(run_dir, *overrides), cwd=cwd)
     assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-5000:]
     return out
 

@@ -29,7 +29,7 @@ from mistral_align.schema.data import DataConfig, SFTDataConfig, SourceConfig
 from mistral_align.train.nonfinite import ROW_KEYS, RowKeysCollator, RowNames
 
 from fault_recipe import with_faults
-from runfixtures import run_recipe
+from runfixtures import run_recipe_script
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -129,7 +129,7 @@ def _run(tmp_path, recipe: str, run_dir: Path, *overrides: str, nan_at: str, sta
             for key, value in faults.items():
                 m.setenv(key, value)
             with_faults(m)
-            out = run_recipe(recipe, *args, cwd=tmp_path)
+            out = run_recipe_script(recipe, *args, cwd=tmp_path)
     else:
         out = subprocess.run([*launch, str(ROOT / "tests" / "fault_recipe.py"), recipe, *args], capture_output=True,
                              text=True, timeout=900, cwd=tmp_path, env={**ENV, **faults})  # fmt: skip

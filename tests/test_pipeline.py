@@ -1,6 +1,6 @@
 """The real recipes end to end on a tiny QLoRA Mistral: SFT -> DPO in one run directory, resuming
 past a finished stage, standalone DPO from an SFT run, and DPO under two-process DDP on the CPU.
-One process runs in this process (runfixtures.run_recipe); two are launched."""
+One process runs in this process (runfixtures.run_recipe_script); two are launched."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from runfixtures import Ran, adapter_max_diff, run_recipe
+from runfixtures import Ran, adapter_max_diff, run_recipe_script
 from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def run(cmd: list[str], cwd: Path, timeout: int = 400) -> subprocess.CompletedPr
 
 def recipe(name: str, tmp_path: Path, *argv: str, expect: int = 0) -> Ran:
     """recipes/NAME in this process."""
-    out = run_recipe(name, "experiment=test_tiny", *argv, cwd=tmp_path)
+    out = run_recipe_script(name, "experiment=test_tiny", *argv, cwd=tmp_path)
     assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-6000:]
     return out
 

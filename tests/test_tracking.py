@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from runfixtures import run_recipe
+from runfixtures import run_recipe_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hf_FAKE_SECRET_123"
@@ -99,7 +99,7 @@ def run_sft(tmp_path: Path, trap: Trap, *overrides: str, extra_env: dict | None 
             monkeypatch.delenv(k)
         for k, v in env.items():
             monkeypatch.setenv(k, v)
-        out = run_recipe("sft.py", *args, cwd=tmp_path)
+        out = run_recipe_script("sft.py", *args, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     hits = trap.collect()
     assert hits == [], f"the run tried the network: {hits}"

@@ -98,7 +98,7 @@ def check_config(cfg: Any, stages: tuple[str, ...] = STAGES, need_data: bool = T
     if "sft" in stages:
         check_sft_stage(cfg.sft, need_data)
     if "dpo" in stages:
-        check_dpo_stage(cfg.dpo, cfg.model.attn_implementation, need_data)
+        check_dpo_stage(cfg.dpo, cfg.model.attn_implementation, need_data, stages)
 
 
 def stage_max_length(stage: Any) -> int:
