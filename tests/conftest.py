@@ -59,11 +59,17 @@ def pytest_configure(config):
     os.environ.pop("MISTRAL_ALIGN_RUN_DIR", None)
 
 
-@pytest.fixture(autouse=True)
-def _restore_process_state():
-    """Recipes run in this process (runfixtures.run_recipe_script) set WANDB_*, TENSORBOARD_LOGGING_DIR, ...
-    and point the root logger at the stream they printed to: each test starts from the environment
-    and the logging the session started with."""
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Recipes run in this process (runfixtures.run_recipe_script, run_recipe) set WANDB_*,
+    TENSORBOARD_LOGGING_DIR, ... and point the root logger at the stream they printed to
+    (logging.basicConfig(force=True) in train/process.py): each test starts from the environment and
+    the logging the session started with. A handler left behind is bound to a stream pytest swaps
+    or closes: after a test whose recipe printed to capsys (test_tool_training's v13 run), every later
+    warning printed '--- Logging error ---' into the next test's stderr
+    (test_hub_push.py::test_push_failure_names_the_step_and_exits_2). Saved around the test's whole
+    protocol, not in a function fixture: a module or session fixture that runs a recipe is set up
+    before any function fixture, so a fixture's restore would keep that run's handler and environment."""
     saved_env = dict(os.environ)
     root = logging.getLogger()
     saved_handlers, saved_level = list(root.handlers), root.level
