@@ -346,6 +346,26 @@ def run_recipe(name: str, overrides: list[str]) -> dict:
     return module.main(compose_config(name, overrides))
 
 
+def read_gguf(path: Path):
+    """gguf.GGUFReader on `path`, slicing the file's mapping as a plain numpy array: the reader slices
+    its np.memmap once per string, and a memmap slice costs several times a plain one (a tekken
+    vocabulary's 131,072 tokens and merges: 26 s read as it comes, 6 s this way, loaded machine).
+    The same bytes, fields and tensors; the file is still mapped, not read into memory."""
+    import gguf
+    import numpy as np
+
+    class Reader(gguf.GGUFReader):
+        @property
+        def data(self):
+            return self._plain
+
+        @data.setter
+        def data(self, mapped):  # the np.memmap GGUFReader.__init__ assigns, before it parses
+            self._plain = mapped.view(np.ndarray)
+
+    return Reader(str(path))
+
+
 def card_snippet(folder: Path, repo_id: str) -> str:
     """The Python block of the model card's Usage section in a pushed (dry-run) `folder`, reading the
     repository `repo_id` from that folder instead of the Hub."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runfixtures import make_run, needs_llama
+from runfixtures import make_run, needs_llama, read_gguf
 
 pytestmark = pytest.mark.slow
 gguf = pytest.importorskip("gguf", reason="gguf is not installed")
@@ -41,7 +41,7 @@ def _prompts():
 
 def test_gguf_reader_reads_metadata_vocab_and_tensors(exported):
     _, _, f16 = exported
-    r = gguf.GGUFReader(str(f16))
+    r = read_gguf(f16)
 
     def field(name):
         f = r.fields[name]
@@ -145,7 +145,7 @@ def test_gguf_chat_template_rendered_by_llama_cpp_python_gives_our_ids(exported)
 
     _, _, f16 = exported
     enc, _ = _prompts()
-    r = gguf.GGUFReader(str(f16))
+    r = read_gguf(f16)
     f = r.fields["tokenizer.chat_template"]
     template = bytes(f.parts[f.data[0]]).decode()
     llm = Llama(model_path=str(f16), n_ctx=64, vocab_only=True, verbose=False)
@@ -172,7 +172,7 @@ def test_mixtral_gguf_logits_match_transformers(tmp_path):
     assert main(["merge", str(run), "--out", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
     out = tmp_path / "mix.f16.gguf"
     assert main(["export-gguf", str(tmp_path / "merged"), "--out", str(out)]) == 0
-    r = gguf.GGUFReader(str(out))
+    r = read_gguf(out)
     assert {"blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight", "blk.0.ffn_down_exps.weight",
             "blk.0.ffn_gate_inp.weight"} <= {t.name for t in r.tensors}
     ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()

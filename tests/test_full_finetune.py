@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runfixtures import run_card_snippet, run_recipe
+from runfixtures import read_gguf, run_card_snippet, run_recipe
 from safetensors.torch import load_file, save_file
 
 from mistral_align.entry.cli import main as cli
@@ -106,8 +106,6 @@ def test_push_dry_run_uploads_the_whole_model_and_its_card_loads_it(full, tmp_pa
 
 @pytest.mark.slow
 def test_merge_writes_the_model_as_trained_and_chat_and_gguf_take_the_run(full, tmp_path, capsys):
-    import gguf
-
     dpo = full["tmp"] / "dpo"
     merged = tmp_path / "merged"
     assert cli(["merge", str(dpo), "--out", str(merged), "--dtype", "fp32"]) == 0
@@ -124,7 +122,7 @@ def test_merge_writes_the_model_as_trained_and_chat_and_gguf_take_the_run(full, 
     assert replies[0].strip() and replies[0] == replies[1]
 
     assert cli(["export-gguf", str(dpo), "--out", str(tmp_path / "full.f16.gguf")]) == 0
-    reader = gguf.GGUFReader(str(tmp_path / "full.f16.gguf"))
+    reader = read_gguf(tmp_path / "full.f16.gguf")
     tensors = {t.name: t for t in reader.tensors}
     assert len(tensors) == 3 + 9 * 2  # embeddings, final norm, head; 9 per layer
     embed = torch.from_numpy(tensors["token_embd.weight"].data.copy()).float()

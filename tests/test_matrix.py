@@ -36,7 +36,7 @@ import json
 from pathlib import Path
 
 import pytest
-from runfixtures import run_recipe
+from runfixtures import read_gguf, run_recipe
 from safetensors.torch import load_file
 
 from mistral_align.entry.cli import main as cli
@@ -97,8 +97,6 @@ def _weights(folder: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("cell", TRAINED, ids=_cell_id)
 def test_a_cell_trains_and_every_verb_takes_its_run(cell, tmp_path, capsys):
-    import gguf
-
     family, tokenizer, peft, quant = cell
     run = tmp_path / "run"
     summary = run_recipe("sft_dpo", overrides(*cell, run))
@@ -140,7 +138,7 @@ def test_a_cell_trains_and_every_verb_takes_its_run(cell, tmp_path, capsys):
 
     gguf_file = tmp_path / "cell.f16.gguf"
     assert cli(["export-gguf", str(merged), "--out", str(gguf_file)]) == 0
-    reader = gguf.GGUFReader(str(gguf_file))
+    reader = read_gguf(gguf_file)
     tensors = {t.name for t in reader.tensors}
     vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
     assert vocab == json.loads((merged / "config.json").read_text())["vocab_size"]
