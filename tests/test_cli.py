@@ -191,6 +191,7 @@ def test_preview_jsonl_equals_mistral_common(version, capsys):
         assert ids == tok.encode_chat_completion(ChatCompletionRequest(messages=msgs)).tokens
 
 
+@pytest.mark.slow  # launches the console script
 def test_preview_jsonl_subprocess_skips_invalid_rows():
     p = run("preview", "--tokenizer", "v3", "--kind", "sft", "--data", BROKEN, "--jsonl")  # the console script
     assert p.returncode == 1
