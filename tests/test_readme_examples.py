@@ -49,7 +49,7 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def test_the_readme_example_commands_train_on_the_example_files(tmp_path):
+def test_the_readme_example_commands_train_on_the_example_files(tmp_path, monkeypatch):
     """The example files have 10 rows: the default eval_fraction (2%, 5%) used to leave 0 eval rows
     and stop the run; now one row is held out, with a note, and both stages train. Then the README's
     KTO, SimPO and ORPO commands, on the same files (in this process, as `python recipes/dpo.py ...`)."""
@@ -110,6 +110,7 @@ def run_adapter_commands(cwd: Path, monkeypatch) -> None:
 
     from mistral_align.entry.cli import main as cli
 
+    monkeypatch.chdir(cwd)
     commands = [*doc_commands("mistral-align push runs/example-sft"), *doc_commands("mistral-align merge runs/example-sft"),
                 *doc_commands("mistral-align export-gguf merged/"), *doc_commands("mistral-align chat")]  # fmt: skip
     texts = dict.fromkeys(c.text for c in sorted(commands, key=lambda c: c.argv[1] != "merge") if not c.marks)
