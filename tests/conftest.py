@@ -8,6 +8,8 @@ Session fixtures (ask for them by name; each is built once, on first use):
                        the greedy outputs. Read it, never write into it: copy it first (runfixtures.copy_run).
     tiny_pipeline_run  make_run(arch="mistral-small", quant="none", pipeline=True, steps=8): sft/adapter
                        and dpo/adapter in one run directory.
+    tiny_mixtral_run   make_run(arch="mixtral", quant="none", steps=6, lr=1e-2): a Mixtral run whose
+                       LoRA on every expert moved the logits by more than 1e-2 (push, merge).
 
 The tekken cache: mistral-common builds a `Tekkenizer` from its JSON file in about a second of CPU
 (it decodes all 131,072 pieces), and mistral-common, transformers' MistralCommonBackend and our
@@ -109,3 +111,13 @@ def tiny_pipeline_run(tmp_path_factory):
     before = _files(run)
     yield run
     assert _files(run) == before, "a test wrote into the shared tiny_pipeline_run: copy it first (runfixtures.copy_run)"
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_run(tmp_path_factory):
+    from runfixtures import make_run
+
+    run = make_run(tmp_path_factory.mktemp("tiny_mixtral") / "run", arch="mixtral", quant="none", steps=6, lr=1e-2)
+    before = _files(run)
+    yield run
+    assert _files(run) == before, "a test wrote into the shared tiny_mixtral_run: copy it first (runfixtures.copy_run)"

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from runfixtures import HELD_OUT, load_trained, make_run
+from runfixtures import HELD_OUT, load_trained
 
 pytestmark = pytest.mark.slow
 
@@ -95,13 +95,13 @@ def test_merge_cli_writes_a_plain_transformers_folder(qlora_run, tmp_path):
     assert got["outs"] == ours
 
 
-def test_mixtral_merge_equals_the_adapter_model(tmp_path):
+def test_mixtral_merge_equals_the_adapter_model(tiny_mixtral_run, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from mistral_align.entry.cli import main
 
-    run = make_run(tmp_path / "mix", arch="mixtral", quant="none", steps=8)
+    run = tiny_mixtral_run  # conftest: the session's Mixtral run (LoRA on every expert)
     out = tmp_path / "merged"
     assert main(["merge", str(run), "--out", str(out), "--dtype", "fp32"]) == 0
     _, rows = _rows()

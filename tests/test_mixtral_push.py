@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from runfixtures import make_run, run_card_snippet
+from runfixtures import run_card_snippet
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def pushed(tmp_path_factory):
+def pushed(tiny_mixtral_run, tmp_path_factory):
     from mistral_align.hub.push import push_run
 
-    tmp = tmp_path_factory.mktemp("mixtral_push")
-    run = make_run(tmp / "run", arch="mixtral", quant="none", steps=6, lr=1e-2)
-    push_run(run, "me/tiny-mixtral", dry_run=tmp / "push")
-    return run, tmp / "push"
+    push = tmp_path_factory.mktemp("mixtral_push") / "push"
+    push_run(tiny_mixtral_run, "me/tiny-mixtral", dry_run=push)  # conftest: the session's Mixtral run
+    return tiny_mixtral_run, push
 
 
 def _ours(run, dtype):
