@@ -77,15 +77,23 @@ def pytest_runtest_protocol(item, nextitem):
     warning printed '--- Logging error ---' into the next test's stderr
     (test_hub_push.py::test_push_failure_names_the_step_and_exits_2). Saved around the test's whole
     protocol, not in a function fixture: a module or session fixture that runs a recipe is set up
-    before any function fixture, so a fixture's restore would keep that run's handler and environment."""
+    before any function fixture, so a fixture's restore would keep that run's handler and environment.
+    Hydra's job config too (below)."""
+    from hydra.core.hydra_config import HydraConfig
+
     saved_env = dict(os.environ)
     root = logging.getLogger()
     saved_handlers, saved_level = list(root.handlers), root.level
+    job_config = HydraConfig.instance().cfg
     yield
     os.environ.clear()
     os.environ.update(saved_env)
     root.handlers[:] = saved_handlers
     root.setLevel(saved_level)
+    # A recipe run through @hydra.main leaves its job's config behind; a later `main(cfg)` read that
+    # job's command line as its own (train/preflight.py refused test_full_finetune's SFT run with
+    # test_config's `--cfg job` overrides).
+    HydraConfig.instance().cfg = job_config
 
 
 def _files(folder: Path) -> dict[str, tuple[int, int]]:

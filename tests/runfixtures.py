@@ -299,9 +299,10 @@ def run_recipe_script(recipe: str, *argv: str, cwd: Path | None = None) -> Ran:
     import sys
 
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
     path = ROOT / "recipes" / recipe
-    tests_hydra = GlobalHydra.instance().hydra
+    tests_hydra, job_config = GlobalHydra.instance().hydra, HydraConfig.instance().cfg
     GlobalHydra.instance().clear()
     out, err = io.StringIO(), io.StringIO()
     saved_argv, saved_cwd, register = sys.argv, os.getcwd(), atexit.register
@@ -329,6 +330,9 @@ def run_recipe_script(recipe: str, *argv: str, cwd: Path | None = None) -> Ran:
         sys.argv, atexit.register = saved_argv, register
         os.chdir(saved_cwd)
         GlobalHydra.instance().hydra = tests_hydra
+        # The job's config outlives @hydra.main; a recipe's `main(cfg)` called later in this process
+        # (runfixtures.run_recipe) would read this job's command line as its own (train/preflight.py).
+        HydraConfig.instance().cfg = job_config
         for func, args, kwargs in reversed(at_exit):
             func(*args, **kwargs)
     return Ran(code, out.getvalue(), err.getvalue())
