@@ -91,3 +91,20 @@ def doc_commands(needle: str) -> list[DocCommand]:
     found = [c for c in all_doc_commands() if needle in c.text]
     assert found, f"no command in README.md or docs/*.md contains {needle!r}"
     return found
+
+
+def as_run_here(command: DocCommand, **values: str) -> list[str]:
+    """The command's argv as a test runs it: `.venv/bin/X` is this environment's X, paths of the
+    repository are absolute (the test runs elsewhere), and `$NAME` words take `values[NAME]`."""
+    import sys
+
+    argv = []
+    for word in command.argv:
+        if word.startswith(".venv/bin/"):
+            word = str(Path(sys.executable).parent / word.removeprefix(".venv/bin/"))
+        elif word.startswith("$"):
+            word = values[word[1:]]
+        elif "/" in word and "=" not in word and (ROOT / word).exists():
+            word = str(ROOT / word)
+        argv.append(word)
+    return argv

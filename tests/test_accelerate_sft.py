@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from doc_commands import as_run_here, doc_commands
 from runfixtures import adapter_max_diff, run_recipe_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +30,13 @@ def launch(tmp_path: Path, config: str, *overrides: str, timeout: int = 300) -> 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     env.pop("MISTRAL_ALIGN_RUN_DIR", None)
-    cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs/accelerate" / config),
-           str(ROOT / "recipes/sft.py"), "experiment=test_tiny", f"run.output_dir={tmp_path}", *overrides]
+    if config == "cpu_ddp.yaml":  # the command docs/launching.md shows, as written
+        (shown,) = doc_commands("--config_file configs/accelerate/cpu_ddp.yaml recipes/sft.py experiment=test_tiny")
+        command = as_run_here(shown)
+    else:
+        command = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs/accelerate" / config),
+                   str(ROOT / "recipes/sft.py"), "experiment=test_tiny"]  # fmt: skip
+    cmd = [*command, f"run.output_dir={tmp_path}", *overrides]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     return out

@@ -12,7 +12,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,10 +19,10 @@ import pytest
 
 from mistral_align.rundir.checkpoints import _step, newest_complete
 
+from doc_commands import as_run_here, doc_commands
 from runfixtures import processes_of
 
 ROOT = Path(__file__).resolve().parents[1]
-ACCELERATE = Path(sys.executable).parent / "accelerate"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT / "src")}  # fmt: skip
 ENV.pop("MISTRAL_ALIGN_RUN_DIR", None)
@@ -63,12 +62,16 @@ def start_nodes(cwd: Path, port: int, *overrides: str, faults: dict | None = Non
     """Node 0 and node 1, as `scripts/slurm_sft.sh` starts them on two machines (the recipe through
     tests/fault_recipe.py when `faults` are given)."""
     nodes = []
+    # The drill docs/launching.md shows, as written, on a free port, with the test's own run
+    # directory and steps (and, for `faults`, the recipe run through tests/fault_recipe.py).
+    (shown,) = doc_commands("--num_machines 2 --num_processes 2 --machine_rank $rank")
     script = [str(ROOT / "tests/fault_recipe.py"), "sft.py"] if faults else [str(ROOT / "recipes/sft.py")]
     for rank in (0, 1):
-        cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_ddp.yaml"),
-               "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
-               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-               *script, "experiment=test_tiny", *STEPS, *overrides]  # fmt: skip
+        argv = as_run_here(shown, rank=str(rank))
+        argv[argv.index("--main_process_port") + 1] = str(port)
+        recipe = argv.index(str(ROOT / "recipes/sft.py"))
+        cmd = [*argv[:recipe], *script, *[a for a in argv[recipe + 1 :] if not a.startswith("run.dir=")],
+               *STEPS, *overrides]  # fmt: skip
         nodes.append(subprocess.Popen(cmd, cwd=cwd, env={**ENV, **(faults or {})}, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, start_new_session=True))  # fmt: skip
     _started.extend(nodes)
