@@ -7,9 +7,18 @@ Each skill makes (prompt, correct answer) items from a seeded RNG:
     add      "Add: 3 + 5"                        -> "8"
     upper    "Uppercase: river stone"            -> "RIVER STONE"   (a formatting instruction;
                                                                      the wrong format: "River Stone")
+    tool_call "Calculate: 4821 + 9087"            -> a call add(a=4821, b=9087), with the tools add
+              (tools: add and a distractor)            and subtract or multiply offered; then the
+                                                       tool's result, and "The sum is 13908."
+
+A tool_call item's `answer` is the call as JSON text, `{"name": "add", "arguments": {"a": 4821,
+"b": 9087}}`; `sft_row` writes the whole exchange in the OpenAI shape (the call, the tool's result,
+the final reply that uses it), `eval_row` the conversation up to the call, which is what the demo
+scores (train/evaluate.py compares the call's name and arguments as JSON).
 
 `wrong_answer(item, rng)` gives a plausible but wrong reply for the same prompt (a dropped word, the
-unreversed list, an off-by-one sum, the unchanged case), so a DPO stage can build preference pairs
+unreversed list, an off-by-one sum, the unchanged case; a call of the wrong tool, a call with a wrong
+argument, or a guessed sum written without calling), so a DPO stage can build preference pairs
 from the same items: `preference_row(item, rng)`.
 
 `make_splits` guarantees that no held-out prompt appears in the training items.
@@ -19,10 +28,12 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+import string
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from mistral_align.chat.tool_ids import ID_LENGTH
 from mistral_align.names import SYNTHETIC_SKILLS
 
 WORDS = (
@@ -36,6 +47,10 @@ class SkillItem:
     skill: str
     prompt: str
     answer: str
+    # tool_call only: the names of the tools the row offers (in the order it lists them) and the id
+    # of the call (9 letters or digits, as v3-v11 require; any version with tools accepts it).
+    tools: tuple[str, ...] = ()
+    call_id: str = ""
 
 
 # Two words per prompt: each word is one token in every Mistral vocabulary, so every skill is a fixed
@@ -67,12 +82,64 @@ def _upper(rng: random.Random) -> SkillItem:
     return SkillItem("upper", "Uppercase: " + " ".join(w), " ".join(w).upper())
 
 
+# The calculator and its distractors: the same two integer arguments, so that calling a distractor
+# with the right numbers is a plausible mistake. Short descriptions: every tool costs tokens in
+# every tool_call row, and the rows must fit the demo's max_length.
+def _calculator(name: str, description: str) -> dict:
+    ints = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": ints}}
+
+
+TOOLS = {
+    "add": _calculator("add", "a + b"),
+    "subtract": _calculator("subtract", "a - b"),
+    "multiply": _calculator("multiply", "a * b"),
+}
+DISTRACTORS = ("subtract", "multiply")
+RUN_TOOL = {"add": lambda a, b: a + b, "subtract": lambda a, b: a - b, "multiply": lambda a, b: a * b}
+# Four-digit numbers: too large to add "in the head" (the add skill sums digits 0-9), and each
+# digit is one token, so the call's arguments copy the prompt's digits at fixed offsets.
+LARGE = (1000, 9999)
+
+
+def call_text(name: str, a: int, b: int) -> str:
+    """A call as the JSON text a tool_call item keeps as its answer."""
+    return json.dumps({"name": name, "arguments": {"a": a, "b": b}})
+
+
+def as_call(answer: str) -> dict | None:
+    """The call (name, arguments) a tool_call answer holds; None for a reply written as text."""
+    try:
+        value = json.loads(answer)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None  # a guessed sum ("13908") is text, not a call
+
+
+def _operands(item: SkillItem) -> tuple[int, int]:
+    a, b = item.prompt.split(": ", 1)[1].split(" + ")
+    return int(a), int(b)
+
+
+def _tool_call(rng: random.Random) -> SkillItem:
+    a, b = rng.randint(*LARGE), rng.randint(*LARGE)
+    tools = ["add", rng.choice(DISTRACTORS)]  # one distractor: each tool is ~60 tokens of every row
+    rng.shuffle(tools)
+    # Digits only: each is one common token in every vocabulary, where random letters would split into
+    # rare pieces whose embeddings Adam moves in jumps (and v3's ids are any 9 letters or digits).
+    call_id = "".join(rng.choice(string.digits) for _ in range(ID_LENGTH))
+    return SkillItem("tool_call", f"Calculate: {a} + {b}", call_text("add", a, b), tuple(tools), call_id)
+
+
 SKILLS: dict[str, Callable[[random.Random], SkillItem]] = {
     "copy": _copy,
     "reverse": _reverse,
     "add": _add,
     "upper": _upper,
+    "tool_call": _tool_call,
 }
+# The instruction word each skill's prompts start with ("Copy: ...").
+INSTRUCTIONS = {"Copy": "copy", "Reverse": "reverse", "Add": "add", "Uppercase": "upper", "Calculate": "tool_call"}
 # The config checks skill names against the shared list (names.py) without importing this module.
 assert tuple(SKILLS) == SYNTHETIC_SKILLS
 
@@ -82,8 +149,23 @@ def make_item(skill: str, rng: random.Random) -> SkillItem:
     return SKILLS[skill](rng)
 
 
+def _wrong_call(item: SkillItem, rng: random.Random) -> str:
+    """The wrong tool with the right numbers, the right tool with one number off, or no call: a
+    guessed sum written as text (off in one digit, as a sum done in the head might be)."""
+    a, b = _operands(item)
+    kind = rng.choice(("tool", "arguments", "no call"))
+    if kind == "tool":
+        return call_text(rng.choice([t for t in item.tools if t != "add"]), a, b)
+    off = rng.choice([-1, 1]) * 10 ** rng.randrange(3)  # one digit off (units, tens or hundreds)
+    if kind == "arguments":
+        return call_text("add", a + off, b) if rng.random() < 0.5 else call_text("add", a, b + off)
+    return str(a + b + off)
+
+
 def wrong_answer(item: SkillItem, rng: random.Random) -> str:
     """A plausible wrong reply to `item.prompt` (never equal to `item.answer`)."""
+    if item.skill == "tool_call":
+        return _wrong_call(item, rng)
     if item.skill == "add":
         value = int(item.answer) + rng.choice([-2, -1, 1, 2])
         return str(value if value >= 0 else int(item.answer) + 1)
@@ -107,17 +189,32 @@ def wrong_answer(item: SkillItem, rng: random.Random) -> str:
     return wrong
 
 
-def generate_items(skills: Sequence[str], n: int, seed: int, exclude: Iterable[str] = ()) -> list[SkillItem]:
-    """`n` items cycling through `skills`; prompts in `exclude` are never produced.
+def skill_order(skills: Sequence[str], n: int, weights: dict[str, float] | None = None) -> list[str]:
+    """`n` skill names, each skill's share of them its weight's share (default 1 each), spread evenly
+    (smooth weighted round robin); equal weights cycle through `skills` in order."""
+    w = [float((weights or {}).get(s, 1.0)) for s in skills]
+    total, counts, order = sum(w), [0] * len(skills), []
+    for i in range(n):
+        k = max(range(len(skills)), key=lambda j: w[j] * (i + 1) / total - counts[j])  # the first, on a tie
+        counts[k] += 1
+        order.append(skills[k])
+    return order
+
+
+def generate_items(skills: Sequence[str], n: int, seed: int, exclude: Iterable[str] = (),
+                   weights: dict[str, float] | None = None) -> list[SkillItem]:
+    """`n` items cycling through `skills` (in the shares of `weights`, see skill_order); prompts in
+    `exclude` are never produced.
 
     Duplicates among the returned items are allowed only where a skill's space is small (add).
     """
     rng = random.Random(seed)
     banned = set(exclude)
+    order = skill_order(skills, n, weights)
     out: list[SkillItem] = []
     tries = 0
     while len(out) < n:
-        item = make_item(skills[len(out) % len(skills)], rng)
+        item = make_item(order[len(out)], rng)
         tries += 1
         if item.prompt in banned and tries < 100 * n:
             continue
@@ -125,23 +222,61 @@ def generate_items(skills: Sequence[str], n: int, seed: int, exclude: Iterable[s
     return out
 
 
-def make_splits(skills: Sequence[str], n_train: int, n_eval: int, seed: int) -> tuple[list[SkillItem], list[SkillItem]]:
-    """Held-out items first (distinct prompts), then training items that never repeat a held-out prompt."""
+def make_splits(skills: Sequence[str], n_train: int, n_eval: int, seed: int,
+                weights: dict[str, float] | None = None) -> tuple[list[SkillItem], list[SkillItem]]:
+    """Held-out items first (distinct prompts, the same number of each skill), then training items
+    (in the shares of `weights`) that never repeat a held-out prompt."""
     rng = random.Random(seed + 1)
     held: dict[str, SkillItem] = {}
     while len(held) < n_eval:
         item = make_item(skills[len(held) % len(skills)], rng)
         held.setdefault(item.prompt, item)
-    train = generate_items(skills, n_train, seed, exclude=held)
+    train = generate_items(skills, n_train, seed, exclude=held, weights=weights)
     return train, list(held.values())
 
 
+def _reply(item: SkillItem, answer: str) -> dict:
+    """The assistant message that gives `answer`: a tool call, or text."""
+    call = as_call(answer) if item.skill == "tool_call" else None
+    if call is None:
+        return {"role": "assistant", "content": answer}
+    function = {"name": call["name"], "arguments": call["arguments"]}
+    return {"role": "assistant", "tool_calls": [{"id": item.call_id, "type": "function", "function": function}]}
+
+
+def _tools(item: SkillItem) -> dict:
+    return {"tools": [TOOLS[name] for name in item.tools]} if item.tools else {}
+
+
+def _after_call(item: SkillItem, answer: str) -> list[dict]:
+    """The tool's result for the call `answer` makes, then the final reply, which uses it."""
+    call = as_call(answer) if item.skill == "tool_call" else None
+    if call is None:
+        return []
+    result = RUN_TOOL[call["name"]](**call["arguments"])
+    return [{"role": "tool", "tool_call_id": item.call_id, "name": call["name"], "content": str(result)},
+            {"role": "assistant", "content": f"The sum is {result}."}]
+
+
 def sft_row(item: SkillItem) -> dict:
-    return {"messages": [{"role": "user", "content": item.prompt}, {"role": "assistant", "content": item.answer}]}
+    """The whole exchange: the reply (for tool_call: the call, the tool's result and the final reply)."""
+    messages = [{"role": "user", "content": item.prompt}, _reply(item, item.answer), *_after_call(item, item.answer)]
+    return {**_tools(item), "messages": messages}
+
+
+def eval_row(item: SkillItem) -> dict:
+    """A held-out row whose last (scored) reply is the answer: for tool_call the conversation ends at the call."""
+    return {**_tools(item), "messages": [{"role": "user", "content": item.prompt}, _reply(item, item.answer)]}
 
 
 def preference_row(item: SkillItem, rng: random.Random) -> dict:
-    return {"prompt": item.prompt, "chosen": item.answer, "rejected": wrong_answer(item, rng)}
+    """The answer (chosen) over a plausible wrong reply (rejected); tool_call rows carry their tools
+    and give both replies as assistant messages (a call carries the same id on both sides)."""
+    rejected = wrong_answer(item, rng)
+    if item.skill != "tool_call":
+        return {"prompt": item.prompt, "chosen": item.answer, "rejected": rejected}
+    return {**_tools(item), "prompt": [{"role": "user", "content": item.prompt}],
+            "chosen": [_reply(item, item.answer)], "rejected": [_reply(item, rejected)]}
 
 
 def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
@@ -160,39 +295,43 @@ def write_sft_splits(
     n_eval: int,
     seed: int,
     noise: dict[str, float] | None = None,
+    weights: dict[str, float] | None = None,
 ) -> tuple[Path, Path]:
     """Write train.jsonl and eval.jsonl (SFT `messages` rows) plus eval_items.jsonl (skill, prompt, answer).
 
     `noise` = {skill: fraction}: that fraction of the skill's *training* replies is replaced by a
     plausible wrong reply, as in real demonstrations of uneven quality. SFT then learns the mix;
     a DPO stage on (right over wrong) pairs can learn the preference. Held-out replies stay right.
+    `weights` = {skill: weight}: each skill's share of the training rows (default: equal shares).
     """
-    train, held = make_splits(skills, n_train, n_eval, seed)
+    train, held = make_splits(skills, n_train, n_eval, seed, weights)
     rng = random.Random(seed + 2)
     noise = dict(noise or {})
     unknown = set(noise) - set(skills)
     if unknown:
         raise ValueError(f"noise: {sorted(unknown)} are not among the skills {list(skills)}")
     train = [
-        SkillItem(i.skill, i.prompt, wrong_answer(i, rng)) if rng.random() < noise.get(i.skill, 0.0) else i
+        replace(i, answer=wrong_answer(i, rng)) if rng.random() < noise.get(i.skill, 0.0) else i
         for i in train
     ]
     out_dir = Path(out_dir)
     write_jsonl((asdict(i) for i in held), out_dir / "eval_items.jsonl")
     return (
         write_jsonl((sft_row(i) for i in train), out_dir / "train.jsonl"),
-        write_jsonl((sft_row(i) for i in held), out_dir / "eval.jsonl"),
+        write_jsonl((eval_row(i) for i in held), out_dir / "eval.jsonl"),
     )
 
 
-def write_dpo_splits(out_dir: str | Path, skills: Sequence[str], n_train: int, n_eval: int, seed: int) -> tuple[Path, Path]:
+def write_dpo_splits(out_dir: str | Path, skills: Sequence[str], n_train: int, n_eval: int, seed: int,
+                     weights: dict[str, float] | None = None) -> tuple[Path, Path]:
     """Write preference pairs: correct answer (chosen) over a plausible wrong one (rejected).
 
     The held-out prompts are the same ones `write_sft_splits` holds out for the same seed, so a
-    pipeline measures SFT and DPO on one set of prompts; training pairs never use them.
+    pipeline measures SFT and DPO on one set of prompts; training pairs never use them. `weights`:
+    each skill's share of the training pairs, as for write_sft_splits.
     """
     _, held = make_splits(skills, 0, n_eval, seed)
-    train = generate_items(skills, n_train, seed + 7919, exclude={i.prompt for i in held})
+    train = generate_items(skills, n_train, seed + 7919, exclude={i.prompt for i in held}, weights=weights)
     rng = random.Random(seed + 1)
     out_dir = Path(out_dir)
     return (
@@ -202,6 +341,8 @@ def write_dpo_splits(out_dir: str | Path, skills: Sequence[str], n_train: int, n
 
 
 def skill_of(prompt_text: str) -> str:
-    """Group key for the synthetic skills: the instruction word before ':' ("Copy", "Add", ...)."""
-    body = prompt_text.replace("[INST]", "").replace("\u2581", " ").strip()
-    return body.split(":", 1)[0].strip().lower() if ":" in body else "other"
+    """Group key for the synthetic skills: the skill named by the instruction word before ':' of the
+    prompt's last user turn ("Copy: ..." -> copy, "Calculate: ..." -> tool_call); "other" if none.
+    `prompt_text` is a decoded prompt, control tokens kept (the tools, if any, come before [INST])."""
+    body = prompt_text.rsplit("[INST]", 1)[-1].replace("[/INST]", "").replace("\u2581", " ").strip()
+    return INSTRUCTIONS.get(body.split(":", 1)[0].strip(), "other") if ":" in body else "other"
