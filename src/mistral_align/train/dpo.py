@@ -186,7 +186,7 @@ class DPOStage(Stage):
 
     def write_synthetic_data(self, data_dir: Path):
         s = self.node.synthetic
-        return write_dpo_splits(data_dir, s.skills, s.n_train, s.n_eval, s.seed)
+        return write_dpo_splits(data_dir, s.skills, s.n_train, s.n_eval, s.seed, weights=dict(s.weights))
 
     def load_data(self) -> LoadedData:
         return load_dpo_dataset(self.node.data, self.encoder)
@@ -232,7 +232,8 @@ class DPOStage(Stage):
     def report(self, summary: dict, gen_before: dict | None, gen_after: dict | None) -> str | None:
         parts = []
         if gen_after is not None:
-            parts.append("DPO before / after (held-out prompts)\n" + generation_table(gen_before, gen_after, None, None))
+            table = generation_table(gen_before, gen_after, None, None, bars=summary["eval"].get("bars"))
+            parts.append("DPO before / after (held-out prompts)\n" + table)
         d = summary["dpo"]
         if d.get("before") and d.get("after"):
             parts.append(preference_table(d["before"], d["after"]))

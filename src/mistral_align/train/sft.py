@@ -70,7 +70,7 @@ class SFTStage(Stage):
 
     def write_synthetic_data(self, data_dir: Path):
         s = self.node.synthetic
-        return write_sft_splits(data_dir, s.skills, s.n_train, s.n_eval, s.seed, noise=s.noise)
+        return write_sft_splits(data_dir, s.skills, s.n_train, s.n_eval, s.seed, noise=s.noise, weights=dict(s.weights))
 
     def load_data(self) -> LoadedData:
         return load_sft_dataset(self.node.data, self.encoder)
@@ -98,5 +98,6 @@ class SFTStage(Stage):
         s = summary["sft"]
         if gen_after is None:
             return None
-        table = generation_table(gen_before, gen_after, s.get("before", {}).get("loss"), s.get("after", {}).get("loss"))
+        table = generation_table(gen_before, gen_after, s.get("before", {}).get("loss"), s.get("after", {}).get("loss"),
+                                 bars=summary["eval"].get("bars"))
         return "SFT before / after (held-out prompts)\n" + table
