@@ -7,9 +7,9 @@ Each skill makes (prompt, correct answer) items from a seeded RNG:
     add      "Add: 3 + 5"                        -> "8"
     upper    "Uppercase: river stone"            -> "RIVER STONE"   (a formatting instruction;
                                                                      the wrong format: "River Stone")
-    tool_call "Calculate: 4821 + 9087"            -> a call add(a=4821, b=9087), with the tools add
-              (tools: add and a distractor)            and subtract or multiply offered; then the
-                                                       tool's result, and "The sum is 13908."
+    tool_call "Calculate: 4821, and then add 9087" -> a call add(a=4821, b=9087), with the tools add
+              (tools: add and a distractor)             and subtract or multiply offered; then the
+                                                        tool's result, and "The sum is 13908."
 
 A tool_call item's `answer` is the call as JSON text, `{"name": "add", "arguments": {"a": 4821,
 "b": 9087}}`; `sft_row` writes the whole exchange in the OpenAI shape (the call, the tool's result,
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import string
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -97,8 +98,10 @@ TOOLS = {
 }
 DISTRACTORS = ("subtract", "multiply")
 RUN_TOOL = {"add": lambda a, b: a + b, "subtract": lambda a, b: a - b, "multiply": lambda a, b: a * b}
-# Four-digit numbers: too large to add "in the head" (the add skill sums digits 0-9), and each
-# digit is one token, so the call's arguments copy the prompt's digits at fixed offsets.
+# Four-digit numbers: too large to add "in the head" (the add skill sums digits 0-9). Each digit is
+# one v3 token, and the prompt puts as many tokens between the two numbers (", and then add ") as
+# the call does (', "b": '), so one fixed offset copies every digit of both arguments. With
+# "4821 + 9087" a tiny model learned to copy a and never b (b's offset differs by three tokens).
 LARGE = (1000, 9999)
 
 
@@ -117,7 +120,7 @@ def as_call(answer: str) -> dict | None:
 
 
 def _operands(item: SkillItem) -> tuple[int, int]:
-    a, b = item.prompt.split(": ", 1)[1].split(" + ")
+    a, b = re.findall(r"\d+", item.prompt)
     return int(a), int(b)
 
 
@@ -125,10 +128,10 @@ def _tool_call(rng: random.Random) -> SkillItem:
     a, b = rng.randint(*LARGE), rng.randint(*LARGE)
     tools = ["add", rng.choice(DISTRACTORS)]  # one distractor: each tool is ~60 tokens of every row
     rng.shuffle(tools)
-    # Digits only: each is one common token in every vocabulary, where random letters would split into
-    # rare pieces whose embeddings Adam moves in jumps (and v3's ids are any 9 letters or digits).
+    # Digits only: each is one common v3 token, where random letters split into rare pieces whose
+    # embeddings Adam moves in jumps (loss spikes); v3 takes any 9 letters or digits.
     call_id = "".join(rng.choice(string.digits) for _ in range(ID_LENGTH))
-    return SkillItem("tool_call", f"Calculate: {a} + {b}", call_text("add", a, b), tuple(tools), call_id)
+    return SkillItem("tool_call", f"Calculate: {a}, and then add {b}", call_text("add", a, b), tuple(tools), call_id)
 
 
 SKILLS: dict[str, Callable[[random.Random], SkillItem]] = {
@@ -189,32 +192,17 @@ def wrong_answer(item: SkillItem, rng: random.Random) -> str:
     return wrong
 
 
-def skill_order(skills: Sequence[str], n: int, weights: dict[str, float] | None = None) -> list[str]:
-    """`n` skill names, each skill's share of them its weight's share (default 1 each), spread evenly
-    (smooth weighted round robin); equal weights cycle through `skills` in order."""
-    w = [float((weights or {}).get(s, 1.0)) for s in skills]
-    total, counts, order = sum(w), [0] * len(skills), []
-    for i in range(n):
-        k = max(range(len(skills)), key=lambda j: w[j] * (i + 1) / total - counts[j])  # the first, on a tie
-        counts[k] += 1
-        order.append(skills[k])
-    return order
-
-
-def generate_items(skills: Sequence[str], n: int, seed: int, exclude: Iterable[str] = (),
-                   weights: dict[str, float] | None = None) -> list[SkillItem]:
-    """`n` items cycling through `skills` (in the shares of `weights`, see skill_order); prompts in
-    `exclude` are never produced.
+def generate_items(skills: Sequence[str], n: int, seed: int, exclude: Iterable[str] = ()) -> list[SkillItem]:
+    """`n` items cycling through `skills`; prompts in `exclude` are never produced.
 
     Duplicates among the returned items are allowed only where a skill's space is small (add).
     """
     rng = random.Random(seed)
     banned = set(exclude)
-    order = skill_order(skills, n, weights)
     out: list[SkillItem] = []
     tries = 0
     while len(out) < n:
-        item = make_item(order[len(out)], rng)
+        item = make_item(skills[len(out) % len(skills)], rng)
         tries += 1
         if item.prompt in banned and tries < 100 * n:
             continue
@@ -222,16 +210,14 @@ def generate_items(skills: Sequence[str], n: int, seed: int, exclude: Iterable[s
     return out
 
 
-def make_splits(skills: Sequence[str], n_train: int, n_eval: int, seed: int,
-                weights: dict[str, float] | None = None) -> tuple[list[SkillItem], list[SkillItem]]:
-    """Held-out items first (distinct prompts, the same number of each skill), then training items
-    (in the shares of `weights`) that never repeat a held-out prompt."""
+def make_splits(skills: Sequence[str], n_train: int, n_eval: int, seed: int) -> tuple[list[SkillItem], list[SkillItem]]:
+    """Held-out items first (distinct prompts), then training items that never repeat a held-out prompt."""
     rng = random.Random(seed + 1)
     held: dict[str, SkillItem] = {}
     while len(held) < n_eval:
         item = make_item(skills[len(held) % len(skills)], rng)
         held.setdefault(item.prompt, item)
-    train = generate_items(skills, n_train, seed, exclude=held, weights=weights)
+    train = generate_items(skills, n_train, seed, exclude=held)
     return train, list(held.values())
 
 
@@ -295,16 +281,14 @@ def write_sft_splits(
     n_eval: int,
     seed: int,
     noise: dict[str, float] | None = None,
-    weights: dict[str, float] | None = None,
 ) -> tuple[Path, Path]:
     """Write train.jsonl and eval.jsonl (SFT `messages` rows) plus eval_items.jsonl (skill, prompt, answer).
 
     `noise` = {skill: fraction}: that fraction of the skill's *training* replies is replaced by a
     plausible wrong reply, as in real demonstrations of uneven quality. SFT then learns the mix;
     a DPO stage on (right over wrong) pairs can learn the preference. Held-out replies stay right.
-    `weights` = {skill: weight}: each skill's share of the training rows (default: equal shares).
     """
-    train, held = make_splits(skills, n_train, n_eval, seed, weights)
+    train, held = make_splits(skills, n_train, n_eval, seed)
     rng = random.Random(seed + 2)
     noise = dict(noise or {})
     unknown = set(noise) - set(skills)
@@ -322,16 +306,14 @@ def write_sft_splits(
     )
 
 
-def write_dpo_splits(out_dir: str | Path, skills: Sequence[str], n_train: int, n_eval: int, seed: int,
-                     weights: dict[str, float] | None = None) -> tuple[Path, Path]:
+def write_dpo_splits(out_dir: str | Path, skills: Sequence[str], n_train: int, n_eval: int, seed: int) -> tuple[Path, Path]:
     """Write preference pairs: correct answer (chosen) over a plausible wrong one (rejected).
 
     The held-out prompts are the same ones `write_sft_splits` holds out for the same seed, so a
-    pipeline measures SFT and DPO on one set of prompts; training pairs never use them. `weights`:
-    each skill's share of the training pairs, as for write_sft_splits.
+    pipeline measures SFT and DPO on one set of prompts; training pairs never use them.
     """
     _, held = make_splits(skills, 0, n_eval, seed)
-    train = generate_items(skills, n_train, seed + 7919, exclude={i.prompt for i in held}, weights=weights)
+    train = generate_items(skills, n_train, seed + 7919, exclude={i.prompt for i in held})
     rng = random.Random(seed + 1)
     out_dir = Path(out_dir)
     return (

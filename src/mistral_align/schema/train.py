@@ -145,10 +145,6 @@ class SyntheticConfig:
     n_train: int = 2000
     n_eval: int = 64
     seed: int = 0
-    # {skill: weight}: each skill's share of the training rows, e.g. {tool_call: 0.2} for a fifth of a
-    # text skill's share of a skill whose rows are long (default: equal shares). Held-out prompts stay
-    # n_eval / len(skills) per skill.
-    weights: dict[str, float] = field(default_factory=dict)
     # {skill: the held-out exact match it should reach after the stage}: a skill that falls short is
     # named in a warning, in the stage's table and in summary.json (eval.bars). The demo sets them.
     bars: dict[str, float] = field(default_factory=dict)
@@ -166,10 +162,6 @@ def check_synthetic(s: Any, key: str) -> None:
             choice(skill, f"{key}.skills[{i}]", SYNTHETIC_SKILLS)
         at_least(s.n_train, f"{key}.n_train", 1)
         at_least(s.n_eval, f"{key}.n_eval", 0)
-        for skill, weight in (s.weights or {}).items():
-            if skill not in s.skills:
-                raise ConfigError(f"{key}.weights.{skill}: not one of the skills trained ({', '.join(s.skills)})")
-            at_least(weight, f"{key}.weights.{skill}", 0, strict=True)
         for skill, bar in (s.bars or {}).items():
             if skill not in s.skills:
                 raise ConfigError(f"{key}.bars.{skill}: not one of the skills trained ({', '.join(s.skills)})")

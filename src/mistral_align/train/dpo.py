@@ -186,7 +186,7 @@ class DPOStage(Stage):
 
     def write_synthetic_data(self, data_dir: Path):
         s = self.node.synthetic
-        return write_dpo_splits(data_dir, s.skills, s.n_train, s.n_eval, s.seed, weights=dict(s.weights))
+        return write_dpo_splits(data_dir, s.skills, s.n_train, s.n_eval, s.seed)
 
     def load_data(self) -> LoadedData:
         return load_dpo_dataset(self.node.data, self.encoder)

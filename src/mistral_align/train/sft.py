@@ -70,7 +70,7 @@ class SFTStage(Stage):
 
     def write_synthetic_data(self, data_dir: Path):
         s = self.node.synthetic
-        return write_sft_splits(data_dir, s.skills, s.n_train, s.n_eval, s.seed, noise=s.noise, weights=dict(s.weights))
+        return write_sft_splits(data_dir, s.skills, s.n_train, s.n_eval, s.seed, noise=s.noise)
 
     def load_data(self) -> LoadedData:
         return load_sft_dataset(self.node.data, self.encoder)
