@@ -1,8 +1,13 @@
-"""Direct preference optimisation of an SFT adapter (LoRA or QLoRA), against the SFT model.
+"""Preference optimisation (dpo.objective: dpo, kto, orpo, simpo) with LoRA or QLoRA: of an SFT
+adapter (DPO and KTO against the SFT model; SimPO without a reference), or, for ORPO, of a new
+adapter on the base model (SFT and preference in one stage). With peft=none, of a fully fine-tuned
+SFT model (its frozen copy the reference).
 
     accelerate launch [--config_file configs/accelerate/X.yaml] recipes/dpo.py dpo.init_from=runs/sft-... [overrides]
     accelerate launch recipes/dpo.py model=mistral-7b-v0.3 quant=nf4 dpo.init_from=me/my-sft-adapter \
         'dpo.data.train=[{path: prefs.jsonl}]' dpo.beta=0.1 dpo.train.lr=5e-6
+    accelerate launch recipes/dpo.py dpo.objective=kto dpo.init_from=runs/sft-... 'dpo.data.train=[{path: kto.jsonl}]'
+    accelerate launch recipes/dpo.py dpo.objective=orpo model=mistral-7b-v0.3 quant=nf4 'dpo.data.train=[{path: prefs.jsonl}]'
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from mistral_align.entry.recipe import exit_on_user_error, run_hydra_recipe
+from mistral_align.schema.objectives import NAMES
 from mistral_align.schema.recipe import register_configs
 from mistral_align.train.preflight import check_recipe
 
@@ -27,16 +33,17 @@ def main(cfg: DictConfig) -> dict:
     from mistral_align.train.run import finish_run, open_run
     from mistral_align.train.stage import run_stage
 
-    # 2. DPO continues the SFT adapter, so it needs the exact base (and quantisation) SFT trained on:
-    #    given an SFT run directory, model, quant and run.seed come from that run's config.
+    # 2. The stage continues the SFT adapter (or model), so it needs the exact base (and quantisation)
+    #    SFT trained on: given an SFT run directory, model, quant, peft and run.seed come from its config.
     if cfg.dpo.init_from:
         cfg = same_base_as_sft_run(cfg)
     run = open_run(cfg, "dpo", stages=("dpo",))
-    # 3. The DPO stage: preference pairs (exact ids) -> the SFT adapter as policy, its frozen copy as
-    #    reference -> evaluate before -> train -> save the adapter -> evaluate after -> summary.
+    # 3. The preference stage: pairs or KTO rows (exact ids) -> the SFT adapter or model as policy (DPO,
+    #    KTO: its frozen copy as reference) -> evaluate before -> train -> save adapter/ (or model/)
+    #    -> evaluate after -> summary.
     summary = run_stage(DPOStage(cfg, run))
     # 4. Loss plot and summary.json.
-    return finish_run(run, summary, title=f"DPO {cfg.model.name}")
+    return finish_run(run, summary, title=f"{NAMES[cfg.dpo.objective]} {cfg.model.name}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@
 #                               plain DPOTrainer) 2 rounds ~2.5; the SFT pair at 4096 only if its rounds
 #                               still fit (they do not by default: GPU_CHECK_STEPS=bench7b BENCH_PAIRS=sft:4096)
 #   then, all at once (the 7B numbers are taken by then; these measure correctness and memory):
-#   fsdp      1    (limit 2.2)  FSDP-QLoRA SFT -> DPO with the generation eval (tests/test_gpu_fsdp_qlora.py)
+#   fsdp      1    (limit 2.2)  FSDP-QLoRA SFT -> DPO, the generation eval refused (tests/test_gpu_fsdp_qlora.py)
 #   sharded   1.5  (limit 2.2)  saves under FSDP and ZeRO-3 vs one process (tests/test_gpu_sharded_save.py)
 #   resume    1.25 (limit 2.2)  SIGTERM, SIGKILL, resume on the GPU (test_faults.py::test_sft_killed_then_resumed...)
 #   gputests  1.5  (limit 2.2)  tests/test_gpu.py (4-bit on CUDA, torch.compile, padding-free DPO, Liger)

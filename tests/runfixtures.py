@@ -7,7 +7,7 @@ writes, like a finished single-stage run of an inline model:
     base/                 plain transformers model (config.json + model.safetensors, float32)
     adapter/              peft LoRA trained a few steps against the (NF4-)quantised base, safetensors,
                           base_model_name_or_path = absolute path of base/; tokenizer files
-    tokenizer/            save_hf_tokenizer(version)
+    tokenizer/            save_hf_tokenizer(version)   (v3 unless `version=` says otherwise)
     config.yaml manifest.json metrics.jsonl loss.png summary.json
 
 `pipeline=True` writes sft/adapter and dpo/adapter (the dpo adapter trained a few steps more).
@@ -16,10 +16,16 @@ The LoRA is trained on a tiny copy task so that it changes the model's greedy ou
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
+
+# llama.cpp's own runtime (llama-cpp-python builds from source for ~20 minutes, so CI leaves it out).
+needs_llama = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                 reason="llama-cpp-python is not installed (pip install '.[gguf]')")
 
 VERSION = "v3"
 VOCAB = 32768  # tokenizer v3
@@ -69,7 +75,7 @@ def adapter_max_diff(a: Path, b: Path) -> float:
     return max((ta[k].float() - tb[k].float()).abs().max().item() for k in ta)
 
 
-def model_config(arch: str):
+def model_config(arch: str, vocab_size: int = VOCAB):
     from types import SimpleNamespace
 
     from mistral_align.model.inline import inline_config
@@ -77,7 +83,7 @@ def model_config(arch: str):
     a = dict(ARCH[arch])
     if a["type"] == "mistral":
         a.update(num_local_experts=0, num_experts_per_tok=0, router_aux_loss_coef=0.0)
-    return inline_config(SimpleNamespace(architecture=SimpleNamespace(**a)), VOCAB)
+    return inline_config(SimpleNamespace(architecture=SimpleNamespace(**a)), vocab_size)
 
 
 def _bnb(quant: str):
@@ -134,13 +140,13 @@ def _train(model, encoder, steps: int, lr: float, seed: int):
     return losses
 
 
-def _config_yaml(arch: str, quant: str, stages: list[str], run_dir: Path) -> str:
+def _config_yaml(arch: str, quant: str, stages: list[str], run_dir: Path, version: str = VERSION) -> str:
     from omegaconf import OmegaConf
 
     a = dict(ARCH[arch])
     cfg = {
         "model": {"name": f"tiny-{arch}", "hub_id": None, "revision": None, "architecture": a,
-                  "tokenizer_version": VERSION, "dtype": "float32", "attn_implementation": "sdpa"},
+                  "tokenizer_version": version, "dtype": "float32", "attn_implementation": "sdpa"},
         "quant": {"mode": quant, "double_quant": True, "compute_dtype": "float32", "storage_dtype": "uint8",
                   "skip_modules": ["lm_head"]},
         "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["all-linear"]},
@@ -156,7 +162,7 @@ def _config_yaml(arch: str, quant: str, stages: list[str], run_dir: Path) -> str
 
 
 def make_run(run_dir: Path, arch: str = "mistral", quant: str = "nf4", pipeline: bool = False,
-             steps: int = 40, lr: float = 2e-3, seed: int = 0) -> Path:
+             steps: int = 40, lr: float = 2e-3, seed: int = 0, version: str = VERSION) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -168,9 +174,9 @@ def make_run(run_dir: Path, arch: str = "mistral", quant: str = "nf4", pipeline:
 
     run_dir = Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
-    encoder = get_encoder(VERSION)
+    encoder = get_encoder(version)
     torch.manual_seed(seed)
-    config = model_config(arch)
+    config = model_config(arch, encoder.vocab_size)
     cls = model_class(config)  # what training uses: Mixtral with per-expert linears
     base = (cls.from_config if cls is AutoModelForCausalLM else cls._from_config)(config, dtype=torch.float32)
     base.save_pretrained(run_dir / "base")
@@ -196,15 +202,15 @@ def make_run(run_dir: Path, arch: str = "mistral", quant: str = "nf4", pipeline:
         c = json.loads(cfg_file.read_text())
         c["base_model_name_or_path"] = str(base_dir)
         cfg_file.write_text(json.dumps(c, indent=2))
-        save_hf_tokenizer(VERSION, out)
-        save_hf_tokenizer(VERSION, out.parent / "tokenizer")
+        save_hf_tokenizer(version, out)
+        save_hf_tokenizer(version, out.parent / "tokenizer")
         stage_summary = {"train_loss": sum(losses) / len(losses), "steps": len(losses), "final_loss": losses[-1]}
         summary[stage] = stage_summary
         if pipeline:
             (run_dir / stage / "summary.json").write_text(json.dumps({stage: stage_summary}, indent=2))
         metrics += [{"stage": stage, "step": j + 1, "loss": l} for j, l in enumerate(losses)]
     summary["eval"] = {"exact_match": {"before": 0.0, "after": 0.5}}
-    (run_dir / "config.yaml").write_text(_config_yaml(arch, quant, stages, run_dir))
+    (run_dir / "config.yaml").write_text(_config_yaml(arch, quant, stages, run_dir, version))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (run_dir / "manifest.json").write_text(json.dumps({"versions": {"torch": torch.__version__}, "world_size": 1}))
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
@@ -239,3 +245,34 @@ def processes_of(pid: int) -> list[int]:
         found += kids
         todo += kids
     return found
+
+
+def run_recipe(name: str, overrides: list[str]) -> dict:
+    """recipes/NAME.py's `main`, in this process, on the config Hydra composes from `overrides` (as
+    launching it would, without a process per run); returns its summary. A user mistake ends in
+    SystemExit(2), as on the command line."""
+    import importlib.util
+
+    from mistral_align.entry.estimate_command import compose_config
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(f"{name}_recipe", root / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # registers the typed schema, as launching it does
+    return module.main(compose_config(name, overrides))
+
+
+def card_snippet(folder: Path, repo_id: str) -> str:
+    """The Python block of the model card's Usage section in a pushed (dry-run) `folder`, reading the
+    repository `repo_id` from that folder instead of the Hub."""
+    usage = (Path(folder) / "README.md").read_text(encoding="utf-8").split("\n## Usage", 1)[1]
+    code = usage.split("```python\n", 1)[1].split("```", 1)[0]
+    assert repr(repo_id) in code, code
+    return code.replace(repr(repo_id), repr(str(folder)))
+
+
+def run_card_snippet(folder: Path, repo_id: str) -> dict:
+    """Execute the card's own snippet in this process; returns its variables (`model`, `ids`, `out` ...)."""
+    namespace: dict = {}
+    exec(compile(card_snippet(folder, repo_id), str(Path(folder) / "README.md"), "exec"), namespace)  # noqa: S102
+    return namespace

@@ -308,11 +308,11 @@ def test_shared_prompts_need_a_dense_attention_mask():
 
 
 def test_gpu_options_reach_the_trainer_arguments(tmp_path):
-    from mistral_align.train.dpo import make_dpo_args
+    from mistral_align.train.objectives import preference_args
     from mistral_align.train.sft import make_sft_args
 
     cfg = _compose(["experiment=test_tiny", "sft.train.torch_compile=true", "dpo.train.use_liger_kernel=true"])
-    sft, dpo = make_sft_args(cfg.sft, 0, tmp_path, [], False), make_dpo_args(cfg.dpo, 0, tmp_path, [], False)
+    sft, dpo = make_sft_args(cfg.sft, 0, tmp_path, [], False), preference_args(cfg.dpo, 0, tmp_path, [], False)
     assert (sft.torch_compile, sft.use_liger_kernel) == (True, False)
     assert (dpo.torch_compile, dpo.use_liger_kernel) == (False, True)
     assert sft.optim == dpo.optim == "adamw_torch_fused"

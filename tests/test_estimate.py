@@ -16,11 +16,13 @@ from test_config import CONFIGS, ROOT
 from mistral_align.chat import get_encoder
 from mistral_align.model.estimate import (
     GiB,
-    activation_bytes,
     estimate_memory,
     lora_params,
     model_shape,
     nf4_layer_bytes,
+    parallel_from_accelerate_config,
+    parallel_kind,
+    stack_activation_bytes,
     weight_bytes,
 )
 from mistral_align.model.facts import parameter_bytes
@@ -115,39 +117,44 @@ def test_cli_estimate_json_and_table():
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "quant.mode" in bad.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="the peak-RSS probe measured ~2.9 GB for every mode when run inside the whole "
-                   "suite and in a fresh-clone CI run (0.45-0.64 GB when run alone); unexplained, see the issue 9 note")
-@pytest.mark.parametrize(
-    "model,overrides",
-    [
-        ("tiny-mistral", ["model.architecture.hidden_size=512", "model.architecture.intermediate_size=1024",
-                          "model.architecture.num_hidden_layers=6"]),
-        ("tiny-mixtral", ["model.architecture.hidden_size=256", "model.architecture.intermediate_size=512",
-                          "model.architecture.num_hidden_layers=6"]),
-    ],
-)
-def test_activation_estimate_against_measured_peak(model, overrides):
-    """Measured: peak RSS of forward + backward over the RSS before it (tests/measure_activation_peak.py).
-    Tolerance: total within 10%; the part gradient checkpointing saves within 25%."""
-    import os
+# The activation model's probes: tiny NF4 + LoRA models measured in a subprocess each
+# (tests/measure_activation_peak.py), both at once. One step of 2 rows x 256 tokens (DPO: 4 rows).
+PROBES = {
+    "tiny-mistral": ["model.architecture.hidden_size=512", "model.architecture.intermediate_size=1024",
+                     "model.architecture.num_hidden_layers=4"],
+    "tiny-mixtral": ["model.architecture.hidden_size=256", "model.architecture.intermediate_size=512",
+                     "model.architecture.num_hidden_layers=4"],
+}
+PROBE_MODES = ("sft-gc", "sft-nogc", "dpo-gc", "dpo-nogc")
+# What the decoder-stack model holds against the measured peak (measured: 0.95 to 1.05 over these
+# cells and over 3 to 12 layers at 1,024 tokens; README.md states the same).
+ACTIVATION_TOLERANCE = 0.10
 
-    batch, length = 2, 512
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    measured = {}
-    for mode in ("gc", "nogc"):
-        run = subprocess.run([sys.executable, str(ROOT / "tests/measure_activation_peak.py"), model, mode, str(batch),
-                              str(length), *overrides], capture_output=True, text=True, env=env, cwd=ROOT)
-        assert run.returncode == 0, run.stderr[-2000:]
-        measured[mode] = json.loads(run.stdout.strip().splitlines()[-1])["peak"]
-    cfg = cfg_of(f"model={model}", *overrides)
-    shape = model_shape(cfg.model)
-    est = {mode: activation_bytes(shape, batch, length, 4, mode == "gc", lora_r=4)["total"] for mode in ("gc", "nogc")}
-    print(model, "measured", measured, "estimated", est)
-    for mode in ("gc", "nogc"):
-        assert abs(est[mode] - measured[mode]) <= 0.10 * measured[mode], (mode, est, measured)
-    saved_est, saved_measured = est["nogc"] - est["gc"], measured["nogc"] - measured["gc"]
-    assert abs(saved_est - saved_measured) <= 0.25 * saved_measured, (saved_est, saved_measured)
+
+@pytest.mark.slow
+def test_activation_model_against_measured_peak():
+    """The decoder-stack activation model (`stack_activation_bytes`: kept for the backward, the
+    backward's working set, DPO's reference forward) against the peak memory of a real step, for a
+    dense and a Mixtral model, SFT and DPO, gradient checkpointing on and off, within 10% each."""
+    batch, length = 2, 256
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    probes = {model: subprocess.Popen([sys.executable, str(ROOT / "tests/measure_activation_peak.py"), model, str(batch),
+                                       str(length), ",".join(PROBE_MODES), *overrides],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+              for model, overrides in PROBES.items()}
+    ratios = {}
+    for model, probe in probes.items():
+        out, err = probe.communicate(timeout=300)
+        assert probe.returncode == 0, err[-2000:]
+        measured = json.loads(out.strip().splitlines()[-1])
+        shape = model_shape(cfg_of(f"model={model}", *PROBES[model]).model)
+        for mode in PROBE_MODES:
+            kind, checkpointing = mode.split("-")
+            rows = 2 * batch if kind == "dpo" else batch
+            est = stack_activation_bytes(shape, rows, length, 4, checkpointing == "gc", lora_r=4, reference=kind == "dpo")
+            ratios[model, mode] = est["total"] / measured[mode]
+    print("estimated / measured:", {f"{m} {k}": round(r, 3) for (m, k), r in ratios.items()})
+    assert all(abs(r - 1) <= ACTIVATION_TOLERANCE for r in ratios.values()), ratios
 
 
 def test_before_and_after_for_mixtral_8x7b():
@@ -204,4 +211,85 @@ def test_dpo_stage_counts_both_halves_of_each_pair():
     assert dpo["batch"] == 4 and dpo["length"] == 1024
     sft = estimate_memory(cfg_of("model=mistral-7b-v0.3", "quant=nf4", "sft.train.per_device_batch_size=8",
                                  "sft.train.max_length=1024"))
+    # With gradient checkpointing the backward's recomputed layer outweighs the reference's forward.
     assert dpo["per_gpu"]["activations"] == sft["per_gpu"]["activations"]
+
+
+@pytest.mark.parametrize("peft", ["lora", "none"])
+def test_dpo_counts_the_reference_weights_and_forward(peft):
+    """The reference: LoRA keeps a frozen copy of the SFT adapter (base weights shared); full
+    fine-tuning a frozen copy of the model. Its forward (no gradients) runs after the policy's, on top
+    of the policy's kept activations: without checkpointing it adds to the peak, unless the
+    reference log-probs are precomputed."""
+    common = ["model=mistral-7b-v0.3", f"peft={peft}", "dpo.train.gradient_checkpointing=false",
+              "dpo.train.max_length=1024"] + (["quant=none", "model.dtype=bfloat16"] if peft == "none" else ["quant=nf4"])
+    dpo = estimate_memory(cfg_of(*common), stage="dpo")
+    sft = estimate_memory(cfg_of(*common), stage="sft")
+    if peft == "none":
+        assert dpo["per_gpu"]["reference"] == dpo["weights_as_loaded"] == dpo["per_gpu"]["weights"]
+    else:
+        assert dpo["per_gpu"]["reference"] == dpo["per_gpu"]["lora"] > 0
+    assert sft["per_gpu"]["reference"] == 0
+    detail = dpo["activations_detail"]
+    assert detail["reference_forward"] > 0 and detail["working"] >= detail["reference_forward"]
+    precomputed = estimate_memory(cfg_of(*common, "dpo.precompute_ref_log_probs=true"), stage="dpo")
+    assert precomputed["activations_detail"]["reference_forward"] == 0
+    if peft == "lora":  # full fine-tuning: the LM head's fp32 weight gradient is the larger working set
+        assert precomputed["per_gpu"]["activations"] < dpo["per_gpu"]["activations"]
+    assert precomputed["per_gpu"]["reference"] == dpo["per_gpu"]["reference"]  # the weights stay loaded
+
+
+def test_each_zero_stage_shards_its_own_parts():
+    """ZeRO-1 splits the optimizer state, ZeRO-2 also the gradients, ZeRO-3 (and FSDP) also the weights."""
+    cfg = cfg_of("model=mistral-7b-v0.3", "quant=none", "peft=none", "model.dtype=bfloat16")
+    whole = estimate_memory(cfg, num_gpus=8, parallel="ddp")["per_gpu"]
+    split = {p: estimate_memory(cfg, num_gpus=8, parallel=p)["per_gpu"] for p in ("zero1", "zero2", "zero3", "fsdp")}
+    eighth = {part: -(-b // 8) for part, b in whole.items()}
+    assert split["zero1"] == {**whole, "optimizer": eighth["optimizer"]}
+    assert split["zero2"] == {**whole, "optimizer": eighth["optimizer"], "gradients": eighth["gradients"]}
+    assert split["zero3"] == split["fsdp"] == {**eighth, "activations": whole["activations"]}
+
+
+def test_the_zero_stage_is_read_from_the_launch_config(tmp_path):
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": "auto"}))
+    # What `accelerate launch` puts in the environment for each way of giving the stage.
+    assert parallel_kind({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}) == "zero1"
+    assert parallel_kind({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}) == "zero2"
+    assert parallel_kind({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}) == "zero3"
+    assert parallel_kind({"ACCELERATE_USE_DEEPSPEED": "true"}) == "zero2"  # accelerate's own default
+    assert parallel_kind({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds_json)}) == "zero1"
+    assert parallel_kind({"ACCELERATE_USE_FSDP": "true"}) == "fsdp" and parallel_kind({}) == "ddp"
+    # The accelerate config files `--accelerate-config` reads: the shipped ones and a DeepSpeed JSON.
+    assert parallel_from_accelerate_config(CONFIGS / "accelerate/deepspeed_zero3.yaml") == ("zero3", 8)
+    assert parallel_from_accelerate_config(CONFIGS / "accelerate/fsdp_qlora.yaml")[0] == "fsdp"
+    assert parallel_from_accelerate_config(CONFIGS / "accelerate/multi_gpu.yaml")[0] == "ddp"
+    zero2 = tmp_path / "zero2.yaml"
+    zero2.write_text("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 2\nnum_processes: 4\n")
+    assert parallel_from_accelerate_config(zero2) == ("zero2", 4)
+    by_file = tmp_path / "by_file.yaml"
+    by_file.write_text("distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: ds.json\nnum_processes: 2\n")
+    assert parallel_from_accelerate_config(by_file) == ("zero1", 2)
+
+
+def test_the_readme_estimate_commands_run(capsys, monkeypatch):
+    """Every `mistral-align estimate` line of the README, run as written (in this process, from the
+    repository root)."""
+    import shlex
+
+    from mistral_align.entry.cli import main
+
+    monkeypatch.chdir(ROOT)
+    lines = [line.split("#")[0] for line in (ROOT / "README.md").read_text().splitlines()
+             if line.startswith("mistral-align estimate")]
+    assert len(lines) >= 3
+    for line in lines:
+        argv = shlex.split(line)[1:]
+        capsys.readouterr()
+        assert main(argv) == 0, line
+        out = capsys.readouterr().out
+        if "--json" in argv:
+            report = json.loads(out)
+            assert report["total_per_gpu"] == sum(report["per_gpu"].values())
+        else:
+            assert "fits on 24GB" in out, line

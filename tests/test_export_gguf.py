@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runfixtures import make_run
+from runfixtures import make_run, needs_llama
 
 pytestmark = pytest.mark.slow
 gguf = pytest.importorskip("gguf", reason="gguf is not installed")
@@ -18,17 +18,6 @@ gguf = pytest.importorskip("gguf", reason="gguf is not installed")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 PROMPTS = ["copy: sun moon star", "copy: left right", "Hello, who are you?", "copy: [INST] stays text"]
-
-
-def _has_llama_cpp() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_llama = pytest.mark.skipif(not _has_llama_cpp(), reason="llama-cpp-python is not installed (pip install '.[gguf]')")
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +119,8 @@ def test_quantised_types_are_written_and_run(exported, tmp_path):
     assert sizes["q4_k_m"] < sizes["q8_0"] < sizes["f16"]
 
 
-def test_tekken_and_bad_targets_are_one_line_errors(exported, tmp_path, capsys):
+def test_a_vocabulary_the_model_does_not_have_and_bad_targets_are_one_line_errors(exported, tmp_path, capsys):
+    """A folder that names tekken (131,072 tokens) for a model of 32,768 embeddings; --out a folder."""
     from mistral_align.entry.cli import main
 
     _, merged, _ = exported
@@ -141,7 +131,7 @@ def test_tekken_and_bad_targets_are_one_line_errors(exported, tmp_path, capsys):
     (tek / "tokenizer_config.json").write_text(json.dumps(cfg))
     assert main(["export-gguf", str(tek), "--out", str(tmp_path / "t.gguf")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "v3-tekken" in err and "sentencepiece" in err
+    assert err.count("\n") == 1 and "131072 tokens but the model 32768 embeddings" in err
     assert main(["export-gguf", str(merged), "--out", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
 

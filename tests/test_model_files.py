@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from mistral_align.errors import ConfigError
 from mistral_align.files import follow_umask
-from mistral_align.model.weights import adapter_problem, safetensors_problem
-from mistral_align.train.dpo import resolve_sft_adapter
+from mistral_align.model.weights import adapter_problem, model_problem, safetensors_problem
+from mistral_align.train.dpo import resolve_init_from
 
 
 def _adapter(folder):
@@ -48,16 +48,31 @@ def test_a_whole_file_has_no_problem_and_every_cut_is_named(tmp_path):
 
 def test_a_truncated_adapter_in_init_from_is_refused_naming_the_file(tmp_path):
     folder = _adapter(tmp_path / "sft" / "adapter")
-    assert resolve_sft_adapter(str(tmp_path / "sft")) == (str(folder), None)
+    assert resolve_init_from(str(tmp_path / "sft")) == (str(folder), None)
     weights = folder / "adapter_model.safetensors"
     os.truncate(weights, weights.stat().st_size // 2)
     with pytest.raises(ConfigError, match=rf"^dpo.init_from: {weights}: truncated: \d+ bytes"):
-        resolve_sft_adapter(str(tmp_path / "sft"))
+        resolve_init_from(str(tmp_path / "sft"))
     (folder / "adapter_config.json").write_text("{")
     assert adapter_problem(folder)[0] == folder / "adapter_config.json"
     (folder / "adapter_config.json").write_text("{}")
     weights.unlink()
     assert adapter_problem(folder) == (weights, "is missing (the adapter folder holds no weights)")
+
+
+def test_a_truncated_full_model_in_init_from_is_refused_naming_the_file(tmp_path):
+    folder = tmp_path / "sft" / "model"  # a full fine-tune's model/ in its run directory
+    folder.mkdir(parents=True)
+    (tmp_path / "sft" / "config.yaml").write_text("model: {}\n")
+    (folder / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    weights = folder / "model.safetensors"
+    save_file({"w": torch.randn(64, 64)}, str(weights))
+    assert resolve_init_from(str(tmp_path / "sft")) == (str(folder), tmp_path / "sft")
+    os.truncate(weights, weights.stat().st_size - 1)
+    with pytest.raises(ConfigError, match=rf"^dpo.init_from: {weights}: truncated: \d+ bytes.*copy the model again"):
+        resolve_init_from(str(tmp_path / "sft"))
+    weights.unlink()
+    assert model_problem(folder) == (folder, "holds no weights (no *.safetensors)")
 
 
 def test_follow_umask_gives_safetensors_files_the_mode_of_every_other_file(tmp_path):

@@ -45,11 +45,12 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def test_the_readme_example_commands_train_on_the_example_files(tmp_path):
+def test_the_readme_example_commands_train_on_the_example_files(tmp_path, monkeypatch):
     """The example files have 10 rows: the default eval_fraction (2%, 5%) used to leave 0 eval rows
-    and stop the run; now one row is held out, with a note, and both stages train."""
+    and stop the run; now one row is held out, with a note, and both stages train. Then the README's
+    KTO, SimPO and ORPO commands, on the same files (in this process, as `python recipes/dpo.py ...`)."""
     cwd = checkout(tmp_path)
-    sft_cmd, dpo_cmd = readme_commands("examples/data/")
+    sft_cmd, dpo_cmd = [c for c in readme_commands("examples/data/") if "dpo.objective=" not in " ".join(c)]
     assert "recipes/sft.py" in sft_cmd[1] and "recipes/dpo.py" in dpo_cmd[1]
     old = os.umask(0o022)
     try:
@@ -72,6 +73,41 @@ def test_the_readme_example_commands_train_on_the_example_files(tmp_path):
     for path in (run / "adapter" / "adapter_model.safetensors", run / "base" / "model.safetensors",
                  dpo_run / "adapter" / "adapter_model.safetensors", run / "adapter" / "adapter_config.json"):
         assert mode(path) == 0o644, (path, oct(mode(path)))
+    objectives = readme_commands("dpo.objective=")
+    assert [o for c in objectives for o in c if o.startswith("dpo.objective=")] == [
+        "dpo.objective=kto", "dpo.objective=simpo", "dpo.objective=orpo"]  # fmt: skip
+    monkeypatch.chdir(cwd)
+    for key in ("OMP_NUM_THREADS", "WANDB_MODE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(key, ENV[key])
+    for cmd in objectives:
+        objective = next(o.split("=")[1] for o in cmd if o.startswith("dpo.objective="))
+        assert run_in_process(cmd, monkeypatch) == 0, objective
+        run = cwd / "runs" / f"example-{objective}"
+        manifest = json.loads((run / "manifest.json").read_text())
+        assert manifest["trainer"]["objective"] == objective
+        assert json.loads((run / "summary.json").read_text())["dpo"]["steps"] == 4
+        assert (run / "adapter" / "adapter_model.safetensors").is_file()
+        # KTO and SimPO continue the SFT adapter; ORPO starts a new one on the base model.
+        assert (manifest["init_from"] is None) == (objective == "orpo"), manifest["init_from"]
+        # The pushed model card names the objective (tag, title line, settings).
+        from mistral_align.entry.cli import main as cli
+
+        assert cli(["push", str(run), "--repo-id", f"me/{objective}", "--dry-run", str(tmp_path / f"push-{objective}")]) == 0
+        card = (tmp_path / f"push-{objective}" / "README.md").read_text()
+        name = {"kto": "KTO", "simpo": "SimPO", "orpo": "ORPO"}[objective]
+        assert f'\n  - "{objective}"\n' in card and f"({name} stage, " in card and f"- {name}: beta=" in card
+
+
+def run_in_process(cmd: list[str], monkeypatch) -> int:
+    """`python recipes/X.py ARGS` (a README command's argv) in this process; its exit code."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", cmd[1:])
+    try:
+        runpy.run_path(cmd[1], run_name="__main__")
+    except SystemExit as e:
+        return e.code
+    return 0
 
 
 def test_a_sweep_records_each_jobs_own_overrides_and_checkpoints_are_readable(tmp_path):

@@ -18,9 +18,10 @@ from mistral_align.chat import get_encoder
 from mistral_align.chat.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
 from mistral_align.chat.schema import parse_preference, parse_sft_messages
 from mistral_align.model.bnb_cpu import disable_cpu_inference_repacking
-from mistral_align.train.dpo import build_dpo_trainer
+from mistral_align.train.dpo_trainer import PretokenizedDPOTrainer
 from mistral_align.train.precision import trainable_snapshot
 from mistral_align.train.sft import build_sft_trainer
+from mistral_align.train.stage import build_trainer
 
 CPU = torch.device("cpu")
 
@@ -65,7 +66,7 @@ def dpo_trainer(parts, keep_float32: bool):
     before = trainable_snapshot(model)
     args = DPOConfig(output_dir=str(tmp / "dpo_out"), max_steps=2, per_device_train_batch_size=4, report_to=[],
                      use_cpu=True, save_strategy="no", bf16=False, max_length=64)  # fmt: skip
-    return build_dpo_trainer(model, tok, args, dpo_ds, keep_float32=keep_float32), before
+    return build_trainer(PretokenizedDPOTrainer, model, tok, args, dpo_ds, keep_float32=keep_float32), before
 
 
 def trainable(trainer) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@
     write_json(path, obj)                    the same, as indented JSON
     sha256_file(path)                        hex digest, read in 1 MiB blocks
     follow_umask(folder)                     give every file the mode a plain open() would
+    CONFIG_DIR                               the Hydra config tree, shipped inside the package
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import platform
 import stat
 from pathlib import Path
 from typing import Any
+
+# The Hydra config tree (configs/ in the repository is a link to it): package data, so an installed
+# wheel composes the same configs as a clone does.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, durable: bool = False) -> Path:

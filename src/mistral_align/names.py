@@ -10,6 +10,10 @@ import re
 
 # The stages a recipe can run, in pipeline order; each has its own config node (`sft.*`, `dpo.*`).
 STAGES = ("sft", "dpo")
+# What a finished stage keeps of its training, in its directory (rundir/layout.py): a LoRA adapter
+# (peft adapter folder), or with peft=none (full fine-tuning) the whole model (a plain transformers folder).
+ADAPTER_FOLDER = "adapter"
+FULL_MODEL_FOLDER = "model"
 # The recipes (recipes/NAME.py) and the stages each runs.
 RECIPE_STAGES = {"sft": ("sft",), "dpo": ("dpo",), "sft_dpo": ("sft", "dpo")}
 
@@ -19,6 +23,10 @@ SHIPPED_TOKENIZER_VERSIONS = ("v1", "v2", "v3", "v7", "v3-tekken")
 DERIVED_TOKENIZER_VERSIONS = ("v7-tekken", "v11", "v13")
 TOKENIZER_VERSIONS = (*SHIPPED_TOKENIZER_VERSIONS, *DERIVED_TOKENIZER_VERSIONS)
 TEKKEN_VERSIONS = frozenset({"v3-tekken", *DERIVED_TOKENIZER_VERSIONS})
+
+# How a run is spread over several GPUs, as `mistral-align estimate --parallel` names it (what each
+# splits among the GPUs: model/estimate.py SHARDED).
+PARALLEL_KINDS = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 
 # `<stage>.data.tool_call_ids`: keep a row's tool call ids, or regenerate them in the version's form
 # (chat/tool_ids.py).

@@ -47,7 +47,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Literal, Sequence
 
-from mistral_align.chat.messages import Message, Preference, Thinking, Tool
+from mistral_align.chat.messages import Message, Preference, Thinking, Tool, Unpaired
 from mistral_align.chat.tekken_files import derived_tekken_file
 from mistral_align.names import DERIVED_TOKENIZER_VERSIONS, TEKKEN_VERSIONS, TOKENIZER_VERSIONS
 
@@ -85,6 +85,15 @@ class DpoEncoding:
     prompt_ids: list[int]
     chosen_ids: list[int]  # ends with EOS
     rejected_ids: list[int]  # ends with EOS
+    dropped_tool_calls: int = 0  # left out of the prompt, as in SftEncoding
+    dropped_tool_results: int = 0
+
+
+@dataclass
+class KtoEncoding:
+    prompt_ids: list[int]
+    completion_ids: list[int]  # ends with EOS
+    label: bool
     dropped_tool_calls: int = 0  # left out of the prompt, as in SftEncoding
     dropped_tool_results: int = 0
 
@@ -287,6 +296,12 @@ class MistralEncoder:
             rejected_ids=self.encode_reply(pair.rejected),
             **self._dropped(segments),
         )
+
+    def encode_unpaired(self, row: Unpaired) -> KtoEncoding:
+        """A KTO row: the prompt and the reply exactly as encode_dpo encodes a pair's."""
+        segments = self._segments(row.prompt, row.tools)
+        return KtoEncoding(prompt_ids=[self.bos_id, *(i for s in segments for i in s.ids)],
+                           completion_ids=self.encode_reply(row.completion), label=row.label, **self._dropped(segments))
 
     def decode(self, ids: Sequence[int]) -> str:
         from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy

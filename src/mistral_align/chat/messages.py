@@ -74,6 +74,16 @@ class Preference:
     tools: tuple[Tool, ...] = ()
 
 
+@dataclass(frozen=True)
+class Unpaired:
+    """One KTO row: a prompt, one reply, and whether that reply is desirable."""
+
+    prompt: tuple[Message, ...]  # as Preference.prompt
+    completion: Message  # one assistant reply
+    label: bool  # True: desirable; False: undesirable
+    tools: tuple[Tool, ...] = ()
+
+
 def check_text(text: str, where: str) -> str:
     """JSON can spell a lone UTF-16 surrogate ("\\ud800") that is no Unicode character; no tokenizer
     can encode it (sentencepiece fails deep in C++), so such a row is bad like any other."""

@@ -26,6 +26,7 @@ from mistral_align.chat.messages import (  # re-exported: the schema is where ca
     Thinking,
     Tool,
     ToolCall,
+    Unpaired,
     check_text,
 )
 from mistral_align.chat.tool_ids import TOOL_CALL_IDS, regenerate_tool_call_ids
@@ -492,6 +493,7 @@ SFT_SHAPES = {
 SFT_SHAPES_TEXT = ("'messages', 'conversations' (ShareGPT), 'prompt' and 'completion', or 'instruction', "
                    "'input' and 'output' (Alpaca)")
 DPO_KEYS = frozenset({"prompt", "chosen", "rejected", "tools"})
+KTO_KEYS = frozenset({"prompt", "completion", "label", "tools"})
 SHAPE_NAMES = {"messages": "'messages'", "conversations": "'conversations' (ShareGPT)",
                "completion": "'prompt'/'completion' as strings", "instruction": "'instruction'/'input'/'output' (Alpaca)"}
 HUB_KEYS = {
@@ -509,6 +511,7 @@ _RATING_ADVICE = {
     "sft": "no stage here trains on ratings: filter the rows by it, or make preference pairs "
            "(prompt/chosen/rejected) from them, before training",
     "dpo": "DPO reads which reply was chosen, not by how much",
+    "kto": "KTO reads whether the reply is desirable ('label'), not by how much",
 }
 
 
@@ -673,6 +676,12 @@ def _has_calls(row: Conversation | Preference) -> bool:
     return any(m.tool_calls for m in messages)
 
 
+def _unpaired_for_version(row: Unpaired, version: str | None, tool_call_ids: str) -> Unpaired:
+    """_for_version for a KTO row: its prompt and reply are one conversation."""
+    conversation = _for_version(Conversation((*row.prompt, row.completion), row.tools), version, tool_call_ids)
+    return replace(row, prompt=conversation.messages[:-1], completion=conversation.messages[-1])
+
+
 def parse_sft_row(row: Any, clean: bool = False, *, version: str | None = None,
                   tool_call_ids: str = "keep") -> Conversation:
     """Parse and check one SFT row in any shape above: the messages the encoder trains on, and the
@@ -729,15 +738,7 @@ def parse_preference(row: Any, clean: bool = False, *, version: str | None = Non
     _refuse_unknown_keys(row, DPO_KEYS | (HUB_KEYS["dpo"] if hub else frozenset()),
                          "a DPO row holds 'prompt', 'chosen' and 'rejected'", "dpo")
     tools = parse_tools(row.get("tools"))
-    raw_prompt = row["prompt"]
-    if isinstance(raw_prompt, str):
-        check_text(raw_prompt, "prompt")
-        if not raw_prompt.strip():
-            raise ConversationError("prompt: empty")
-        prompt = [Message("user", raw_prompt.strip() if clean else raw_prompt)]
-    else:
-        prompt = parse_messages(raw_prompt, "prompt", clean, with_tools=bool(tools))
-    _check_turn_order(prompt, "prompt", last="user")
+    prompt = _parse_prompt(row["prompt"], clean, tools)
     # Replies that repeat the prompt (ultrafeedback) repeat it as written, without the row's system.
     chosen = _completion(row["chosen"], prompt, "chosen", clean, bool(tools))
     rejected = _completion(row["rejected"], prompt, "rejected", clean, bool(tools))
@@ -752,6 +753,52 @@ def parse_preference(row: Any, clean: bool = False, *, version: str | None = Non
     if version is not None:
         _check_pair_for_version(pair, row, version, offset=int(system is not None))
     return pair
+
+
+def _parse_prompt(raw: str | list, clean: bool, tools: tuple[Tool, ...]) -> list[Message]:
+    """A preference or KTO row's prompt: one user message as a string, or messages ending with a
+    user turn (or the results of the last tool calls)."""
+    if isinstance(raw, str):
+        check_text(raw, "prompt")
+        if not raw.strip():
+            raise ConversationError("prompt: empty")
+        prompt = [Message("user", raw.strip() if clean else raw)]
+    else:
+        prompt = parse_messages(raw, "prompt", clean, with_tools=bool(tools))
+    _check_turn_order(prompt, "prompt", last="user")
+    return prompt
+
+
+def parse_unpaired(row: Any, clean: bool = False, *, version: str | None = None,
+                   tool_call_ids: str = "keep") -> Unpaired:
+    """Parse and check one KTO row: {prompt, completion, label}, the prompt and the reply strings or
+    message lists (as in a DPO row), `label` true (a desirable reply) or false (an undesirable one),
+    an optional top-level system prompt and tools; with a `version`, as parse_sft_row."""
+    if not isinstance(row, dict):
+        raise ConversationError(f"expected a JSON object with 'prompt', 'completion' and 'label', got {type(row).__name__}")
+    for key in ("prompt", "completion", "label"):
+        if key not in row:
+            raise ConversationError(f"missing field '{key}' (a KTO row holds 'prompt', 'completion' and 'label')")
+    for key in ("prompt", "completion"):
+        if not isinstance(row[key], (str, list)):
+            raise ConversationError(f"'{key}' must be a string or a list of messages, got {type(row[key]).__name__}")
+    if not isinstance(row["label"], bool):
+        raise ConversationError(f"'label' must be true (a desirable reply) or false (an undesirable one), "
+                                f"got {json.dumps(row['label'])}")
+    _refuse_unknown_keys(row, KTO_KEYS, "a KTO row holds 'prompt', 'completion' and 'label'", "kto")
+    tools = parse_tools(row.get("tools"))
+    prompt = _parse_prompt(row["prompt"], clean, tools)
+    completion = _completion(row["completion"], prompt, "completion", clean, bool(tools))
+    _check_calls_known(completion, tools, _reply_at(row, "completion"))
+    prompt = _link_tools(prompt, tools, "prompt")
+    system = _system(row, clean)
+    unpaired = _unpaired_for_version(Unpaired(tuple(_with_system(system, prompt, "prompt")), completion, row["label"],
+                                              tools), version, tool_call_ids)
+    if version is not None:
+        n, offset, at = len(unpaired.prompt), int(system is not None), _reply_at(row, "completion")
+        check_messages((*unpaired.prompt, unpaired.completion), tools, version,
+                       lambda i: at if i == n else "system" if i < offset else f"prompt[{i - offset}]")
+    return unpaired
 
 
 def implicit_prompt(chosen: list, rejected: list) -> list:

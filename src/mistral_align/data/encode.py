@@ -10,14 +10,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from mistral_align.chat.encoder import IGNORE_INDEX, MistralEncoder
-from mistral_align.chat.schema import ConversationError, Thinking, parse_preference, parse_sft_row
+from mistral_align.chat.schema import ConversationError, Thinking, parse_preference, parse_sft_row, parse_unpaired
 
 
-# Output columns of encode_batch besides the ids.
-ID_COLUMNS = {"sft": ("input_ids", "labels"), "dpo": ("prompt_ids", "chosen_ids", "rejected_ids")}
+# Output columns of encode_batch besides the ids. KTO: a KTO row's prompt, reply and label; a pair
+# given to KTO keeps its rejected reply in `rejected_ids` until the loader splits it into two rows
+# (data/kto.py), after the eval split, so a pair's two halves are never on both sides of it.
+ID_COLUMNS = {"sft": ("input_ids", "labels"), "dpo": ("prompt_ids", "chosen_ids", "rejected_ids"),
+              "kto": ("prompt_ids", "completion_ids", "label", "rejected_ids")}
+# What a bad row gets in each id column (nothing: an empty list; KTO's label: false).
+_NO_ID = {"label": False}
 # ... and the RowResult fields it writes beside them, one column each.
 STAT_COLUMNS = ("error", "over_length", "truncated", "tokens", "trained", "length",
-                "dropped_tool_calls", "dropped_tool_results", "tool_row", "thinking_row")
+                "dropped_tool_calls", "dropped_tool_results", "tool_row", "thinking_row", "desirable", "undesirable")
 
 # Report categories, matched against the reason in order (the schema's messages are stable text).
 _CATEGORIES = (
@@ -37,7 +42,8 @@ _CATEGORIES = (
     ("not supported by the tokenizer", ("not supported by tokenizer",)),
     ("bad content chunk", ("thinking chunk after text", "expected a chunk")),
     ("missing field", ("missing field",)),
-    ("wrong type", ("must be a string", "expected a list", "expected an object", "must be 0 or 1")),
+    ("wrong type", ("must be a string", "expected a list", "expected an object", "must be 0 or 1",
+                    "must be true (a desirable reply)")),
     ("unknown role", ("unknown role",)),
     ("column of another format", ("is not read here",)),
     ("unknown field", ("unknown field", "needs the 'messages' shape")),
@@ -71,6 +77,22 @@ class RowResult:
     dropped_tool_results: int = 0
     tool_row: bool = False  # the row has tools, tool calls or tool results
     thinking_row: bool = False  # ... a reply with thinking (v13)
+    desirable: int = 0  # KTO: the desirable replies the row gives (a pair: 1, and 1 undesirable)
+    undesirable: int = 0
+
+
+def encoded_features(kind: str):
+    """The column types of encode_batch's output, stated for KTO, whose `rejected_ids` is empty in a
+    source of KTO rows only (Arrow would type it as a list of nulls and refuse to mix it with pairs);
+    None (inferred) for the other kinds."""
+    if kind != "kto":
+        return None
+    from datasets import Features, Sequence, Value  # lazy: the CLI imports this module for categorize()
+
+    ids = {c: Value("bool") if c == "label" else Sequence(Value("int64")) for c in ID_COLUMNS[kind]}
+    flags = ("over_length", "truncated", "tool_row", "thinking_row")
+    stats = {c: Value("string") if c == "error" else Value("bool") if c in flags else Value("int64") for c in STAT_COLUMNS}
+    return Features({"line": Value("int64"), **ids, **stats})
 
 
 def _kinds(messages, tools) -> dict[str, bool]:
@@ -112,6 +134,8 @@ def check_row(
     try:
         if kind == "sft":
             return _check_sft(row, encoder, max_length, train_on, clean, on_long_rows, tool_call_ids, train_thinking)
+        if kind == "kto":
+            return _check_kto(row, encoder, max_length, clean, tool_call_ids)
         return _check_dpo(row, encoder, max_length, clean, tool_call_ids)
     except ConversationError as e:
         return RowResult(None, str(e))
@@ -171,6 +195,33 @@ def _check_dpo(row: Any, encoder, max_length, clean, tool_call_ids) -> RowResult
     return result
 
 
+def _check_kto(row: Any, encoder, max_length, clean, tool_call_ids) -> RowResult:
+    """A KTO row, or a preference pair given to KTO: its chosen reply desirable, its rejected one not."""
+    if isinstance(row, dict) and ("chosen" in row or "rejected" in row):
+        result = _check_dpo(row, encoder, max_length, clean, tool_call_ids)
+        if result.ids is not None:
+            p, c, r = (result.ids[k] for k in ID_COLUMNS["dpo"])
+            result.ids = {"prompt_ids": p, "completion_ids": c, "label": True, "rejected_ids": r}
+            result.desirable = result.undesirable = 1
+        return result
+    if not isinstance(row, dict):
+        raise ConversationError(f"expected a JSON object with 'prompt', 'completion' and 'label', got {type(row).__name__}")
+    unpaired = parse_unpaired(row, clean, version=encoder.version, tool_call_ids=tool_call_ids)
+    enc = encoder.encode_unpaired(unpaired)
+    p, c = enc.prompt_ids, enc.completion_ids
+    result = RowResult(
+        {"prompt_ids": p, "completion_ids": c, "label": enc.label, "rejected_ids": []}, None,
+        tokens=len(p) + len(c), trained=len(c), length=len(p) + len(c),
+        dropped_tool_calls=enc.dropped_tool_calls, dropped_tool_results=enc.dropped_tool_results,
+        desirable=int(enc.label), undesirable=int(not enc.label),
+        **_kinds((*unpaired.prompt, unpaired.completion), unpaired.tools),
+    )  # fmt: skip
+    if max_length is not None and result.length > max_length:
+        result.error = f"{result.length} tokens, over max_length {max_length} (prompt {len(p)} + reply {len(c)})"
+        result.over_length = True
+    return result
+
+
 def encode_batch(
     batch: dict[str, list],
     *,
@@ -204,7 +255,7 @@ def encode_batch(
             train_thinking=train_thinking,
         )
         for c in ID_COLUMNS[kind]:
-            out[c].append(r.ids[c] if r.ids is not None and r.error is None else [])
+            out[c].append(r.ids[c] if r.ids is not None and r.error is None else _NO_ID.get(c, []))
         for c in STAT_COLUMNS:
             out[c].append(getattr(r, c))
     return out

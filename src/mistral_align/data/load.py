@@ -32,7 +32,8 @@ import datasets
 import numpy as np
 
 from mistral_align.chat.encoder import MistralEncoder
-from mistral_align.data.encode import ID_COLUMNS, categorize, encode_batch
+from mistral_align.data import kto
+from mistral_align.data.encode import ID_COLUMNS, categorize, encode_batch, encoded_features
 from mistral_align.data.packing import packing_efficiency
 from mistral_align.data.read import RawRows, SourceError, check_kind, read_source
 from mistral_align.errors import DataError
@@ -48,7 +49,8 @@ CACHE_VERSION = "1"
 
 @dataclass
 class LoadedData:
-    train: datasets.Dataset  # SFT: input_ids, labels; DPO: prompt_ids, chosen_ids, rejected_ids
+    # SFT: input_ids, labels; DPO: prompt_ids, chosen_ids, rejected_ids; KTO: prompt_ids, completion_ids, label
+    train: datasets.Dataset
     eval: datasets.Dataset | None
     report: dict
     fingerprint: str  # sha256 of the sources' content (Hub: id + config + split) and the data settings
@@ -66,6 +68,11 @@ def load_sft_dataset(cfg: DataConfig, encoder: MistralEncoder) -> LoadedData:
 
 def load_dpo_dataset(cfg: DataConfig, encoder: MistralEncoder) -> LoadedData:
     return load_data("dpo", cfg, encoder)
+
+
+def load_kto_dataset(cfg: DataConfig, encoder: MistralEncoder) -> LoadedData:
+    """KTO rows, and preference pairs split into a desirable and an undesirable row (data/kto.py)."""
+    return load_data("kto", cfg, encoder)
 
 
 def format_problems(problems: list[str], limit: int = MAX_LISTED) -> str:
@@ -160,6 +167,7 @@ def _encode_source(src: SourceConfig, kind: str, cfg: DataConfig, encoder: Mistr
         remove_columns=["row", "read_error"],
         fn_kwargs=fn_kwargs,
         cache_file_name=_cache_file(raw, settings),
+        features=encoded_features(kind),
         desc=f"Checking and tokenizing {raw.label}",
     )
     errors = _col(encoded, "error")
@@ -203,14 +211,16 @@ def _mix(sources: list[_Source], specs: list[SourceConfig], kind: str, seed: int
     return mixed, kept
 
 
-# Summed over the kept rows, in each split's report and at the top of the data report.
-_TOOL_COUNTS = {"tool_rows": "tool_row", "thinking_rows": "thinking_row",
-                "dropped_tool_calls": "dropped_tool_calls", "dropped_tool_results": "dropped_tool_results"}
+# Summed over the kept rows, in each split's report and at the top of the data report. KTO: the
+# desirable and undesirable replies (a pair gives one of each).
+_ROW_COUNTS = {"tool_rows": "tool_row", "thinking_rows": "thinking_row",
+               "dropped_tool_calls": "dropped_tool_calls", "dropped_tool_results": "dropped_tool_results",
+               "desirable": "desirable", "undesirable": "undesirable"}
 
 
 def _stats(ds: datasets.Dataset | None) -> dict:
     if ds is None:
-        return {"rows": 0, "tokens": 0, "trained_tokens": 0, "truncated_rows": 0, **dict.fromkeys(_TOOL_COUNTS, 0)}
+        return {"rows": 0, "tokens": 0, "trained_tokens": 0, "truncated_rows": 0, **dict.fromkeys(_ROW_COUNTS, 0)}
     return {
         "rows": len(ds),
         "tokens": int(sum(_col(ds, "tokens"))),
@@ -218,7 +228,7 @@ def _stats(ds: datasets.Dataset | None) -> dict:
         "truncated_rows": int(sum(_col(ds, "truncated"))),
         # Rows with tools or thinking; the calls and results the version's encoding leaves out
         # (v2: those before the last user message, which mistral-common encodes as nothing).
-        **{name: int(sum(_col(ds, column))) for name, column in _TOOL_COUNTS.items()},
+        **{name: int(sum(_col(ds, column))) for name, column in _ROW_COUNTS.items()},
     }
 
 
@@ -302,7 +312,7 @@ def load_data(
         "eval": eval_stats if eval_ds is not None else None,
         "tokens": train_stats["tokens"],
         "trained_tokens": train_stats["trained_tokens"],
-        **{name: train_stats[name] + eval_stats[name] for name in _TOOL_COUNTS},
+        **{name: train_stats[name] + eval_stats[name] for name in _ROW_COUNTS},
         # What SFT training will get from TRL's bfd packing; DPO rows are not packed.
         "packing_efficiency": packing_efficiency(_col(train, "length"), cfg.max_length) if kind == "sft" else None,
         "sources": [_source_report(s, k, spec) for s, k, spec in zip(train_sources, train_kept, cfg.train)],
@@ -318,7 +328,10 @@ def load_data(
             problems[0],
         )
 
-    keep = list(ID_COLUMNS[kind])
+    if kind == "kto":  # after the eval split: a pair's two halves stay on one side of it
+        train = kto.split_pairs(train, cfg.seed)
+        eval_ds = kto.split_pairs(eval_ds, cfg.seed) if eval_ds is not None else None
+    keep = [c for c in ID_COLUMNS[kind] if c != "rejected_ids" or kind == "dpo"]
     train_rows = _col(train, ROW_COLUMN) if len(train) else []
     train = train.select_columns(keep)
     eval_ds = eval_ds.select_columns(keep) if eval_ds is not None else None

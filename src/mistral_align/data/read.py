@@ -263,13 +263,14 @@ def detect_format(raw: RawRows, forced: str = "auto") -> str:
 
 
 def check_kind(raw: RawRows, kind: str) -> None:
+    """Refuse a source whose rows are another kind of data than `kind` (sft, dpo, or kto: KTO rows,
+    or preference pairs that KTO splits in two)."""
     found = FORMATS.get(raw.format)
-    if found == "kto":
+    if found == "kto" and kind != "kto":
         raise SourceError(f"{raw.label}: rows have 'prompt', 'completion' and a true/false 'label', {KTO_LABEL}: "
                           f"KTO data, not {kind.upper()} data. {KTO_TAKEN}"
                           + (f"; {KTO_AS_SFT}" if kind == "sft" else "; DPO pairs hold 'prompt', 'chosen' and 'rejected'"))
-    if found and found != kind:
+    if found and found != kind and not (kind == "kto" and found == "dpo"):
         shape = SHAPE_TEXT[raw.format]
-        raise SourceError(
-            f"{raw.label}: rows have {shape}, so this is {found.upper()} data, but {kind.upper()} data was expected"
-        )
+        expected = "KTO data (prompt, completion, label) or preference pairs" if kind == "kto" else f"{kind.upper()} data"
+        raise SourceError(f"{raw.label}: rows have {shape}, so this is {found.upper()} data, but {expected} was expected")

@@ -32,7 +32,7 @@ def add_validate(sub) -> None:
         description="Check every row (JSON, fields, roles, turn order, lengths) with the same code "
         "training uses. Exit 0 when every row is valid, 1 otherwise.",
     )
-    p.add_argument("--kind", choices=("sft", "dpo"), required=True)
+    p.add_argument("--kind", choices=KINDS, required=True, help=KIND_HELP)
     p.add_argument("--data", required=True, metavar="FILE", help=".jsonl, .json or .parquet")
     p.add_argument("--tokenizer", choices=TOKENIZER_VERSIONS, default="v3")
     p.add_argument("--max-length", type=int, default=2048, metavar="N")
@@ -41,6 +41,11 @@ def add_validate(sub) -> None:
     _add_ignore_fields(p)
     _add_tool_options(p)
     p.set_defaults(func=_cmd_validate)
+
+
+KINDS = ("sft", "dpo", "kto")
+KIND_HELP = ("sft: conversations; dpo: preference pairs; kto: rows of prompt, completion and a true/false label "
+             "(dpo.objective=kto), or preference pairs, each split into a desirable and an undesirable row")
 
 
 def _add_ignore_fields(p) -> None:
@@ -110,6 +115,12 @@ def _cmd_validate(args) -> int:
         "dropped_tool_calls": r["dropped_tool_calls"],
         "dropped_tool_results": r["dropped_tool_results"],
     }
+    if args.kind == "kto":
+        # The replies KTO will train on (a pair gives one of each) and TRL's advice on their balance.
+        from mistral_align.data.kto import balance_advice
+
+        report.update(desirable=r["desirable"], undesirable=r["undesirable"],
+                      balance_warning=balance_advice(r["desirable"], r["undesirable"]) if report["valid_rows"] else None)
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
     else:
@@ -172,6 +183,10 @@ def _print_validate_report(report: dict, problems: list[str]) -> None:
         lines.append(f"packing efficiency (TRL bfd, max_length {report['max_length']}): {eff:.1%}")
     if report["tool_rows"] or report["thinking_rows"]:
         lines.append(f"tool rows: {report['tool_rows']}  thinking rows: {report['thinking_rows']}")
+    if report["kind"] == "kto":
+        lines.append(f"KTO replies: {report['desirable']} desirable, {report['undesirable']} undesirable")
+        if report["balance_warning"]:
+            lines.append(f"warning: {report['balance_warning']}")
     if report["dropped_tool_calls"] or report["dropped_tool_results"]:
         lines.append(f"left out by tokenizer {report['tokenizer']} (as mistral-common encodes it): "
                      f"{report['dropped_tool_calls']} tool call(s) and {report['dropped_tool_results']} tool result(s) "
@@ -193,7 +208,7 @@ def add_preview(sub) -> None:
         "tokens are shown inside {+ +} (and green on a terminal), masked ones as they are.",
     )
     p.add_argument("--tokenizer", choices=TOKENIZER_VERSIONS, required=True)
-    p.add_argument("--kind", choices=("sft", "dpo"), required=True)
+    p.add_argument("--kind", choices=KINDS, required=True, help=KIND_HELP + "; --jsonl prints a pair's two rows")
     p.add_argument("--data", required=True, metavar="FILE")
     p.add_argument("--jsonl", action="store_true", help="machine-readable ids, one JSON object per row")
     p.add_argument("--max-rows", type=int, default=None, metavar="N", help="stop after N rows")
@@ -229,11 +244,23 @@ def _cmd_preview(args) -> int:
             status = EXIT_BAD_ROWS
             continue
         if args.jsonl:
-            print(json.dumps(r.ids))
+            for ids in _jsonl_rows(args.kind, r.ids):
+                print(json.dumps(ids))
         else:
             print(_render_row(f"{raw.label}:{line}", args.kind, r, encoder, color))
     sys.stdout.flush()
     return status
+
+
+def _jsonl_rows(kind: str, ids: dict) -> list[dict]:
+    """What --jsonl prints for one valid row: its ids; KTO: {prompt_ids, completion_ids, label}, a
+    pair as its two rows (desirable, then undesirable), as training splits it."""
+    if kind != "kto":
+        return [ids]
+    rows = [{"prompt_ids": ids["prompt_ids"], "completion_ids": ids["completion_ids"], "label": ids["label"]}]
+    if ids["rejected_ids"]:
+        rows.append({"prompt_ids": ids["prompt_ids"], "completion_ids": ids["rejected_ids"], "label": False})
+    return rows
 
 
 _GREEN, _DIM, _RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
@@ -274,6 +301,15 @@ def _render_row(where: str, kind: str, r, encoder, color: bool) -> str:
         ids, labels = r.ids["input_ids"], r.ids["labels"]
         body = _render_tokens(ids, [x != IGNORE_INDEX for x in labels], encoder, color)
         return f"── {where}  tokens: {r.tokens}  trained: {r.trained}  masked: {r.tokens - r.trained}{_left_out(r)}\n{body}\n"
+    if kind == "kto":
+        p = r.ids["prompt_ids"]
+        lines = [f"── {where}  prompt: {len(p)} tokens (masked){_left_out(r)}",
+                 f"prompt:      {_render_tokens(p, [False] * len(p), encoder, color)}"]
+        for row in _jsonl_rows(kind, r.ids):
+            c = row["completion_ids"]
+            verdict = "desirable:  " if row["label"] else "undesirable:"
+            lines.append(f"{verdict} {_render_tokens(c, [True] * len(c), encoder, color)}")
+        return "\n".join(lines) + "\n"
     p, c, rej = r.ids["prompt_ids"], r.ids["chosen_ids"], r.ids["rejected_ids"]
     return (
         f"── {where}  prompt: {len(p)} tokens (masked)  chosen: {len(c)}  rejected: {len(rej)} (trained){_left_out(r)}\n"

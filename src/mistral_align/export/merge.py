@@ -14,6 +14,10 @@ Two bases for a QLoRA adapter (never merged into 4-bit weights):
 The default is `dequantized` (measured in `scripts/measure_merge.py`; figures in the README). For
 a run without quantisation both are the same model.
 
+A full fine-tune (peft=none) has no adapter to merge: its trained model is written as it is, in
+the dtype asked, into the same kind of folder, so `merge`, and `export-gguf` (which merges first),
+take every run alike.
+
 The folder holds safetensors shards, `config.json`, `generation_config.json` and the exact
 tokenizer (`save_hf_tokenizer`); `AutoModelForCausalLM` / `AutoTokenizer` load it without
 this package.
@@ -32,6 +36,7 @@ from mistral_align.errors import RunDirError
 from mistral_align.files import follow_umask
 from mistral_align.model.load import load_pretrained
 from mistral_align.model.lora import attach_adapter
+from mistral_align.model.plain_folder import make_plain
 from mistral_align.model.quantize import run_quantization_config
 from mistral_align.rundir.finished import RunSource, resolve_source
 
@@ -72,11 +77,15 @@ def _dequantized_weights(src: RunSource) -> dict[str, torch.Tensor]:
 
 
 def load_merged(src: RunSource, dtype: torch.dtype = torch.float32, base: str = DEFAULT_BASE):
-    """The merged model in memory (base as asked, adapter merged in), eval mode."""
+    """The merged model in memory (base as asked, adapter merged in), eval mode; a full fine-tune's
+    model as it was trained."""
     if base not in BASES:
         raise RunDirError(f"--base must be one of {', '.join(BASES)}, got {base!r}")
     if src.kind != "run":
         raise RunDirError(f"{src.path}: already a merged model folder; merge takes a run directory")
+    if src.is_full:
+        log.info("merge: %s is a full fine-tune, no adapter to merge: its model is written as it is", src.model_dir)
+        return load_pretrained(str(src.model_dir), allow_pickle=src.allow_pickle, dtype=dtype).eval()
     model = _load_full(src, dtype)
     if base == "dequantized" and src.quant_mode != "none":
         weights = _dequantized_weights(src)
@@ -112,23 +121,21 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
     model = load_merged(src, torch.float32, base)
     model = model.to(DTYPES[dtype])
     cfg = model.config
-    cfg.use_cache = True
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(cfg, attr):
             delattr(cfg, attr)
     cfg.name_or_path = ""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
-    if cfg.model_type == "mixtral":  # our per-expert class saves the Hub's layout: name the stock class
-        stock = json.loads((out / "config.json").read_text())
-        stock["architectures"] = ["MixtralForCausalLM"]
-        (out / "config.json").write_text(json.dumps(stock, indent=2) + "\n")
+    make_plain(out)  # the stock class named (our per-expert Mixtral saves the Hub's layout), KV cache on
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=None, do_sample=False).save_pretrained(str(out))
     save_hf_tokenizer(src.tokenizer_version, out, source=src.tokenizer_file)
+    trained = {"model": str(src.model_dir)} if src.is_full else {"adapter": str(src.adapter_dir)}
     info = {
-        "merged_from": {"run_dir": str(src.path), "stage": src.stage, "adapter": str(src.adapter_dir),
+        "merged_from": {"run_dir": str(src.path), "stage": src.stage, **trained,
                         "base": src.base if not src.is_inline else "base/ (inline, in the run directory)"},
-        "base_kind": base if src.quant_mode != "none" else "original (the run was not quantised)",
+        "base_kind": ("none (a full fine-tune: the trained model as it is)" if src.is_full
+                      else base if src.quant_mode != "none" else "original (the run was not quantised)"),
         "quant": src.quant_mode,
         "dtype": dtype,
         "tokenizer_version": src.tokenizer_version,

@@ -10,6 +10,7 @@ from mistral_align.chat.encoder import get_encoder
 from mistral_align.chat.schema import Message, parse_sft_row
 from mistral_align.names import REPO_ID, STAGES
 from mistral_align.rundir.finished import RunSource
+from mistral_align.schema.objectives import DEFAULT_BETA, NAMES, OWN_KEYS
 
 _LOCAL_SUFFIX = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 
@@ -124,13 +125,28 @@ def tool_format_section(version: str, tokenizer_file: Path | None = None) -> str
     )
 
 
-def render_card(src: RunSource, repo_id: str, base_id: str, license: str = "apache-2.0") -> str:
+def objective_settings(stage_cfg: dict, objective: str) -> dict[str, Any]:
+    """The preference stage's settings its objective reads (schema/objectives.py), as configured."""
+    keys = ["beta"] + [k for k, (owners, _) in OWN_KEYS.items() if objective in owners]
+    settings = {k: stage_cfg.get(k) for k in keys if k in stage_cfg}
+    if settings.get("beta") is None and objective in DEFAULT_BETA:
+        settings["beta"] = DEFAULT_BETA[objective]
+    return settings
+
+
+def render_card(src: RunSource, repo_id: str, base_id: str, license: str = "apache-2.0",
+                stock_rank: int | None = None) -> str:
+    """The model card. `stock_rank`: the rank of a Mixtral adapter converted to stock transformers'
+    layout for the upload (hub/push.py), None where the adapter is uploaded as trained."""
     config = src.config
     stage = src.stage or "sft"
     quant = src.quant_mode
     peft = config.get("peft") or {}
-    method = "qlora" if quant in ("nf4", "fp4") else "lora"
-    tags = ["trl", stage, method, "mistral-align", "peft"]
+    method = "full" if src.is_full else "qlora" if quant in ("nf4", "fp4") else "lora"
+    st = config.get(stage) or {}
+    # The preference stage's objective (runs from before dpo.objective existed trained DPO).
+    objective = (st.get("objective") or "dpo") if stage == "dpo" else stage
+    tags = ["trl", objective, method, "mistral-align"] + ([] if src.is_full else ["peft"])
     if stage == "dpo" and "sft" in config:
         tags.insert(1, "sft")
     datasets = hub_datasets(config, stage)
@@ -142,7 +158,7 @@ def render_card(src: RunSource, repo_id: str, base_id: str, license: str = "apac
     front = (
         "---\n"
         f"base_model: {json.dumps(base_id)}\n"
-        "library_name: peft\n"
+        f"library_name: {'transformers' if src.is_full else 'peft'}\n"
         f"license: {license}\n"
         f"datasets:{_yaml_list(datasets)}\n"
         "pipeline_tag: text-generation\n"
@@ -151,47 +167,63 @@ def render_card(src: RunSource, repo_id: str, base_id: str, license: str = "apac
     )
     setup = [
         f"- base model: `{base_id}`" + (" (an inline random-init model kept with the run)" if src.is_inline else ""),
-        f"- stage: `{stage}`" + (" (after SFT)" if stage == "dpo" and "sft" in config else ""),
-        f"- adapter: LoRA r={peft.get('r')}, alpha={peft.get('alpha')}, dropout={peft.get('dropout')}, "
-        f"targets {peft.get('target_modules')}",
+        f"- stage: `{stage}`" + (f", objective `{objective}` ({NAMES.get(objective, objective)})" if stage == "dpo" else "")
+        + (" (after SFT)" if stage == "dpo" and "sft" in config else ""),
+        ("- weights: every weight trained (full fine-tuning, peft none); this repository holds the whole model"
+         if src.is_full else
+         f"- adapter: LoRA r={peft.get('r')}, alpha={peft.get('alpha')}, dropout={peft.get('dropout')}, "
+         f"targets {peft.get('target_modules')}"
+         + (f"; uploaded in stock transformers' Mixtral layout (the fused experts through peft `target_parameters`, "
+            f"rank {stock_rank}: the same function as the per-expert adapter trained)"
+            if stock_rank else "")),
         f"- quantisation during training: `{quant}`"
         + (f" (double quant {src.quant.get('double_quant')}, compute dtype {src.quant.get('compute_dtype')})" if quant != "none" else ""),
         f"- tokenizer: mistral-common `{src.tokenizer_version}`",
     ]
-    st = config.get(stage) or {}
     train = st.get("train") or {}
     if train:
         keys = ("lr", "epochs", "max_steps", "per_device_batch_size", "grad_accum", "packing")
         setup.append("- training: " + ", ".join(f"{k}={train[k]}" for k in keys if k in train))
     if stage == "dpo":
-        setup.append(f"- DPO: beta={st.get('beta')}, loss_type={st.get('loss_type')}")
+        settings = objective_settings(st, objective)
+        setup.append(f"- {NAMES.get(objective, objective)}: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     if datasets:
         setup.append("- datasets: " + ", ".join(f"`{d}`" for d in datasets))
-    usage = (
-        "```python\n"
-        "import torch\n"
-        "from peft import PeftModel\n"
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f"base = AutoModelForCausalLM.from_pretrained({base_id!r}, dtype=torch.bfloat16)\n"
-        f"model = PeftModel.from_pretrained(base, {repo_id!r})\n"
-        f"tokenizer = AutoTokenizer.from_pretrained({repo_id!r})  # mistral-common backend, exact ids\n"
-        'ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,\n'
-        '                                    return_tensors="pt")\n'
-        "out = model.generate(ids, max_new_tokens=64, do_sample=False)\n"
-        "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))\n"
-        "```\n"
-    )
+    usage = usage_snippet(repo_id, base_id, src.is_full)
     tool_calls = ("## Tool calls\n\n" + tool_format_section(src.tokenizer_version, src.tokenizer_file) + "\n"
                   if data_has_tools(src) else "")
+    what = "A full fine-tune of" if src.is_full else "A LoRA adapter for"
+    files = ("`model.safetensors` (or its shards and index), `config.json`, `generation_config.json`" if src.is_full
+             else "`adapter_model.safetensors`, `adapter_config.json`")
     return (
         front
-        + f"\n# {repo_id}\n\nA LoRA adapter for `{base_id}` trained with "
-        f"mistral-align ({stage.upper()} stage, {method.upper()}).\n\n"
+        + f"\n# {repo_id}\n\n{what} `{base_id}` trained with "
+        f"mistral-align ({NAMES.get(objective, stage.upper())} stage, {method.upper()}).\n\n"
         "## Training set-up\n\n" + "\n".join(setup) + "\n\n"
         "## Final metrics\n\n" + metrics_table(summary) + "\n"
         "## Prompt format\n\n" + prompt_format_section(src.tokenizer_version, src.tokenizer_file) + "\n"
         + tool_calls
-        + "## Usage (plain peft + transformers)\n\n" + usage + "\n"
-        "Files: `adapter_model.safetensors`, `adapter_config.json`, the tokenizer, the resolved training "
+        + f"## Usage (plain {'transformers' if src.is_full else 'peft + transformers'})\n\n" + usage + "\n"
+        f"Files: {files}, the tokenizer, the resolved training "
         "config (`config.yaml`), the loss plot (`loss.png`) and `summary.json`.\n"
+    )
+
+
+def usage_snippet(repo_id: str, base_id: str, full: bool) -> str:
+    """Loading and prompting the upload with plain transformers (and peft, for an adapter)."""
+    load = (f"model = AutoModelForCausalLM.from_pretrained({repo_id!r}, dtype=torch.bfloat16)\n" if full else
+            f"base = AutoModelForCausalLM.from_pretrained({base_id!r}, dtype=torch.bfloat16)\n"
+            f"model = PeftModel.from_pretrained(base, {repo_id!r})\n")
+    return (
+        "```python\n"
+        "import torch\n"
+        + ("" if full else "from peft import PeftModel\n")
+        + "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        + load
+        + f"tokenizer = AutoTokenizer.from_pretrained({repo_id!r})  # mistral-common backend, exact ids\n"
+        'inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,\n'
+        '                                       return_dict=True, return_tensors="pt")\n'
+        "out = model.generate(**inputs, max_new_tokens=64, do_sample=False)\n"
+        'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n'
+        "```\n"
     )

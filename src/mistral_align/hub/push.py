@@ -1,13 +1,18 @@
-"""Push a run's adapter to the Hugging Face Hub (or write exactly that folder: dry run).
+"""Push a run's adapter (or fully fine-tuned model) to the Hugging Face Hub (or write exactly that folder: dry run).
 
     push_run("runs/demo", "me/demo-adapter")                      # create_repo(exist_ok) + upload_folder
     push_run("runs/demo", "me/demo-adapter", dry_run="out/")      # the folder only, no network
 
 The folder: adapter_model.safetensors, adapter_config.json (base_model_name_or_path = the base's
 Hub id), the exact tokenizer (save_hf_tokenizer), config.yaml (credentials scrubbed), loss.png,
-summary.json, README.md (model card). Nothing pickled is ever included, and the token (HF_TOKEN
-or the stored login, read by huggingface_hub itself) is written nowhere; the folder is checked
-for its value before anything is uploaded.
+summary.json, README.md (model card). A Mixtral adapter is uploaded in stock transformers' layout
+(`write_stock_adapter`: the fused experts through peft `target_parameters`, rank 2r, the same
+function), because the per-expert one it was trained as does not attach to stock
+`MixtralForCausalLM`. A full fine-tune (peft=none) uploads the whole model instead: its safetensors,
+config.json and generation_config.json, with a card saying `library_name: transformers`.
+Nothing pickled is ever included, and the token (HF_TOKEN or the stored login, read by
+huggingface_hub itself) is written nowhere; the folder is checked for its value before anything
+is uploaded.
 
 Re-running a push makes a new commit in the same repository (create_repo(exist_ok=True)); a
 transient failure is retried, and a final failure names the step that failed.
@@ -29,6 +34,7 @@ from omegaconf import OmegaConf
 from mistral_align.chat.hf_tokenizer import save_hf_tokenizer
 from mistral_align.errors import HubError, RunDirError
 from mistral_align.hub.card import render_card
+from mistral_align.model.mixtral_unfused import has_per_expert_lora, write_stock_adapter
 from mistral_align.names import PICKLE_SUFFIXES, REPO_ID
 from mistral_align.redaction import redact
 from mistral_align.rundir.finished import RunSource, resolve_source
@@ -55,11 +61,22 @@ def hub_base_id(src: RunSource) -> str:
     return str(src.base)
 
 
-def build_folder(src: RunSource, repo_id: str, out: Path, license: str = "apache-2.0") -> list[str]:
-    """Write the upload folder into `out` (created, must be empty); returns its files, sorted."""
-    out.mkdir(parents=True, exist_ok=True)
-    if any(out.iterdir()):
-        raise RunDirError(f"{out}: exists and is not empty")
+# A full fine-tune's model folder, as uploaded: the weights (one file or shards and their index) and configs.
+MODEL_FILES = ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json")
+
+
+def _copy_model(model_dir: Path, out: Path) -> None:
+    """A full fine-tune: the whole model's files."""
+    if not any(model_dir.glob("*.safetensors")):
+        raise RunDirError(f"{model_dir}: no *.safetensors weights; re-save the model as safetensors")
+    for pattern in MODEL_FILES:
+        for f in model_dir.glob(pattern):
+            shutil.copyfile(f, out / f.name)
+
+
+def _copy_adapter(src: RunSource, out: Path, base_id: str) -> int | None:
+    """The adapter, naming the base by its Hub id; a per-expert Mixtral adapter in stock transformers'
+    layout. Returns the uploaded rank when the adapter was converted, else None."""
     adapter = src.adapter_dir
     assert adapter is not None
     weights = adapter / "adapter_model.safetensors"
@@ -67,13 +84,30 @@ def build_folder(src: RunSource, repo_id: str, out: Path, license: str = "apache
         if (adapter / "adapter_model.bin").is_file():
             raise RunDirError(f"{adapter}: only a pickled adapter_model.bin; re-save it as safetensors")
         raise RunDirError(f"{weights}: missing")
-    shutil.copyfile(weights, out / "adapter_model.safetensors")
-    acfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-    base_id = hub_base_id(src)
+    with tempfile.TemporaryDirectory(prefix="mistral_align_stock_") as tmp:
+        converted = has_per_expert_lora(adapter)
+        if converted:
+            adapter = write_stock_adapter(adapter, Path(tmp) / "stock")
+        shutil.copyfile(adapter / "adapter_model.safetensors", out / "adapter_model.safetensors")
+        acfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     acfg["base_model_name_or_path"] = base_id
     if src.revision:
         acfg["revision"] = src.revision
     (out / "adapter_config.json").write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return int(acfg["r"]) if converted else None
+
+
+def build_folder(src: RunSource, repo_id: str, out: Path, license: str = "apache-2.0") -> list[str]:
+    """Write the upload folder into `out` (created, must be empty); returns its files, sorted."""
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.iterdir()):
+        raise RunDirError(f"{out}: exists and is not empty")
+    base_id = hub_base_id(src)
+    stock_rank = None
+    if src.is_full:
+        _copy_model(src.model_dir, out)
+    else:
+        stock_rank = _copy_adapter(src, out, base_id)
     save_hf_tokenizer(src.tokenizer_version, out, source=src.tokenizer_file)
     if src.config:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(redact(src.config))), encoding="utf-8")
@@ -85,7 +119,7 @@ def build_folder(src: RunSource, repo_id: str, out: Path, license: str = "apache
         summary = src.path / "summary.json"
     if summary.is_file():
         shutil.copyfile(summary, out / "summary.json")
-    (out / "README.md").write_text(render_card(src, repo_id, base_id, license), encoding="utf-8")
+    (out / "README.md").write_text(render_card(src, repo_id, base_id, license, stock_rank), encoding="utf-8")
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     bad = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
     if bad:
@@ -185,7 +219,7 @@ def push_run(
     tries: int = 3,
     retry_wait_s: float = 2.0,
 ) -> PushResult:
-    """Push (or, with dry_run=DIR, only write) a run's adapter folder. Main process only."""
+    """Push (or, with dry_run=DIR, only write) a run's adapter (or full model) folder. Main process only."""
     if not REPO_ID.fullmatch(repo_id or ""):
         raise RunDirError(f"--repo-id must look like OWNER/NAME, got {repo_id!r}")
     src = resolve_source(run_dir, stage)
@@ -213,7 +247,8 @@ def push_run(
         _with_retries(f"create_repo {repo_id}", lambda: api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True), tries, retry_wait_s)
         if revision:
             _with_retries(f"create_branch {revision} of {repo_id}", lambda: api.create_branch(repo_id=repo_id, branch=revision, repo_type="model", exist_ok=True), tries, retry_wait_s)
-        message = commit_message or f"mistral-align: {src.stage or 'adapter'} adapter from {src.path.name}"
+        what = "model (full fine-tune)" if src.is_full else "adapter"
+        message = commit_message or f"mistral-align: {src.stage + ' ' if src.stage else ''}{what} from {src.path.name}"
         info = _with_retries(
             f"upload_folder to {repo_id}" + (f"@{revision}" if revision else ""),
             lambda: api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=revision, commit_message=message),

@@ -1,4 +1,4 @@
-"""Load a run (base + adapter) or a merged folder for talking to it: `mistral-align chat`.
+"""Load a run (base + adapter, or a full fine-tune's model) or a merged folder for talking to it: `mistral-align chat`.
 
 Weights as safetensors only unless `allow_pickle`; never the folder's own Python code. The base is
 quantised as the run was trained (`quant="auto"`), in float32 compute on the CPU.
@@ -47,9 +47,13 @@ def load_for_chat(path, quant: str = "auto", stage: Optional[str] = None, dtype:
         q = dict(src.quant or {})
         if not torch.cuda.is_available():
             q["compute_dtype"] = "float32"
-        base = load_pretrained(src.base, revision=src.revision, allow_pickle=allow_pickle, dtype=torch_dtype,
-                               quantization_config=run_quantization_config(q, mode))
-        model = attach_adapter(base, str(src.adapter_dir))
+        if src.is_full:  # a full fine-tune: the trained model itself, no adapter
+            model = load_pretrained(str(src.model_dir), allow_pickle=allow_pickle, dtype=torch_dtype,
+                                    quantization_config=run_quantization_config(q, mode))
+        else:
+            base = load_pretrained(src.base, revision=src.revision, allow_pickle=allow_pickle, dtype=torch_dtype,
+                                   quantization_config=run_quantization_config(q, mode))
+            model = attach_adapter(base, str(src.adapter_dir))
     disable_cpu_inference_repacking(model)
     if torch.cuda.is_available() and mode == "none":
         model = model.to("cuda")

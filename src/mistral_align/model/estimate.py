@@ -18,10 +18,15 @@ Parts, per GPU:
 - gradients (same dtype as the trainable parameters) and optimizer state: AdamW 8 bytes per
   trainable parameter (two fp32 moments); 8-bit AdamW (`*adamw*8bit` optims) 2 bytes + one fp32
   absmax per 256-block per moment; paged optimizers hold the same bytes but can spill to CPU.
-- activations at `train.max_length` x `train.per_device_batch_size`, with or without gradient
-  checkpointing (see `activation_bytes`), including the logits and their fp32 loss copies.
-- parallelism: DDP keeps a whole copy per GPU; FSDP (FULL_SHARD) and ZeRO-3 shard weights,
-  gradients and optimizer state over `num_gpus` (activations are not sharded).
+- reference (DPO): the reference's own weights: a frozen copy of the model under full
+  fine-tuning, a frozen copy of the SFT adapter under LoRA (the base weights are shared).
+- activations at `train.max_length` x `train.per_device_batch_size` (DPO: 2 x batch, chosen and
+  rejected), with or without gradient checkpointing, TRL's fused LM head, and DPO's reference
+  forward (see `activation_bytes`; the decoder-stack part is checked against measured memory).
+- parallelism (`SHARDED`): DDP keeps a whole copy per GPU; ZeRO-1 splits the optimizer state over
+  `num_gpus`, ZeRO-2 also the gradients, ZeRO-3 and FSDP (FULL_SHARD) also the weights
+  (activations are never split). `parallel_kind` reads which from `accelerate launch`'s
+  environment, `parallel_from_accelerate_config` from an accelerate config file.
 
 Figures are bytes; the table shows GiB (2^30). A GPU "fits" when the total is at most
 `FIT_FRACTION` of its memory (CUDA context, allocator fragmentation and kernels' workspace take
@@ -30,13 +35,17 @@ the rest).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
 from mistral_align.chat.encoder import get_encoder
 from mistral_align.errors import ConfigError
+from mistral_align.names import PARALLEL_KINDS
 from mistral_align.schema.recipe import stage_max_length
 
 log = logging.getLogger(__name__)
@@ -244,34 +253,104 @@ def optimizer_bytes(trainable: int, optim: str) -> int:
     return 8 * trainable
 
 
-def activation_bytes(s: Shape, batch: int, length: int, act_dtype_bytes: int, checkpointing: bool,
-                     lora_r: int = 0) -> dict[str, int]:
-    """Memory held for the backward pass at the end of the forward pass (the peak), by part.
+# TRL's fused LM head (trl.trainer.utils.add_fused_lm_head, used by SFTTrainer and DPOTrainer) projects
+# hidden states through the head in tiles of at most this many tokens x vocabulary entries
+# (trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE, trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE).
+HEAD_TILE_TOKENS = 4096
+HEAD_TILE_VOCAB = 32768
 
-    Per decoder layer and token, what autograd keeps (bytes of `act_dtype_bytes` each):
-    attention: the norm's input and output, q, k, v before and after rotary, the attention output
-    and its projection input; MLP (per token, the k routed experts for Mixtral): the norm, gate,
-    up, act(gate), their product; plus LoRA's r-wide intermediates. With gradient checkpointing
-    only each layer's input is kept, plus one layer's activations while it is recomputed.
-    The logits are kept in the model dtype plus two fp32 copies (the upcast and the loss's
-    log-softmax)."""
+
+def layer_activation_bytes(s: Shape, act_dtype_bytes: int, lora_r: int = 0) -> int:
+    """Bytes per token that one decoder layer keeps for its backward pass.
+
+    Counted from what autograd saves in transformers' Mistral / Mixtral layers (the figures are
+    checked against measured memory in tests/test_estimate.py): the two norms' inputs and outputs
+    (4 x hidden), q and k after rotary and v (SDPA's inputs) and the attention output (o_proj's
+    input); dense MLP: gate, act(gate), up and their product (4 x intermediate); Mixtral, per routed
+    expert: its gathered input, those four and its weighted output, plus the router's fp32 logits
+    and softmax; LoRA: the fp32 r-wide intermediate of each adapted linear."""
     h, hd = s.hidden_size, s.head_dim
-    q = s.num_attention_heads * hd
-    kv = s.num_key_value_heads * hd
-    k_route = s.num_experts_per_tok if s.num_local_experts else 1
-    attn = 2 * h + 2 * (q + 2 * kv) + q + q  # norm in/out, q k v pre/post rotary (k,v twice), attn out, o in
-    mlp = 2 * h + k_route * (4 * s.intermediate_size + h)  # norm in/out; per routed expert gate, up, act, prod, x
-    n_lora = 7
-    per_token_layer = (attn + mlp) * act_dtype_bytes + 4 * lora_r * n_lora * k_route
+    q, kv = s.num_attention_heads * hd, s.num_key_value_heads * hd
+    attention = 4 * h + 2 * q + 2 * kv
     if s.num_local_experts:
-        per_token_layer += 4 * s.num_local_experts * 2  # router logits and softmax (fp32)
-    tokens = batch * length
-    logits = tokens * s.vocab_size * (act_dtype_bytes + 4 + 4)
-    if checkpointing:
-        layers = s.num_hidden_layers * tokens * h * act_dtype_bytes + tokens * per_token_layer
+        k = s.num_experts_per_tok
+        mlp = k * (4 * s.intermediate_size + 2 * h)
+        extra = 4 * 2 * s.num_local_experts + 4 * lora_r * (4 + 3 * k)
     else:
-        layers = s.num_hidden_layers * tokens * per_token_layer
-    return {"layers": layers, "logits": logits, "total": layers + logits}
+        mlp = 4 * s.intermediate_size
+        extra = 4 * lora_r * 7
+    return (attention + mlp) * act_dtype_bytes + extra
+
+
+def stack_activation_bytes(s: Shape, batch: int, length: int, act_dtype_bytes: int, checkpointing: bool,
+                           lora_r: int = 0, reference: bool = False) -> dict[str, int]:
+    """Peak memory of one step's decoder stack (the LM head aside), by phase, in bytes.
+
+    - kept: what the forward pass leaves for the backward: every layer's activations, or with
+      gradient checkpointing only each layer's input; plus the final norm's input and output.
+    - backward: the most the backward adds at once: the gradient of the residual stream and of the
+      layer's output (2 x hidden per token) and the first large one the layer's backward makes, its
+      MLP down-projection's input gradient (intermediate; Mixtral: one expert's share of the
+      tokens, the experts running one at a time); with gradient checkpointing also that layer's
+      activations, recomputed.
+    - reference: DPO's reference forward (no gradients), run after the policy's forward as TRL's
+      DPOTrainer does: the working set of one layer (dense: its input, the norm's output and the
+      four MLP tensors; Mixtral: the experts run one at a time on their share of the tokens).
+    The peak is kept + the larger of backward and reference."""
+    h, a = s.hidden_size, act_dtype_bytes
+    tokens = batch * length
+    layer = layer_activation_bytes(s, a, lora_r)
+    per_token_kept = (s.num_hidden_layers * (h * a if checkpointing else layer)) + 2 * h * a
+    share = s.num_experts_per_tok / s.num_local_experts if s.num_local_experts else 1
+    per_token_backward = int((2 * h + share * s.intermediate_size) * a) + (layer if checkpointing else 0)
+    if not reference:
+        per_token_reference = 0
+    elif s.num_local_experts:
+        per_token_reference = int((3 * h + share * (4 * s.intermediate_size + 2 * h)) * a)
+    else:
+        per_token_reference = (2 * h + 4 * s.intermediate_size) * a
+    kept, backward, ref = tokens * per_token_kept, tokens * per_token_backward, tokens * per_token_reference
+    return {"kept": kept, "backward": backward, "reference": ref, "total": kept + max(backward, ref)}
+
+
+def lm_head_bytes(s: Shape, tokens: int, act_dtype_bytes: int, head_trainable: bool = False) -> dict[str, int]:
+    """TRL's fused LM head as it runs on a GPU (Triton kernels): the logits are never materialised
+    whole. Kept: the labelled positions' hidden states (copied). Working set, forward and again in
+    the backward: one logits tile of HEAD_TILE_TOKENS x HEAD_TILE_VOCAB; in the backward also the
+    fp32 gradient of the hidden states and, when the head trains, the fp32 gradient of its weight.
+    Modelled from TRL's code, not measured: on the CPU TRL runs the tile in plain torch, which holds
+    several tile-sized temporaries at once."""
+    a = act_dtype_bytes
+    tile = min(tokens, HEAD_TILE_TOKENS) * min(s.vocab_size, HEAD_TILE_VOCAB) * a
+    backward = tile + 4 * tokens * s.hidden_size + (4 * s.vocab_size * s.hidden_size if head_trainable else 0)
+    kept = tokens * s.hidden_size * a
+    return {"kept": kept, "working": backward, "total": kept + backward}
+
+
+def activation_bytes(s: Shape, batch: int, length: int, act_dtype_bytes: int, checkpointing: bool,
+                     lora_r: int = 0, reference: bool = False, head_trainable: bool = False) -> dict[str, int]:
+    """Peak activation memory of one training step, by part: the decoder stack
+    (`stack_activation_bytes`) and TRL's fused LM head (`lm_head_bytes`), whose working set comes
+    before the stack's backward and so counts only where it is the larger."""
+    stack = stack_activation_bytes(s, batch, length, act_dtype_bytes, checkpointing, lora_r, reference)
+    head = lm_head_bytes(s, batch * length, act_dtype_bytes, head_trainable)
+    working = max(stack["backward"], stack["reference"], head["working"])
+    total = stack["kept"] + head["kept"] + working
+    return {"layers": stack["kept"], "lm_head": head["kept"], "working": working,
+            "reference_forward": stack["reference"], "total": total}
+
+
+# What each way of running on several GPUs splits among them (the rest is a whole copy per GPU):
+# ZeRO-1 the optimizer state, ZeRO-2 also the gradients, ZeRO-3 and FSDP (FULL_SHARD) also the
+# parameters. DDP (and ZeRO stage 0) shards nothing.
+SHARDED = {
+    "ddp": frozenset(),
+    "zero1": frozenset({"optimizer"}),
+    "zero2": frozenset({"optimizer", "gradients"}),
+    "zero3": frozenset({"optimizer", "gradients", "weights"}),
+    "fsdp": frozenset({"optimizer", "gradients", "weights"}),
+}
+assert tuple(SHARDED) == PARALLEL_KINDS
 
 
 def _stage_train(cfg: Any, stage: str | None) -> Any:
@@ -285,8 +364,14 @@ def _length(cfg: Any, train: Any, stage: str | None) -> int:
 def estimate_memory(cfg: Any, num_gpus: int = 1, parallel: str = "ddp", stage: str | None = None) -> dict[str, Any]:
     """Per-GPU memory of training with `cfg` (the recipes' resolved config), in bytes.
 
-    parallel: ddp | fsdp | zero3. stage: None / "sft" uses `cfg.sft.train`; "dpo" uses `cfg.dpo.train` and counts the chosen and rejected halves
-    (2 x batch) and, without precomputed reference log-probs, the reference forward (no grad)."""
+    parallel: one of PARALLEL_KINDS. stage: None / "sft" uses `cfg.sft.train`; "dpo" uses
+    `cfg.dpo.train` and counts the chosen and rejected halves (2 x batch; KTO's batch is rows, each
+    one sequence with gradients: its KL and reference forwards run without them), the reference's
+    weights (full fine-tuning: a frozen copy of the model; LoRA: a frozen copy of the SFT adapter,
+    shared base weights) and, without `dpo.precompute_ref_log_probs`, the reference's forward (no
+    gradients)."""
+    if parallel not in SHARDED:
+        raise ConfigError(f"parallel must be one of {', '.join(PARALLEL_KINDS)}, got {parallel!r}")
     s = model_shape(cfg.model)
     train = _stage_train(cfg, stage)
     length = _length(cfg, train, stage)
@@ -300,30 +385,46 @@ def estimate_memory(cfg: Any, num_gpus: int = 1, parallel: str = "ddp", stage: s
     grad_bytes = (DTYPE_BYTES[cfg.model.dtype] if full_ft else 4) * trainable
     optim = str(train.get("optim", "adamw_torch_fused"))
     opt_bytes = optimizer_bytes(trainable, optim)
+    dpo = stage == "dpo"
+    reference_bytes = 0
+    if dpo:
+        # LoRA: counted whether or not the run starts from an SFT adapter (the pipeline sets
+        # dpo.init_from only once SFT has run); without one the reference is the base, adapter off.
+        reference_bytes = loaded["total"] if full_ft else param_bytes
+    reference_forward = dpo and not bool(cfg.dpo.get("precompute_ref_log_probs", False))
     act_bytes = DTYPE_BYTES[quant.compute_dtype] if quant.mode != "none" else DTYPE_BYTES[cfg.model.dtype]
-    act_batch = 2 * batch if stage == "dpo" else batch
-    acts = activation_bytes(s, act_batch, length, act_bytes, bool(train.get("gradient_checkpointing", True)),
-                            lora_r=0 if full_ft else peft.r)
-    acts_other = activation_bytes(s, act_batch, length, act_bytes, not bool(train.get("gradient_checkpointing", True)),
-                                  lora_r=0 if full_ft else peft.r)
-    shard = num_gpus if parallel in ("fsdp", "zero3") else 1
+    act_batch = 2 * batch if dpo and cfg.dpo.get("objective", "dpo") != "kto" else batch
+    checkpointing = bool(train.get("gradient_checkpointing", True))
+    head_trainable = full_ft or "lm_head" in list(peft.get("modules_to_save") or [])
+
+    def acts(gc: bool) -> dict[str, int]:
+        return activation_bytes(s, act_batch, length, act_bytes, gc, lora_r=0 if full_ft else peft.r,
+                                reference=reference_forward, head_trainable=head_trainable)
+
+    sharded = SHARDED[parallel]
+
+    def per_gpu_share(part: str, b: int) -> int:
+        return math.ceil(b / num_gpus) if part in sharded else b
+
     per_gpu = {
-        "weights": math.ceil(weights["total"] / shard),
-        "lora": math.ceil(param_bytes / shard),
-        "gradients": math.ceil(grad_bytes / shard),
-        "optimizer": math.ceil(opt_bytes / shard),
-        "activations": acts["total"],
+        "weights": per_gpu_share("weights", weights["total"]),
+        "lora": per_gpu_share("weights", param_bytes),
+        "gradients": per_gpu_share("gradients", grad_bytes),
+        "optimizer": per_gpu_share("optimizer", opt_bytes),
+        "reference": per_gpu_share("weights", reference_bytes),
+        "activations": acts(checkpointing)["total"],
     }
     total = sum(per_gpu.values())
     return {
         "model": cfg.model.name,
         "quant": quant.mode,
         "peft": peft.method,
+        "stage": stage or "sft",
         "parallel": parallel,
         "num_gpus": num_gpus,
         "batch": batch,
         "length": length,
-        "gradient_checkpointing": bool(train.get("gradient_checkpointing", True)),
+        "gradient_checkpointing": checkpointing,
         "optim": optim,
         "paged_optimizer": "paged" in optim,
         "params": weights["params"],
@@ -332,8 +433,8 @@ def estimate_memory(cfg: Any, num_gpus: int = 1, parallel: str = "ddp", stage: s
         "weights_as_loaded": loaded["total"],
         "weights_by_kind": weights["by_kind"],
         "weights_by_dtype": weights["by_dtype"],
-        "activations_detail": acts,
-        "activations_other_checkpointing": acts_other["total"],
+        "activations_detail": acts(checkpointing),
+        "activations_other_checkpointing": acts(not checkpointing)["total"],
         "per_gpu": per_gpu,
         "total_per_gpu": total,
         "fits": {f"{g}GB": total <= FIT_FRACTION * g * GiB for g in GPU_SIZES_GB},
@@ -343,14 +444,15 @@ def estimate_memory(cfg: Any, num_gpus: int = 1, parallel: str = "ddp", stage: s
 def format_estimate(r: dict[str, Any]) -> str:
     g = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
     lines = [
-        f"model {r['model']}  quant {r['quant']}  peft {r['peft']}  {r['parallel']} x{r['num_gpus']}  "
+        f"model {r['model']}  quant {r['quant']}  peft {r['peft']}  stage {r['stage']}  {r['parallel']} x{r['num_gpus']}  "
         f"batch {r['batch']} x length {r['length']}  gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}  optim {r['optim']}",
         f"parameters {r['params']:,} ({r['params_quantised']:,} quantised), trainable {r['trainable_params']:,}",
         "",
         "per GPU:",
     ]
     for part, b in r["per_gpu"].items():
-        lines.append(f"  {part:<12}{g(b)}")
+        if part != "reference" or r["stage"] == "dpo":  # only DPO has a reference model
+            lines.append(f"  {part:<12}{g(b)}")
     lines.append(f"  {'total':<12}{g(r['total_per_gpu'])}")
     lines.append("")
     lines.append("weights by module kind: " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in r["weights_by_kind"].items()) + " GiB")
@@ -363,21 +465,63 @@ def format_estimate(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parallel_kind() -> str:
-    """How `accelerate launch` shards this run: fsdp, zero3 (DeepSpeed) or ddp (whole copies)."""
-    import os
+def _zero_kind(stage: Any) -> str:
+    if str(stage) not in ("0", "1", "2", "3"):
+        raise ConfigError(f"DeepSpeed ZeRO stage must be 0, 1, 2 or 3, got {stage!r}")
+    return "ddp" if str(stage) == "0" else f"zero{stage}"
 
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+
+def _deepspeed_json_kind(path: str | Path) -> str:
+    """The ZeRO stage a DeepSpeed JSON config asks for (DeepSpeed's default: 0, no sharding)."""
+    try:
+        ds = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"DeepSpeed config {path}: cannot read it ({e})") from None
+    return _zero_kind((ds.get("zero_optimization") or {}).get("stage", 0))
+
+
+def parallel_kind(env: Mapping[str, str] | None = None) -> str:
+    """How `accelerate launch` shards this run, from the environment it sets: fsdp, zero1/zero2/zero3
+    (DeepSpeed: the stage of `--deepspeed_config_file`, else of the accelerate config's `zero_stage`,
+    else accelerate's default, 2) or ddp (whole copies)."""
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         return "fsdp"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        return "zero3"
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        ds_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+        if ds_file != "none":
+            return _deepspeed_json_kind(ds_file)
+        return _zero_kind(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))
     return "ddp"
 
 
-def warn_if_wont_fit(cfg: Any, gpu_bytes: int | None = None, num_gpus: int = 1, parallel: str = "ddp",
+def parallel_from_accelerate_config(path: str | Path) -> tuple[str, int]:
+    """(parallel kind, number of GPUs) of an `accelerate launch --config_file` YAML."""
+    import yaml
+
+    path = Path(path)
+    try:
+        acc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"accelerate config {path}: cannot read it ({' '.join(str(e).split())})") from None
+    gpus = int(acc.get("num_processes") or 1)
+    kind = str(acc.get("distributed_type", "NO")).upper()
+    if kind == "FSDP":
+        return "fsdp", gpus
+    if kind == "DEEPSPEED":
+        ds = acc.get("deepspeed_config") or {}
+        if ds.get("deepspeed_config_file"):
+            ds_file = Path(ds["deepspeed_config_file"])
+            return _deepspeed_json_kind(ds_file if ds_file.is_absolute() else path.parent / ds_file), gpus
+        return _zero_kind(ds.get("zero_stage", 2)), gpus
+    return "ddp", gpus
+
+
+def warn_if_wont_fit(cfg: Any, gpu_bytes: int | None = None, num_gpus: int = 1, parallel: str | None = None,
                      stage: str | None = None) -> dict[str, Any] | None:
     """Log a warning before loading when the estimate exceeds `gpu_bytes` (default: this process's
-    CUDA device's memory; nothing on the CPU). Returns the estimate, or None when not estimated."""
+    CUDA device's memory; nothing on the CPU). `parallel`: None reads it from `accelerate launch`'s
+    environment (`parallel_kind`). Returns the estimate, or None when not estimated."""
     if gpu_bytes is None:
         try:
             import torch
@@ -388,16 +532,15 @@ def warn_if_wont_fit(cfg: Any, gpu_bytes: int | None = None, num_gpus: int = 1, 
         except Exception:  # noqa: BLE001 - an estimate must never stop a run
             return None
     try:
-        r = estimate_memory(cfg, num_gpus=num_gpus, parallel=parallel, stage=stage)
-    except Exception as e:  # noqa: BLE001 - no shape known, ...
+        r = estimate_memory(cfg, num_gpus=num_gpus, parallel=parallel or parallel_kind(), stage=stage)
+    except Exception as e:  # noqa: BLE001 - no shape known, an unreadable DeepSpeed config, ...
         log.info("memory estimate skipped: %s", e)
         return None
     if r["total_per_gpu"] > FIT_FRACTION * gpu_bytes:
+        parts = ", ".join(f"{part} {b / GiB:.1f}" for part, b in r["per_gpu"].items())
         log.warning(
-            "memory estimate: %.1f GiB per GPU (weights %.1f, LoRA %.1f, gradients %.1f, optimizer %.1f, "
-            "activations %.1f) but this GPU has %.1f GiB; lower %s.train.per_device_batch_size or the length, "
-            "turn on %s.train.gradient_checkpointing, or use quant=nf4 (see `mistral-align estimate`)",
-            r["total_per_gpu"] / GiB, *(v / GiB for v in r["per_gpu"].values()), gpu_bytes / GiB,
-            stage or "sft", stage or "sft",
+            "memory estimate: %.1f GiB per GPU (%s) but this GPU has %.1f GiB; lower %s.train.per_device_batch_size "
+            "or the length, turn on %s.train.gradient_checkpointing, or use quant=nf4 (see `mistral-align estimate`)",
+            r["total_per_gpu"] / GiB, parts, gpu_bytes / GiB, stage or "sft", stage or "sft",
         )
     return r

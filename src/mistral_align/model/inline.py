@@ -14,6 +14,7 @@ import torch
 from mistral_align.errors import RunDirError
 from mistral_align.files import follow_umask
 from mistral_align.model.mixtral_unfused import UnfusedMixtralForCausalLM, hub_names
+from mistral_align.model.plain_folder import stock_class_name
 
 
 def inline_config(model_cfg: Any, vocab_size: int):
@@ -69,7 +70,7 @@ def save_inline_base(model_cfg: Any, vocab_size: int, seed: int, path: str | os.
     # Not model.save_pretrained: under torch.distributed it writes on rank 0 only, and every rank
     # needs its own copy here.
     # The stock class name: the folder loads in stock transformers, TGI and vLLM (Mixtral: Hub layout).
-    model.config.architectures = ["MixtralForCausalLM" if config.model_type == "mixtral" else "MistralForCausalLM"]
+    model.config.architectures = [stock_class_name(config.model_type)]
     model.config.to_json_file(os.path.join(path, "config.json"))
     state, seen = {}, set()
     for k, v in model.state_dict().items():

@@ -50,16 +50,20 @@ def build_model(
     seed: int = 0,
     device_map: dict[str, Any] | str | None = "auto-rank",
     inline_base: str | os.PathLike | None = None,
+    folder: str | os.PathLike | None = None,
 ):
     """The base causal LM: Hub id or inline architecture, quantised as `quant` says, on this rank's device.
 
     An inline model loads from `inline_base` (a folder made by `ensure_inline_base`), whose path the
     model then carries as its name, so adapters record it as their base; without one it is made in
-    a temporary folder and named "" (tests and benchmarks that keep no run directory)."""
+    a temporary folder and named "" (tests and benchmarks that keep no run directory). `folder`, a
+    local model folder, is loaded instead of either (DPO continuing a full fine-tune's model/)."""
     if device_map == "auto-rank":
         device_map = default_device_map()
     temporary = None
-    if model_cfg.architecture is not None and inline_base is not None:
+    if folder is not None:
+        source, revision = str(folder), None
+    elif model_cfg.architecture is not None and inline_base is not None:
         source, revision = str(inline_base), None
     elif model_cfg.architecture is not None:
         temporary = tempfile.mkdtemp(prefix="mistral_align_inline_")  # per process; removed once loaded

@@ -234,3 +234,74 @@ def write_stock_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLi
     save_file(converted, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     follow_umask(out)  # safetensors writes 0600, the other files follow the umask
     return out
+
+
+def has_per_expert_lora(adapter_dir: str | os.PathLike) -> bool:
+    """Whether a saved adapter holds LoRA on this module's per-expert linears (which stock
+    transformers' fused Mixtral does not have); reads the file's tensor names only."""
+    from safetensors import safe_open
+
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return False
+    with safe_open(str(weights), "pt") as f:
+        return any(_EXPERT_KEY.match(k) for k in f.keys())
+
+
+# -- and back: a stock-layout adapter onto this module's Mixtral ---------------------------------
+
+STOCK_EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+_STOCK_EXPERT_KEY = re.compile(r"^(?P<pre>.*\.mlp\.experts)\.(?P<fused>base_layer\.)?lora_(?P<ab>[AB])\.weight$")
+
+
+def is_stock_adapter(adapter_dir: str | os.PathLike) -> bool:
+    """Whether a saved adapter is in stock transformers' fused-expert layout (`write_stock_adapter`'s,
+    what `mistral-align push` uploads for Mixtral)."""
+    config = Path(adapter_dir) / "adapter_config.json"
+    if not config.is_file():
+        return False
+    targets = json.loads(config.read_text()).get("target_parameters") or []
+    return all(p in targets for p in STOCK_EXPERT_PARAMETERS)
+
+
+def unfused_adapter_state_dict(state: dict[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
+    """The inverse of `stock_adapter_state_dict`, exact at the stock adapter's rank r: expert e's
+    fused gate/up delta B'[:, cols_e] A'[rows_e] is a gate LoRA (B' rows [:I]) and an up LoRA (rows
+    [I:]) sharing A'[rows_e]; its down delta is a down LoRA. Other modules are kept as they are."""
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in state.items():
+        m = _STOCK_EXPERT_KEY.match(key)
+        if m:
+            fused.setdefault(m["pre"], {})[("gate_up" if m["fused"] else "down") + "." + m["ab"]] = t
+        else:
+            out[key] = t
+    for pre, w in fused.items():
+        n = w["down.A"].shape[0] // r
+        inter = w["gate_up.B"].shape[0] // 2
+        for e in range(n):
+            rows, cols = slice(e * r, (e + 1) * r), [k * n + e for k in range(r)]
+            out[f"{pre}.{e}.gate_proj.lora_A.weight"] = w["gate_up.A"][rows].clone()
+            out[f"{pre}.{e}.up_proj.lora_A.weight"] = w["gate_up.A"][rows].clone()
+            out[f"{pre}.{e}.gate_proj.lora_B.weight"] = w["gate_up.B"][:inter, cols].clone()
+            out[f"{pre}.{e}.up_proj.lora_B.weight"] = w["gate_up.B"][inter:, cols].clone()
+            out[f"{pre}.{e}.down_proj.lora_A.weight"] = w["down.A"][rows].clone()
+            out[f"{pre}.{e}.down_proj.lora_B.weight"] = w["down.B"][:, cols].clone()
+    return out
+
+
+def write_unfused_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write to `out_dir` the stock-layout Mixtral adapter in `adapter_dir` as one `PeftModel.from_pretrained`
+    attaches to `UnfusedMixtralForCausalLM` (per-expert LoRA, same rank and scaling, the same function),
+    so DPO can continue a pushed Mixtral adapter."""
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(adapter_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((src / "adapter_config.json").read_text())
+    state = unfused_adapter_state_dict(load_file(str(src / "adapter_model.safetensors")), int(config["r"]))
+    config["target_modules"] = sorted({*(config.get("target_modules") or []), *EXPERT_NAMES})
+    config["target_parameters"] = [p for p in config["target_parameters"] if p not in STOCK_EXPERT_PARAMETERS] or None
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out

@@ -2,6 +2,7 @@
 
     safetensors_problem(path)   why a .safetensors file cannot load (truncated, not safetensors), or None
     adapter_problem(folder)     the same for a peft adapter folder (adapter_config.json + weights)
+    model_problem(folder)       the same for a model folder (config.json + *.safetensors: a full fine-tune)
 
 A safetensors file is an 8-byte little-endian header length N, N bytes of JSON header naming every
 tensor's [begin, end) offsets in the data that follows, then the data. Reading the header alone is
@@ -60,15 +61,21 @@ def safetensors_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
-def adapter_problem(folder: str | os.PathLike) -> tuple[Path, str] | None:
-    """(the bad file, why) for a local peft adapter folder that cannot load, or None."""
-    folder = Path(folder)
-    config = folder / "adapter_config.json"
+def _json_object_problem(config: Path) -> tuple[Path, str] | None:
     try:
         if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
             return config, "not a JSON object"
     except (OSError, ValueError) as e:
         return config, f"cannot be read as JSON ({e})"
+    return None
+
+
+def adapter_problem(folder: str | os.PathLike) -> tuple[Path, str] | None:
+    """(the bad file, why) for a local peft adapter folder that cannot load, or None."""
+    folder = Path(folder)
+    bad = _json_object_problem(folder / "adapter_config.json")
+    if bad:
+        return bad
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
         if (folder / "adapter_model.bin").is_file():
@@ -76,3 +83,20 @@ def adapter_problem(folder: str | os.PathLike) -> tuple[Path, str] | None:
         return weights, "is missing (the adapter folder holds no weights)"
     problem = safetensors_problem(weights)
     return (weights, problem) if problem else None
+
+
+def model_problem(folder: str | os.PathLike) -> tuple[Path, str] | None:
+    """(the bad file, why) for a local model folder (config.json, safetensors weights) that cannot load,
+    or None. A folder whose weights are only pickles is left to `trust.require_safetensors`."""
+    folder = Path(folder)
+    bad = _json_object_problem(folder / "config.json")
+    if bad:
+        return bad
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not any(folder.glob("*.bin")):
+        return folder, "holds no weights (no *.safetensors)"
+    for path in weights:
+        problem = safetensors_problem(path)
+        if problem:
+            return path, problem
+    return None

@@ -1,7 +1,7 @@
 """A run directory continues only the training it started: a rerun whose config changes what is
 trained (model, data, objective, optimiser, seed) is refused with the differing keys named.
 
-"Started" means kept something trained: a complete checkpoint or a saved adapter of the stage. A
+"Started" means kept something trained: a complete checkpoint or a saved adapter (or model) of the stage. A
 launch that stopped before that (a missing file, a bad row, a model that would not load, a kill
 before the first save) left nothing a rerun would continue, so the rerun may change anything of
 that stage; the shared keys (model, quant, peft, run.seed) are held once any stage has started.
@@ -16,6 +16,7 @@ from mistral_align.errors import RunDirError
 from mistral_align.names import STAGES
 from mistral_align.redaction import redact
 from mistral_align.rundir.checkpoints import MARKER, checkpoints
+from mistral_align.rundir.layout import trained_folder
 
 # Keys that do not change what is trained: where things go, what is logged, how often it is saved,
 # what is evaluated. Everything else (model, quant, peft, run.seed, each stage's data, train and
@@ -72,11 +73,11 @@ def stage_dir(run_dir: Path, stage: str, stages: tuple[str, ...]) -> Path:
 
 def stages_started(run_dir: Path, stages: tuple[str, ...]) -> set[str]:
     """The stages of `stages` that kept something trained in `run_dir`: a checkpoint marked complete
-    (rundir/checkpoints.py) or the stage's adapter/ (saved once training ended)."""
+    (rundir/checkpoints.py) or the stage's adapter/ or model/ (saved once training ended)."""
     started = set()
     for stage in stages:
         d = stage_dir(run_dir, stage, stages)
-        if (d / "adapter").is_dir() or any((c / MARKER).is_file() for c in checkpoints(d / "checkpoints")):
+        if trained_folder(d) is not None or any((c / MARKER).is_file() for c in checkpoints(d / "checkpoints")):
             started.add(stage)
     return started
 

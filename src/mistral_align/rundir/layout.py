@@ -3,6 +3,7 @@
     run_dir = resolve_run_dir(cfg.run, state)      # decided on rank 0, broadcast to all ranks
     write_resolved_config(run_dir, cfg, stages)    # config.yaml (the main process calls it)
     finished_stage(run_dir / "sft")                # the summary of a finished stage, or None
+    trained_folder(run_dir / "sft")                # its adapter/ (LoRA) or model/ (full fine-tune), or None
 
 Hydra's own output directory is switched off in the primary configs (`hydra.run.dir: .`,
 `hydra.output_subdir: null`), because its timestamp is taken separately in each process.
@@ -10,10 +11,12 @@ Layout of a run directory:
 
     config.yaml  manifest.json  metrics.jsonl  loss.png  summary.json  run.lock (while a launch runs)
     base/        (an inline random-init base model, as a plain transformers folder the adapter names)
-    adapter/     (final adapter, safetensors; or the full model with peft=none)
+    adapter/     (the final LoRA adapter: adapter_model.safetensors, adapter_config.json naming the base, tokenizer)
+    model/       (instead of adapter/ with peft=none, full fine-tuning: the whole trained model as a plain
+                  transformers folder, safetensors, config.json naming the stock class, tokenizer)
     tokenizer/   (save_hf_tokenizer)
     checkpoints/ (trainer checkpoints, rundir/checkpoints.py)    data/ (generated data, if any)    wandb/ tensorboard/
-    sft/ dpo/    (recipes/sft_dpo.py: one directory per stage, each with adapter/ tokenizer/ checkpoints/ ...)
+    sft/ dpo/    (recipes/sft_dpo.py: one directory per stage, each with adapter/ or model/, tokenizer/, checkpoints/ ...)
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mistral_align.files import write_text_atomic
-from mistral_align.names import STAGES
+from mistral_align.names import ADAPTER_FOLDER, FULL_MODEL_FOLDER, STAGES
 from mistral_align.redaction import redact
 
 # Set this (same value on every node) to force the run directory, e.g. in a Slurm script.
@@ -73,7 +76,18 @@ def write_resolved_config(run_dir: Path, cfg: Any, stages: tuple[str, ...] = ("s
     return path
 
 
+def trained_folder_name(peft_method: str) -> str:
+    """Where a stage saves what it trained: `model` with full fine-tuning (peft.method none), else `adapter`."""
+    return FULL_MODEL_FOLDER if peft_method == "none" else ADAPTER_FOLDER
+
+
+def trained_folder(stage_dir: Path) -> Path | None:
+    """The adapter/ or model/ folder a stage saved in `stage_dir`, or None."""
+    found = [Path(stage_dir) / name for name in (ADAPTER_FOLDER, FULL_MODEL_FOLDER)]
+    return next((f for f in found if f.is_dir()), None)
+
+
 def finished_stage(stage_dir: Path) -> dict | None:
-    """The summary of a stage that finished in `stage_dir` (its summary.json beside its adapter), else None."""
+    """The summary of a stage that finished in `stage_dir` (its summary.json beside its adapter/ or model/), else None."""
     path = Path(stage_dir) / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() and (Path(stage_dir) / "adapter").is_dir() else None
+    return json.loads(path.read_text()) if path.is_file() and trained_folder(stage_dir) is not None else None

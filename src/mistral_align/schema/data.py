@@ -18,7 +18,19 @@ from mistral_align.schema.rules import choice, get
 ON_BAD_ROWS = ("error", "skip")
 ON_LONG_ROWS = ("error", "skip", "truncate")
 TRAIN_ON = ("all", "last")
-KINDS = ("sft", "dpo")
+# What a data node holds: chat conversations (sft), preference pairs (dpo), or KTO's single replies
+# marked desirable or not (kto). A preference stage with dpo.objective=kto also takes pairs (each
+# split into a desirable and an undesirable row).
+KINDS = ("sft", "dpo", "kto")
+TAKES = {"sft": ("sft",), "dpo": ("dpo",), "kto": ("kto", "dpo")}
+HOLDS = {"sft": "chat conversations (SFT)", "dpo": "preference pairs (DPO)",
+         "kto": "single replies marked desirable or not (KTO)"}
+WANTS = {"sft": "chat conversations", "dpo": "preference pairs",
+         "kto": "single replies marked desirable or not, or preference pairs (split in two)"}
+STAGE_OF = {"sft": "SFT stage", "dpo": "DPO stage", "kto": "preference stage with dpo.objective=kto"}
+HINT = {"sft": "pick e.g. data@sft.data=ultrachat or example",
+        "dpo": "pick e.g. data@dpo.data=ultrafeedback or example_dpo; KTO rows need dpo.objective=kto",
+        "kto": "pick e.g. data@dpo.data=ultrafeedback"}
 
 
 @dataclass
@@ -39,7 +51,7 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
-    # What the sources hold, where a data preset knows it (sft | dpo); a stage refuses the other kind
+    # What the sources hold, where a data preset knows it (sft | dpo | kto); a stage refuses the other kinds
     # before anything loads. Left null for your own files: their rows are checked when read.
     kind: Optional[str] = None
     train: list[SourceConfig] = field(default_factory=list)
@@ -74,17 +86,14 @@ def check_data_config(cfg: Any, kind: str, key: str = "data", need_train: bool =
     declared = get(cfg, "kind")
     if declared is not None and declared not in KINDS:
         raise ConfigError(f"{key}.kind: {declared!r} is not one of {', '.join(KINDS)}")
-    if declared is not None and declared != kind:
-        what = "chat conversations (SFT)" if declared == "sft" else "preference pairs (DPO)"
-        want = "preference pairs" if kind == "dpo" else "chat conversations"
-        hint = "data@dpo.data=ultrafeedback or example_dpo" if kind == "dpo" else "data@sft.data=ultrachat or example"
-        raise ConfigError(f"{key}: this data preset holds {what}, but the {kind.upper()} stage trains on {want} "
-                          f"(pick e.g. {hint})")
+    if declared is not None and declared not in TAKES[kind]:
+        raise ConfigError(f"{key}: this data preset holds {HOLDS[declared]}, but the {STAGE_OF[kind]} trains on "
+                          f"{WANTS[kind]} ({HINT[kind]})")
     if cfg.on_bad_rows not in ON_BAD_ROWS:
         raise ConfigError(f"{key}.on_bad_rows: {cfg.on_bad_rows!r} is not one of {', '.join(ON_BAD_ROWS)}")
     if cfg.on_long_rows not in ON_LONG_ROWS:
         raise ConfigError(f"{key}.on_long_rows: {cfg.on_long_rows!r} is not one of {', '.join(ON_LONG_ROWS)}")
-    if kind == "dpo" and cfg.on_long_rows == "truncate":
+    if kind in ("dpo", "kto") and cfg.on_long_rows == "truncate":
         raise ConfigError(
             f"{key}.on_long_rows: 'truncate' is for SFT only: cutting a preference pair can drop a reply or its "
             f"EOS. Use 'skip' (count and drop them) or 'error', or raise {key}.max_length."

@@ -1,5 +1,6 @@
-"""The stage nodes: `sft` (supervised fine-tuning) and `dpo` (preference optimisation), each with
-its own data, optimiser, evaluation and demo data, plus the stage's own objective settings."""
+"""The stage nodes: `sft` (supervised fine-tuning) and `dpo` (preference optimisation: DPO, KTO,
+ORPO or SimPO, schema/objectives.py), each with its own data, optimiser, evaluation and demo data,
+plus the stage's own objective settings."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any, Optional
 
 from mistral_align.errors import ConfigError
 from mistral_align.schema.data import DataConfig, SFTDataConfig, check_data_config
-from mistral_align.schema.rules import at_least, choice
+from mistral_align.schema.objectives import check_objective
+from mistral_align.schema.rules import choice
 from mistral_align.schema.train import (
     EvalConfig,
     SFTSyntheticConfig,
@@ -39,27 +41,46 @@ class SFTStageConfig:
 
 @dataclass
 class DPOStageConfig:
-    """The DPO stage (`dpo.*`): its own data, optimiser and evaluation, plus the DPO objective.
-    The model, quant, peft and run nodes are shared with the SFT stage (DPO trains the SFT adapter further)."""
+    """The preference stage (`dpo.*`): its own data, optimiser and evaluation, plus the objective.
+    The model, quant, peft and run nodes are shared with the SFT stage (it trains the SFT adapter further)."""
 
-    # The SFT adapter to start from (an SFT run directory, an adapter folder or a Hub adapter id); it is
-    # also the DPO reference. recipes/sft_dpo.py sets it to its own SFT stage.
+    # The preference loss: dpo, kto (single replies marked desirable or not; pairs are split in two),
+    # orpo (SFT and preference in one stage from the base model, no reference) or simpo (length-normalised,
+    # no reference). The keys below say which objectives read them; another objective refuses them.
+    objective: str = "dpo"
+    # The SFT adapter to start from (an SFT run directory, an adapter folder or a Hub adapter id); for
+    # dpo and kto it is also the frozen reference. recipes/sft_dpo.py sets it to its own SFT stage.
     init_from: Optional[str] = None
-    beta: float = 0.1
-    # One or more of TRL's DPO losses (sigmoid, ipo, hinge, robust, ...), summed.
+    # dpo, kto, simpo: beta; orpo: lambda, the weight of the odds-ratio term. null: the objective's
+    # default (0.1; simpo 2.0, as in its paper).
+    beta: Optional[float] = None
+    # dpo: one or more of TRL's DPO losses (sigmoid, ipo, hinge, robust, ...), summed.
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
-    # One weight per loss_type; None weighs them all 1. ["sigmoid", "sft"] with [1, w] adds w x the
+    # dpo: one weight per loss_type; None weighs them all 1. ["sigmoid", "sft"] with [1, w] adds w x the
     # chosen replies' NLL (as RPO does), which keeps DPO from lowering the chosen replies' likelihood.
     loss_weights: Optional[list[float]] = None
+    # dpo, simpo: the assumed fraction of pairs whose preference is flipped.
     label_smoothing: float = 0.0
-    # Score every pair with the reference once before training, instead of at every step.
+    # dpo, kto: score every row with the reference once before training, instead of at every step.
     precompute_ref_log_probs: bool = False
-    # Run each batch's chosen and rejected sequences packed (position ids restart per sequence, no
-    # attention across them) instead of padded: the same loss, less padding (train/dpo_padding_free.py).
+    # kto: the weight of the desirable replies' losses (validate --kind kto says which weights suit the
+    # data's balance of desirable and undesirable replies).
+    desirable_weight: float = 1.0
+    # kto: the weight of the undesirable replies' losses.
+    undesirable_weight: float = 1.0
+    # simpo: the target margin gamma between the chosen and rejected replies' rewards (TRL's simpo_gamma).
+    simpo_gamma: float = 0.5
+    # simpo: the weight of the chosen replies' NLL added to the loss (CPO's BC term; 0 is SimPO itself).
+    cpo_alpha: float = 0.0
+    # orpo: the SFT term's NLL also over the prompt (TRL's and the ORPO authors' code) instead of over
+    # the chosen reply only (every other stage's mask: only assistant replies are trained).
+    orpo_prompt_loss: bool = False
+    # Run each batch's sequences packed (position ids restart per sequence, no attention across them)
+    # instead of padded: the same loss, less padding (train/dpo_padding_free.py). Every objective.
     padding_free: bool = False
     # Also compute each pair's prompt once: the rejected reply sees the chosen sequence's prompt through
     # the attention mask instead of a second copy of it. The same loss; implies padding_free; needs
-    # model.attn_implementation sdpa or eager (train/dpo_padding_free.py).
+    # model.attn_implementation sdpa or eager (train/dpo_padding_free.py). Pairs only (not kto).
     shared_prompt: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -73,8 +94,8 @@ def check_sft_stage(s: Any, need_data: bool) -> None:
     check_stage_data(s, "sft", need_data)
 
 
-def check_dpo_stage(d: Any, attn_implementation: str, need_data: bool) -> None:
-    at_least(d.beta, "dpo.beta", 0, strict=True)
+def check_dpo_stage(d: Any, attn_implementation: str, need_data: bool, stages: tuple[str, ...] = ("dpo",)) -> None:
+    check_objective(d, stages)
     if not d.loss_type:
         raise ConfigError("dpo.loss_type: name at least one loss")
     for i, loss in enumerate(d.loss_type):
@@ -88,10 +109,10 @@ def check_dpo_stage(d: Any, attn_implementation: str, need_data: bool) -> None:
                           f"{attn_implementation} (its mask lets a rejected reply see the prompt but not the chosen one)")
     check_train(d.train, "dpo.train")
     check_eval(d.eval, "dpo.eval")
-    check_stage_data(d, "dpo", need_data)
+    check_stage_data(d, "dpo", need_data, data_kind="kto" if d.objective == "kto" else "dpo")
 
 
-def check_stage_data(stage: Any, name: str, need_data: bool = True) -> None:
+def check_stage_data(stage: Any, name: str, need_data: bool = True, data_kind: str | None = None) -> None:
     """The stage's data (or its synthetic data), never both: a user's own data is never silently replaced."""
     s = stage.synthetic
     if s.enabled and stage.data.train:
@@ -100,7 +121,7 @@ def check_stage_data(stage: Any, name: str, need_data: bool = True) -> None:
             f"({', '.join(src.path for src in stage.data.train)}); set {name}.synthetic.enabled=false to train on yours"
         )
     check_synthetic(s, f"{name}.synthetic")
-    check_data_config(stage.data, name, f"{name}.data", need_train=False)
+    check_data_config(stage.data, data_kind or name, f"{name}.data", need_train=False)
     if need_data and not s.enabled and not stage.data.train:
         raise ConfigError(
             f"{name}.data.train: no training source (pick data@{name}.data=... or set {name}.synthetic.enabled=true)"

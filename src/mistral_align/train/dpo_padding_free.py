@@ -1,4 +1,4 @@
-"""Padding-free DPO batches: every chosen and rejected sequence of a batch packed into one row.
+"""Padding-free preference batches: every chosen and rejected sequence of a batch packed into one row.
 
 TRL 1.16 pads the 2B sequences of a DPO batch (B chosen, then B rejected) to the longest one and
 disables `padding_free` for DPO. On a long-tailed length mix most of that batch is padding that
@@ -17,6 +17,13 @@ the padded (2B, L-1) layout. Every per-token field of the fused head is 0 where 
 across a boundary is never scored. The loss, rewards and every logged metric are therefore TRL's,
 computed from the same per-token values up to float summation order
 (tests/test_dpo_padding_free.py: within 1e-5 of the padded path, float32 and NF4 QLoRA).
+
+Every objective of the preference stage runs through the same hooks, since each scores its
+sequences with TRL's fused LM head: DPO, SimPO and ORPO batches hold B chosen then B rejected
+sequences; KTO's hold its rows and its KL rows (each prompt with another row's reply), which are
+packed apart, and each of KTO's forwards takes the pack that holds exactly its tokens
+(`matching_pack`). SimPO and ORPO run TRL's fused head through our `concatenated_forward`
+(train/reference_free.py).
 
 `shared_prompt=True` goes one step further: a pair's chosen and rejected sequences begin with the
 same prompt, so the prompt is computed once. Each pair becomes one unit, [prompt + chosen] then
@@ -43,6 +50,8 @@ from typing import Any
 import torch
 
 PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_index")
+# KTO's batches hold two sets of sequences, each packed: its rows, and its KL rows under this prefix.
+KL_PREFIX = "KL_"
 # shared_prompt only: per packed token, its segment, the segment whose prefix it may also see (-1: none),
 # and how many positions of that prefix it sees.
 SHARED_KEYS = ("packed_segment_ids", "packed_parent_ids", "packed_shared")
@@ -50,7 +59,9 @@ _PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", 
 
 
 class PaddingFreePreferenceCollator:
-    """Wraps TRL's DataCollatorForPreference: its padded batch, plus the same sequences packed.
+    """Wraps TRL's DataCollatorForPreference (DPO, SimPO, ORPO) or DataCollatorForUnpairedPreference
+    (KTO): its padded batch, plus the same sequences packed (KTO: its rows, and its KL rows under
+    `KL_packed_*`, each packed on their own).
 
     `rows="one"`: every sequence in one row (what FlashAttention-2's varlen kernel wants).
     `rows="longest"`: first-fit-decreasing into rows as long as the batch's longest sequence, the
@@ -70,32 +81,12 @@ class PaddingFreePreferenceCollator:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.padded_collator(examples)
-        mask = batch["attention_mask"].bool()  # right-padded: each row's real tokens are a prefix
-        lengths = mask.sum(dim=1).tolist()
         if self.shared_prompt:
-            return self._pack_pairs_sharing_prefixes(batch, lengths)
-        if self.rows == "one":
-            batch["packed_input_ids"] = batch["input_ids"][mask].unsqueeze(0)
-            batch["packed_position_ids"] = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
-            batch["packed_index"] = torch.arange(int(mask.sum()))
-            return batch
-        width = max(lengths)
-        bins = first_fit_decreasing(lengths, width)
-        ids = torch.full((len(bins), width), self.pad_token_id, dtype=batch["input_ids"].dtype)
-        pos = torch.zeros((len(bins), width), dtype=torch.long)
-        start = [0] * len(lengths)  # flat packed index of each sequence's first token
-        for r, members in enumerate(bins):
-            c = 0
-            for i in members:
-                n = lengths[i]
-                ids[r, c : c + n] = batch["input_ids"][i, :n]
-                pos[r, c : c + n] = torch.arange(n)
-                start[i] = r * width + c
-                c += n
-            pos[r, c:] = torch.arange(width - c)  # the padding is a block of its own
-        batch["packed_input_ids"], batch["packed_position_ids"] = ids, pos
-        # For each real token in the padded batch's row-major order, its flat index in the packed rows.
-        batch["packed_index"] = torch.cat([torch.arange(start[i], start[i] + lengths[i]) for i in range(len(lengths))])
+            return self._pack_pairs_sharing_prefixes(batch, batch["attention_mask"].bool().sum(dim=1).tolist())
+        batch.update(pack_sequences(batch["input_ids"], batch["attention_mask"], self.rows, self.pad_token_id))
+        if "KL_input_ids" in batch:  # KTO: its KL sequences (each prompt with another row's reply) packed too
+            packed = pack_sequences(batch["KL_input_ids"], batch["KL_attention_mask"], self.rows, self.pad_token_id)
+            batch.update({KL_PREFIX + k: v for k, v in packed.items()})
         return batch
 
     def _pack_pairs_sharing_prefixes(self, batch: dict[str, Any], lengths: list[int]) -> dict[str, Any]:
@@ -138,6 +129,33 @@ class PaddingFreePreferenceCollator:
         batch["packed_index"] = torch.cat(index)
         batch["packed_segment_ids"], batch["packed_parent_ids"], batch["packed_shared"] = seg, parent, limit
         return batch
+
+
+def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: str, pad_token_id: int) -> dict:
+    """The `packed_*` tensors of one right-padded batch (see PaddingFreePreferenceCollator)."""
+    mask = attention_mask.bool()  # right-padded: each row's real tokens are a prefix
+    lengths = mask.sum(dim=1).tolist()
+    if rows == "one":
+        return {"packed_input_ids": input_ids[mask].unsqueeze(0),
+                "packed_position_ids": torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0),
+                "packed_index": torch.arange(int(mask.sum()))}
+    width = max(lengths)
+    bins = first_fit_decreasing(lengths, width)
+    ids = torch.full((len(bins), width), pad_token_id, dtype=input_ids.dtype)
+    pos = torch.zeros((len(bins), width), dtype=torch.long)
+    start = [0] * len(lengths)  # flat packed index of each sequence's first token
+    for r, members in enumerate(bins):
+        c = 0
+        for i in members:
+            n = lengths[i]
+            ids[r, c : c + n] = input_ids[i, :n]
+            pos[r, c : c + n] = torch.arange(n)
+            start[i] = r * width + c
+            c += n
+        pos[r, c:] = torch.arange(width - c)  # the padding is a block of its own
+    # For each real token in the padded batch's row-major order, its flat index in the packed rows.
+    index = torch.cat([torch.arange(start[i], start[i] + lengths[i]) for i in range(len(lengths))])
+    return {"packed_input_ids": ids, "packed_position_ids": pos, "packed_index": index}
 
 
 def first_fit_decreasing(lengths: list[int], width: int) -> list[list[int]]:
@@ -221,12 +239,13 @@ class PackedForward:
             return None
         if args:
             raise ValueError("padding-free DPO expects keyword arguments only")
-        input_ids = kwargs.pop("packed_input_ids")
-        position_ids = kwargs.pop("packed_position_ids")
-        index = kwargs.pop("packed_index")
+        # KTO's batches carry two packs (its rows, its KL rows) into both of its forwards: take the
+        # one that holds this call's tokens.
+        packs = [{k: kwargs.pop(prefix + k) for k in PACKED_KEYS} for prefix in ("", KL_PREFIX)
+                 if prefix + PACKED_KEYS[0] in kwargs]
         segments, parents, shared = (kwargs.pop(key, None) for key in SHARED_KEYS)
-        kwargs.pop("input_ids")
         mask = kwargs.pop("attention_mask").bool()
+        input_ids, position_ids, index = matching_pack(packs, kwargs.pop("input_ids"), mask)
         labels = kwargs.pop("labels", None)
         kwargs["input_ids"] = input_ids
         kwargs["position_ids"] = position_ids
@@ -275,6 +294,17 @@ class PackedForward:
             fields["aux_loss"] = router_loss(module.config, self._router_logits, weights)
             self._router_logits = None
         return type(output)(**{**{k: getattr(output, k, None) for k in output.keys()}, **fields})
+
+
+def matching_pack(packs: list[dict], input_ids: torch.Tensor, mask: torch.Tensor) -> tuple:
+    """(packed ids, positions, index) of the pack whose tokens are exactly the real tokens of the
+    padded `input_ids`."""
+    real = input_ids[mask]
+    for pack in packs:
+        ids, index = pack["packed_input_ids"], pack["packed_index"]
+        if index.numel() == real.numel() and torch.equal(ids.reshape(-1)[index], real):
+            return ids, pack["packed_position_ids"], index
+    raise ValueError("padding-free: no packed rows of this batch hold the tokens this forward was given")
 
 
 def _routers(module: torch.nn.Module) -> list[torch.nn.Module]:

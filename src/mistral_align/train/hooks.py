@@ -1,9 +1,11 @@
-"""Everything our trainers change about TRL's SFTTrainer and DPOTrainer, in one place.
+"""Everything our trainers change about TRL's SFTTrainer, DPOTrainer, KTOTrainer and the
+experimental CPOTrainer (SimPO) and ORPOTrainer, in one place.
 
 Our step is TRL's step plus what is listed here. Each entry names the hook, whether it is public
 (documented for subclasses or callbacks) or PRIVATE, what we add and why, and the canary: the test
 that fails the day TRL or transformers changes what we rely on. `TrainerHooks` (below) holds the
-methods both trainers share; callbacks live in their own modules; DPO's in train/dpo_trainer.py.
+methods every trainer shares; callbacks live in their own modules; the preference trainers' in
+train/dpo_trainer.py, kto_trainer.py, reference_free.py and what they share in pretokenized.py.
 
 __init__(keep_float32=...)                    public
     adds    the trainable weights' exact float32 values, put back after TRL's constructor
@@ -60,13 +62,37 @@ DPO data_collator=                            public constructor argument (train
     adds    the padding-free / shared-prompt collator (train/dpo_padding_free.py)
     why     pairs packed instead of padded: the same loss, less padding
     canary  test_dpo_padding_free
-DPO save_model                                public (train/dpo_trainer.py)
+DPO, KTO save_model                           public (train/pretokenized.py FrozenReferenceAdapter)
     adds    only the trained adapter is saved, not the frozen "ref" copy
     why     the reference is a second adapter inside the same PeftModel
-    canary  test_dpo_trainer
+    canary  test_dpo_trainer; test_objectives::test_kto_resumed_equals_uninterrupted
+KTO _prepare_dataset                          PRIVATE (train/kto_trainer.py)
+    adds    our ids pass untouched; what TRL's adds after tokenising, done the same way: prompts that
+            alone fill max_length dropped, each row's KL completion (the previous row's reply in its
+            batch), the desirable / undesirable balance warning
+    why     TRL 1.16 always re-tokenises KTO data through the tokenizer's chat template
+    canary  test_objectives::test_each_objective_equals_trls_own_trainer_on_the_same_tokens[kto]
+KTO data_collator=                            public constructor argument (train/kto_trainer.py)
+    adds    the padding-free collator: the rows and the KL rows each packed (train/dpo_padding_free.py)
+    canary  test_objectives::test_padding_free_equals_padded
+SimPO, ORPO tokenize_row                      public method (train/reference_free.py)
+    adds    our ids pass untouched (the constructor maps it over the data)
+    why     the experimental trainers tokenise text with the tokenizer's chat template
+    canary  test_objectives::test_each_objective_equals_trls_own_trainer_on_the_same_tokens
+SimPO, ORPO concatenated_forward              public method (train/reference_free.py)
+    adds    the same five values from TRL's fused LM head (trl.trainer.utils.add_fused_lm_head,
+            public), not from (2B, L, vocab) logits; the batch from TRL's DPO collator, or packed
+    why     memory (the full logits of a 7B batch are gigabytes) and padding-free batches
+    canary  test_objectives::test_each_objective_equals_trls_own_trainer_on_the_same_tokens and
+            ::test_padding_free_equals_padded
+SimPO, ORPO data_collator=, use_dpo_data_collator   public constructor argument and attribute
+    adds    TRL's DPO collator (or the padding-free one); the attribute set True only silences
+            ORPO's warning that prediction_step expects its own collator
+    canary  test_objectives::test_each_objective_equals_trls_own_trainer_on_the_same_tokens
 
 Trainer state we read but never write: `state`, `args`, `accelerator`, `callback_handler`, and
-`data_collator` (swapped only while the training loader is built). trl is pinned < 1.17 and
+`data_collator` (swapped only while the training loader is built); SimPO and ORPO: `args.
+remove_unused_columns` set False before TRL's constructor (the collator reads our id columns). trl is pinned < 1.17 and
 transformers < 5.24 in pyproject.toml; the source canaries run in `make test-fast`, the
 behavioural ones in `make test`.
 """

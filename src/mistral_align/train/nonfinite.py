@@ -54,11 +54,21 @@ def _key(*seqs: Sequence[int]) -> int:
     return hash(tuple(tuple(int(t) for t in s) for s in seqs))
 
 
+# The id columns that make a row's key: a preference pair's, a KTO row's, an SFT row's.
+KEY_COLUMNS = (("prompt_ids", "chosen_ids", "rejected_ids"), ("prompt_ids", "completion_ids"), ("input_ids",))
+
+
+def key_columns(columns) -> tuple[str, ...]:
+    """Which of KEY_COLUMNS a dataset's (or an example's) columns hold."""
+    return next(names for names in KEY_COLUMNS if all(n in columns for n in names))
+
+
 def example_keys(example: dict[str, Any]) -> list[int]:
-    """Content keys of the rows in one dataset example: a DPO pair, an SFT row, or an SFT packed row
-    (split into its conversations by `seq_lengths`)."""
-    if "prompt_ids" in example:
-        return [_key(example["prompt_ids"], example["chosen_ids"], example["rejected_ids"])]
+    """Content keys of the rows in one dataset example: a DPO pair, a KTO row, an SFT row, or an SFT
+    packed row (split into its conversations by `seq_lengths`)."""
+    names = key_columns(example)
+    if names != ("input_ids",):
+        return [_key(*(example[n] for n in names))]
     ids = list(example["input_ids"])
     lengths = example.get("seq_lengths")
     if lengths is None:
@@ -93,14 +103,15 @@ class RowNames:
         self._lookup: dict[int, list[str]] | None = None
 
     def _row_key(self, row: dict[str, Any]) -> int:
-        if self.kind == "dpo":
-            return _key(row["prompt_ids"], row["chosen_ids"], row["rejected_ids"])
+        names = key_columns(row)
+        if names != ("input_ids",):
+            return _key(*(row[n] for n in names))
         ids = row["input_ids"]
         return _key(ids[: self.max_length] if self.max_length else ids)  # TRL cuts rows at max_length
 
     def lookup(self) -> dict[int, list[str]]:
         if self._lookup is None:
-            names = ("prompt_ids", "chosen_ids", "rejected_ids") if self.kind == "dpo" else ("input_ids",)
+            names = key_columns(self.dataset.column_names)
             table = self.dataset.with_format("arrow")[:]  # whole columns at once, not row by row
             columns = [table[n].to_pylist() for n in names]
             self._lookup = {}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from mistral_align.schema.objectives import NAMES
+
 
 def _bar(bar: dict | None, cleared: bool) -> str:
     """A skill's bar ({"bar", ...} or None) for the tables' last column, "!" where it fell short of it."""
@@ -42,15 +44,20 @@ PREFERENCE_ROWS = (
     ("reward margin", "reward_margin", "{:10.3f}"),
     ("logp chosen", "logp_chosen", "{:10.2f}"),
     ("logp rejected", "logp_rejected", "{:10.2f}"),
-    ("DPO loss", "loss", "{:10.4f}"),
+    ("KL", "kl", "{:10.4f}"),
+    ("NLL", "nll_loss", "{:10.4f}"),
+    ("{name} loss", "loss", "{:10.4f}"),
 )
 
 
-def preference_table(before: dict, after: dict, labels: tuple[str, str] = ("before", "after")) -> str:
-    """Held-out reward accuracy and margin, log-probs of chosen and rejected, DPO loss."""
-    lines = [f"{'held-out pairs':<16}{labels[0]:>11}{labels[1]:>11}"]
-    lines += [f"{label:<16} {fmt.format(before[key])} {fmt.format(after[key])}" for label, key, fmt in PREFERENCE_ROWS
-              if key in before and key in after]
+def preference_table(before: dict, after: dict, labels: tuple[str, str] = ("before", "after"),
+                     objective: str = "dpo") -> str:
+    """Held-out reward accuracy and margin, log-probs of chosen (KTO: desirable) and rejected replies,
+    the objective's loss."""
+    name = NAMES.get(objective, objective.upper())
+    lines = [f"{'held-out ' + ('rows' if objective == 'kto' else 'pairs'):<16}{labels[0]:>12}{labels[1]:>12}"]
+    lines += [f"{label.format(name=name):<16}  {fmt.format(before[key])}  {fmt.format(after[key])}"
+              for label, key, fmt in PREFERENCE_ROWS if key in before and key in after]
     return "\n".join(lines)
 
 
@@ -72,13 +79,14 @@ def pipeline_summary(sft: dict, dpo: dict) -> dict:
     return summary
 
 
-def pipeline_table(summary: dict) -> str:
-    """SFT's gain, then DPO's, on the same held-out prompts."""
-    lines = ["SFT -> DPO on held-out data"]
+def pipeline_table(summary: dict, objective: str = "dpo") -> str:
+    """SFT's gain, then the preference stage's, on the same held-out prompts."""
+    name = NAMES.get(objective, objective.upper())
+    lines = [f"SFT -> {name} on held-out data"]
     em = summary["eval"].get("exact_match")
     bars = summary["eval"].get("bars", {})
     if em:
-        lines.append(f"{'':<18}{'base':>10}{'after SFT':>11}{'after DPO':>11}" + (f"{'bar':>7}" if bars else ""))
+        lines.append(f"{'':<18}{'base':>10}{'after SFT':>11}{'after ' + name:>11}" + (f"{'bar':>7}" if bars else ""))
         lines.append(f"{'exact match':<18}{em['before']:10.1%}{em['after_sft']:11.1%}{em['after_dpo']:11.1%}")
         s = summary["eval"].get("by_skill")
         for skill in (s or {}).get("after_dpo", {}):
@@ -98,6 +106,6 @@ def pipeline_table(summary: dict) -> str:
     dpo = summary["dpo"]
     if dpo.get("before") and dpo.get("after"):
         lines.append("")
-        lines.append(preference_table(dpo["before"], dpo["after"], labels=("after SFT", "after DPO")))
+        lines.append(preference_table(dpo["before"], dpo["after"], labels=("after SFT", f"after {name}"), objective=objective))
     lines.append(f"wall time {summary.get('wall_seconds', 0):.0f}s")
     return "\n".join(lines)

@@ -21,11 +21,13 @@ from mistral_align.chat.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
 from mistral_align.data.load import LoadedData
 from mistral_align.data.synthetic import skill_of
 from mistral_align.files import follow_umask, write_json
-from mistral_align.model.estimate import parallel_kind, warn_if_wont_fit
+from mistral_align.model.estimate import warn_if_wont_fit
 from mistral_align.model.facts import model_facts
 from mistral_align.model.inline import ensure_inline_base
+from mistral_align.model.plain_folder import make_plain
 from mistral_align.model.tokenizer_file import resolve_tokenizer_file
 from mistral_align.rundir.drift import stages_started
+from mistral_align.rundir.layout import trained_folder_name
 from mistral_align.schema.data import SourceConfig
 from mistral_align.train.evaluate import check_bars, generation_eval
 from mistral_align.train.metrics import FirstEvaluation, MetricsJsonl
@@ -52,6 +54,8 @@ class Stage:
         self.out_dir = Path(out_dir or run.dir)  # a pipeline gives each stage its own sub-directory
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.section = section  # ... and its own section of the run's one manifest
+        # What it trained, saved once training ends: adapter/, or model/ with full fine-tuning.
+        self.trained_dir = self.out_dir / trained_folder_name(cfg.peft.method)
         # The model repository's own tokenizer file where it has one (model/tokenizer_file.py).
         self.tokenizer_source = source = resolve_tokenizer_file(cfg.model, warn=run.state.is_main_process)
         self.encoder = get_encoder(cfg.model.tokenizer_version, source.path if source.own_file else None)
@@ -155,7 +159,7 @@ def _run_stage(stage: Stage, stop: StopOnSignal, print_report: bool) -> dict:
             save_hf_tokenizer(cfg.model.tokenizer_version, stage.out_dir / "tokenizer", source=stage.encoder.file)
         tokenizer = load_hf_tokenizer(stage.out_dir / "tokenizer")
     # On a GPU, a warning before loading when the estimate says the model will not fit.
-    warn_if_wont_fit(cfg, num_gpus=state.num_processes, parallel=parallel_kind(), stage=stage.name)
+    warn_if_wont_fit(cfg, num_gpus=state.num_processes, stage=stage.name)
     model = stage.build_model()
     facts = model_facts(model)
     log.info("model: %s, %d trainable of %d params, %d linear layers in 4-bit", cfg.model.name,
@@ -189,15 +193,16 @@ def _run_stage(stage: Stage, stop: StopOnSignal, print_report: bool) -> dict:
     gen_before = generation_eval(trainer.model, stage.encoder, gen_rows, **gen) if gen_rows is not None and on_main else None
     stop.stop_here(stage, "before training, just before it started")
 
-    # 4. Train (held-out metrics first), then save the adapter (safetensors) with the exact tokenizer beside it.
+    # 4. Train (held-out metrics first), then save the adapter (or the whole model: peft=none) as
+    #    safetensors, with the exact tokenizer beside it.
     t_train = time.time()
     result = train_from(resume, trainer, stage, stop)  # a signal stops it cleanly (exit 3)
     train_seconds = time.time() - t_train
     check_ranks_agree(trainer)  # several processes trained one model, not one each
-    save_adapter(trainer, stage.out_dir / "adapter", cfg.model.tokenizer_version, stage.encoder.file)
+    save_adapter(trainer, stage.trained_dir, cfg.model.tokenizer_version, stage.encoder.file)
     # A signal in the last step or while saving: the stage is not finished (no summary.json), so a
     # rerun resumes it from its newest checkpoint.
-    stop.stop_here(stage, f"after training, before evaluating (adapter saved in {stage.out_dir / 'adapter'})")
+    stop.stop_here(stage, f"after training, before evaluating ({stage.trained_dir.name} saved in {stage.trained_dir})")
 
     # 5. Evaluate after, and report.
     if wants_before:
@@ -221,7 +226,9 @@ def _run_stage(stage: Stage, stop: StopOnSignal, print_report: bool) -> dict:
         if table:
             print("\n" + table, flush=True)
     record({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_seconds": round(train_seconds, 1),
-            "global_step": result.global_step, "adapter": str((stage.out_dir / "adapter").relative_to(run.dir))})
+            "global_step": result.global_step,
+            # Where what it trained is: "adapter" (LoRA), "trained_model" (full fine-tuning: "model" holds its facts).
+            "trained_model" if stage.cfg.peft.method == "none" else "adapter": str(stage.trained_dir.relative_to(run.dir))})
     state.wait_for_everyone()
     return summary
 
@@ -239,8 +246,9 @@ def build_trainer(trainer_class, model, tokenizer, args, train_ds, eval_ds=None,
 
 def save_adapter(trainer, out_dir: Path, tokenizer_version: str | None = None, tokenizer_file: Path | None = None) -> Path:
     """The final adapter (adapter_model.safetensors + adapter_config.json naming its base), or the
-    full model with peft=none, plus the exact tokenizer (the file the run encoded with) so the folder
-    loads (and pushes) on its own.
+    whole model with peft=none (a plain transformers folder: safetensors, config.json naming the
+    stock class), plus the exact tokenizer (the file the run encoded with) so the folder loads (and
+    pushes) on its own.
     Collective under FSDP/DeepSpeed: call it on every rank."""
     with whole_adapter_saves(trainer):  # FSDP: one whole file, also when checkpoints are sharded
         trainer.save_model(str(out_dir))
@@ -248,6 +256,8 @@ def save_adapter(trainer, out_dir: Path, tokenizer_version: str | None = None, t
         # The trainer also pickles its arguments there; a folder meant to be shared holds no pickles
         # (checkpoints keep theirs, for resuming).
         (Path(out_dir) / "training_args.bin").unlink(missing_ok=True)
+        if not (Path(out_dir) / "adapter_config.json").is_file():  # the whole model, as stock transformers reads it
+            make_plain(out_dir)
     if tokenizer_version and trainer.accelerator.is_main_process:
         save_hf_tokenizer(tokenizer_version, out_dir, source=tokenizer_file)
     if trainer.accelerator.is_main_process:
