@@ -272,24 +272,23 @@ def test_the_zero_stage_is_read_from_the_launch_config(tmp_path):
     assert parallel_from_accelerate_config(by_file) == ("zero1", 2)
 
 
-def test_the_readme_estimate_commands_run(capsys, monkeypatch):
-    """Every `mistral-align estimate` line of the README, run as written (in this process, from the
-    repository root)."""
-    import shlex
+def test_the_docs_estimate_commands_run(capsys, monkeypatch):
+    """Every `mistral-align estimate` command of README.md and docs/, run as written (in this
+    process, from the repository root)."""
+    from doc_commands import doc_commands
 
     from mistral_align.entry.cli import main
 
     monkeypatch.chdir(ROOT)
-    lines = [line.split("#")[0] for line in (ROOT / "README.md").read_text().splitlines()
-             if line.startswith("mistral-align estimate")]
-    assert len(lines) >= 3
-    for line in lines:
-        argv = shlex.split(line)[1:]
+    commands = doc_commands("mistral-align estimate")
+    assert len(commands) >= 3
+    for command in commands:
+        argv = list(command.argv[1:])
         capsys.readouterr()
-        assert main(argv) == 0, line
+        assert main(argv) == 0, command.text
         out = capsys.readouterr().out
         if "--json" in argv:
             report = json.loads(out)
             assert report["total_per_gpu"] == sum(report["per_gpu"].values())
         else:
-            assert "fits on 24GB" in out, line
+            assert "fits on 24GB" in out, command.text

@@ -11,6 +11,7 @@ from pathlib import Path
 import datasets
 import pytest
 from chat_reference import reference_prompt, reference_tokens
+from doc_commands import doc_commands
 from tool_rows import TOOLS, call, write_jsonl
 
 from mistral_align.chat.encoder import get_encoder
@@ -131,12 +132,12 @@ def test_preview_jsonl_prints_kto_rows_and_a_pair_as_its_two_rows(tmp_path, caps
     assert "desirable:  " in shown and "undesirable: " in shown
 
 
-def test_the_readme_kto_validate_line_runs_and_advises_a_weight(capsys, monkeypatch):
-    (line,) = [x for x in (ROOT / "README.md").read_text().splitlines()
-               if x.startswith(".venv/bin/mistral-align validate --kind kto")]  # fmt: skip
+def test_the_docs_kto_validate_line_runs_and_advises_a_weight(capsys, monkeypatch):
+    (command,) = doc_commands("mistral-align validate --kind kto")
     monkeypatch.chdir(ROOT)
-    assert main(line.split("#")[0].split()[1:]) == 0
+    assert main(list(command.argv[1:])) == 0
     out = capsys.readouterr().out
-    # The README's KTO command follows the advice: dpo.undesirable_weight=1.3 is in [1.13, 1.50].
+    # The docs' KTO command follows the advice: dpo.undesirable_weight=1.3 is in [1.13, 1.50].
     assert "KTO replies: 6 desirable, 4 undesirable" in out and "dpo.undesirable_weight in [1.13, 1.50]" in out
-    assert "dpo.undesirable_weight=1.3" in (ROOT / "README.md").read_text()
+    (kto,) = doc_commands("dpo.objective=kto")
+    assert "dpo.undesirable_weight=1.3" in kto.argv

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from doc_commands import DocCommand, doc_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,12 +23,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_O
 ENV.pop("MISTRAL_ALIGN_RUN_DIR", None)
 
 
-def readme_commands(needle: str) -> list[list[str]]:
-    """The README's `.venv/bin/python recipes/...` lines that mention `needle`, as argv lists."""
-    lines = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()]
-    cmds = [shlex.split(line) for line in lines if line.startswith(".venv/bin/python recipes/") and needle in line]
-    assert cmds, f"no README command with {needle}"
-    return [[sys.executable, *cmd[1:]] for cmd in cmds]
+def recipe_commands(commands: list[DocCommand]) -> list[list[str]]:
+    """The `.venv/bin/python recipes/...` ones among the docs' commands, each once, as argv lists."""
+    texts = dict.fromkeys(c.text for c in commands if c.text.startswith(".venv/bin/python recipes/"))
+    assert texts, [c.text for c in commands]
+    return [[sys.executable, *shlex.split(t)[1:]] for t in texts]
 
 
 def checkout(tmp_path: Path) -> Path:
@@ -50,7 +50,7 @@ def test_the_readme_example_commands_train_on_the_example_files(tmp_path, monkey
     and stop the run; now one row is held out, with a note, and both stages train. Then the README's
     KTO, SimPO and ORPO commands, on the same files (in this process, as `python recipes/dpo.py ...`)."""
     cwd = checkout(tmp_path)
-    sft_cmd, dpo_cmd = [c for c in readme_commands("examples/data/") if "dpo.objective=" not in " ".join(c)]
+    sft_cmd, dpo_cmd = [c for c in recipe_commands(doc_commands("examples/data/")) if "dpo.objective=" not in " ".join(c)]
     assert "recipes/sft.py" in sft_cmd[1] and "recipes/dpo.py" in dpo_cmd[1]
     old = os.umask(0o022)
     try:
@@ -73,7 +73,7 @@ def test_the_readme_example_commands_train_on_the_example_files(tmp_path, monkey
     for path in (run / "adapter" / "adapter_model.safetensors", run / "base" / "model.safetensors",
                  dpo_run / "adapter" / "adapter_model.safetensors", run / "adapter" / "adapter_config.json"):
         assert mode(path) == 0o644, (path, oct(mode(path)))
-    objectives = readme_commands("dpo.objective=")
+    objectives = recipe_commands(doc_commands("dpo.objective="))
     assert [o for c in objectives for o in c if o.startswith("dpo.objective=")] == [
         "dpo.objective=kto", "dpo.objective=simpo", "dpo.objective=orpo"]  # fmt: skip
     monkeypatch.chdir(cwd)
@@ -96,6 +96,28 @@ def test_the_readme_example_commands_train_on_the_example_files(tmp_path, monkey
         card = (tmp_path / f"push-{objective}" / "README.md").read_text()
         name = {"kto": "KTO", "simpo": "SimPO", "orpo": "ORPO"}[objective]
         assert f'\n  - "{objective}"\n' in card and f"({name} stage, " in card and f"- {name}: beta=" in card
+
+    run_adapter_commands(cwd, monkeypatch)
+
+
+def run_adapter_commands(cwd: Path, monkeypatch) -> None:
+    """The docs' push (dry run), merge, export-gguf and chat commands on runs/example-sft, as written,
+    from the checkout (merge first: the others read its folder). The interactive chat reads a
+    scripted stdin."""
+    import io
+
+    from mistral_align.entry.cli import main as cli
+
+    commands = [*doc_commands("mistral-align push runs/example-sft"), *doc_commands("mistral-align merge runs/example-sft"),
+                *doc_commands("mistral-align export-gguf merged/"), *doc_commands("mistral-align chat")]  # fmt: skip
+    texts = dict.fromkeys(c.text for c in sorted(commands, key=lambda c: c.argv[1] != "merge") if not c.marks)
+    assert len(texts) >= 6, texts
+    for text in texts:
+        argv = shlex.split(text)[1:]
+        monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n/exit\n"))
+        assert cli(argv) == 0, text
+    assert (cwd / "pushed" / "adapter_model.safetensors").is_file()
+    assert (cwd / "merged" / "config.json").is_file() and (cwd / "model.f16.gguf").stat().st_size > 0
 
 
 def run_in_process(cmd: list[str], monkeypatch) -> int:
