@@ -139,7 +139,7 @@ def test_tool_call_items_offer_add_and_a_distractor_and_rows_use_the_result():
         assert "add" in item.tools and len(set(item.tools)) == 2 and set(item.tools) <= set(TOOLS)
         assert len(item.call_id) == 9 and item.call_id.isalnum()
         a, b = (int(x) for x in re.findall(r"\d+", item.prompt))
-        assert item.prompt == f"Calculate: {a}, and then add {b}" and min(a, b) >= 1000  # no one-digit sum
+        assert item.prompt == f"Calculate: {a}, and then add {b}" and min(a, b) >= 10  # no one-digit sum
         user, call, result, final = sft_row(item)["messages"]
         assert call["tool_calls"][0]["id"] == result["tool_call_id"] == item.call_id
         assert result["content"] == str(a + b) and final["content"] == f"The sum is {a + b}."
@@ -148,7 +148,7 @@ def test_tool_call_items_offer_add_and_a_distractor_and_rows_use_the_result():
 def test_one_offset_copies_both_arguments_of_a_call_from_the_prompt():
     """What makes the skill learnable by the demo's tiny model: in v3's tokens, each argument's
     digits stand the same distance after their copy in the prompt, a and b alike (with
-    "4821 + 9087" b stood three tokens further than a, and the model learned a only)."""
+    "48 + 95" b stood three tokens further than a, and the model learned a only)."""
     enc = get_encoder("v3")
     for item in generate_items(["tool_call"], 20, seed=5):
         row = parse_sft_row(eval_row(item), version="v3")
@@ -159,9 +159,9 @@ def test_one_offset_copies_both_arguments_of_a_call_from_the_prompt():
         def at(seq, digits, start=0):
             return next(i for i in range(start, len(seq)) if seq[i:i + len(digits)] == digits)
 
-        in_prompt = [at(prompt, a), at(prompt, b, at(prompt, a) + 4)]
-        in_call = [at(call, a), at(call, b, at(call, a) + 4)]
-        assert len(a) == len(b) == 4
+        in_prompt = [at(prompt, a), at(prompt, b, at(prompt, a) + len(a))]
+        in_call = [at(call, a), at(call, b, at(call, a) + len(a))]
+        assert len(a) == len(b) == 2
         assert len(prompt) + in_call[0] - in_prompt[0] == len(prompt) + in_call[1] - in_prompt[1]
 
 

@@ -7,12 +7,12 @@ Each skill makes (prompt, correct answer) items from a seeded RNG:
     add      "Add: 3 + 5"                        -> "8"
     upper    "Uppercase: river stone"            -> "RIVER STONE"   (a formatting instruction;
                                                                      the wrong format: "River Stone")
-    tool_call "Calculate: 4821, and then add 9087" -> a call add(a=4821, b=9087), with the tools add
-              (tools: add and a distractor)             and subtract or multiply offered; then the
-                                                        tool's result, and "The sum is 13908."
+    tool_call "Calculate: 48, and then add 95"   -> a call add(a=48, b=95), with the tools add and
+              (tools: add and a distractor)         subtract or multiply offered; then the tool's
+                                                    result, and "The sum is 143."
 
-A tool_call item's `answer` is the call as JSON text, `{"name": "add", "arguments": {"a": 4821,
-"b": 9087}}`; `sft_row` writes the whole exchange in the OpenAI shape (the call, the tool's result,
+A tool_call item's `answer` is the call as JSON text, `{"name": "add", "arguments": {"a": 48,
+"b": 95}}`; `sft_row` writes the whole exchange in the OpenAI shape (the call, the tool's result,
 the final reply that uses it), `eval_row` the conversation up to the call, which is what the demo
 scores (train/evaluate.py compares the call's name and arguments as JSON).
 
@@ -98,11 +98,14 @@ TOOLS = {
 }
 DISTRACTORS = ("subtract", "multiply")
 RUN_TOOL = {"add": lambda a, b: a + b, "subtract": lambda a, b: a - b, "multiply": lambda a, b: a * b}
-# Four-digit numbers: too large to add "in the head" (the add skill sums digits 0-9). Each digit is
-# one v3 token, and the prompt puts as many tokens between the two numbers (", and then add ") as
-# the call does (', "b": '), so one fixed offset copies every digit of both arguments. With
-# "4821 + 9087" a tiny model learned to copy a and never b (b's offset differs by three tokens).
-LARGE = (1000, 9999)
+# Two-digit numbers: beyond the add skill's one-digit sums. Each digit is one v3 token, and the prompt
+# puts as many tokens between the two numbers (", and then add ") as the call does (', "b": '), so one
+# fixed offset copies every digit of both arguments. Measured (SFT on 1500 tool_call rows alone, 375
+# steps): with two-digit numbers the loss fell to the floor the random call ids leave (~0.44) by step
+# ~250; with four-digit numbers (8 digits to copy, not 4) it stayed at ~0.88, no digit copied, and in
+# the full demo tool_call stayed at 0%. With "a + b" a tiny model learned to copy a and never b
+# (b's offset differed by three tokens).
+LARGE = (10, 99)
 
 
 def call_text(name: str, a: int, b: int) -> str:
@@ -116,7 +119,7 @@ def as_call(answer: str) -> dict | None:
         value = json.loads(answer)
     except json.JSONDecodeError:
         return None
-    return value if isinstance(value, dict) else None  # a guessed sum ("13908") is text, not a call
+    return value if isinstance(value, dict) else None  # a guessed sum ("143") is text, not a call
 
 
 def _operands(item: SkillItem) -> tuple[int, int]:
@@ -159,7 +162,7 @@ def _wrong_call(item: SkillItem, rng: random.Random) -> str:
     kind = rng.choice(("tool", "arguments", "no call"))
     if kind == "tool":
         return call_text(rng.choice([t for t in item.tools if t != "add"]), a, b)
-    off = rng.choice([-1, 1]) * 10 ** rng.randrange(3)  # one digit off (units, tens or hundreds)
+    off = rng.choice([-1, 1]) * 10 ** rng.randrange(2)  # one digit off (units or tens; never below 0)
     if kind == "arguments":
         return call_text("add", a + off, b) if rng.random() < 0.5 else call_text("add", a, b + off)
     return str(a + b + off)
