@@ -29,12 +29,10 @@ from __future__ import annotations
 import json
 import random
 import re
-import string
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from mistral_align.chat.tool_ids import ID_LENGTH
 from mistral_align.names import SYNTHETIC_SKILLS
 
 WORDS = (
@@ -106,6 +104,10 @@ RUN_TOOL = {"add": lambda a, b: a + b, "subtract": lambda a, b: a - b, "multiply
 # the full demo tool_call stayed at 0%. With "a + b" a tiny model learned to copy a and never b
 # (b's offset differed by three tokens).
 LARGE = (10, 99)
+# One id for every call (9 letters, as v3 takes): the model writes the id, and random ids
+# were 9 tokens a row it cannot predict, noise beside the 4 digits it must learn to copy (with random
+# ids and 6000 rows, SFT taught the call on 1 of 3 seeds: 100%, 12.5%, 0%).
+CALL_ID = "calculate"
 
 
 def call_text(name: str, a: int, b: int) -> str:
@@ -131,10 +133,7 @@ def _tool_call(rng: random.Random) -> SkillItem:
     a, b = rng.randint(*LARGE), rng.randint(*LARGE)
     tools = ["add", rng.choice(DISTRACTORS)]  # one distractor: each tool is ~60 tokens of every row
     rng.shuffle(tools)
-    # Digits only: each is one common v3 token, where random letters split into rare pieces whose
-    # embeddings Adam moves in jumps (loss spikes); v3 takes any 9 letters or digits.
-    call_id = "".join(rng.choice(string.digits) for _ in range(ID_LENGTH))
-    return SkillItem("tool_call", f"Calculate: {a}, and then add {b}", call_text("add", a, b), tuple(tools), call_id)
+    return SkillItem("tool_call", f"Calculate: {a}, and then add {b}", call_text("add", a, b), tuple(tools), CALL_ID)
 
 
 SKILLS: dict[str, Callable[[random.Random], SkillItem]] = {
