@@ -37,7 +37,7 @@ HINT = {"sft": "pick e.g. data@sft.data=ultrachat or example",
 class SourceConfig:
     # A local .jsonl / .json / .parquet file, or a Hub dataset id (e.g. HuggingFaceH4/ultrachat_200k).
     path: str = "???"
-    split: str = "train"
+    split: str = "train"  # the Hub dataset's split (datasets' split name); unused for a local file
     # Relative share of this source in a mixture; a fraction (<=1) or an absolute row count (>1).
     weight: float = 1.0
     # Hub dataset config name, if any.
@@ -58,6 +58,9 @@ class DataConfig:
     eval: list[SourceConfig] = field(default_factory=list)
     # Used when `eval` is empty: hold this fraction of the training rows out for evaluation.
     eval_fraction: float = 0.0
+    # The most tokens a row may have, > 0 (SFT: the whole conversation; pairs: the prompt + the longer reply;
+    # KTO: the prompt + the reply); longer rows go as on_long_rows says. Also the trainer's sequence
+    # length unless the stage's train.max_length is set.
     max_length: int = 2048
     # "error": the first bad row stops the run before the model loads; "skip": drop bad rows and report them.
     on_bad_rows: str = "error"
@@ -68,7 +71,10 @@ class DataConfig:
     # Tool call ids: "keep" them as written (an id the tokenizer version refuses is a bad row), or
     # "regenerate" every row's ids in the version's form (the same for the same row every time).
     tool_call_ids: str = "keep"
+    # Processes that check and encode a source's rows (datasets' map num_proc), >= 1; 1, or a source with fewer
+    # rows than this, encodes in this process. The ids are the same either way.
     num_proc: int = 1
+    # Seeds the rows a source weight picks, the eval_fraction hold-out and the one shuffle of KTO's rows.
     seed: int = 0
 
 

@@ -16,14 +16,18 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 @dataclass
 class RunConfig:
+    # The folder new run directories are made in, and a relative run.dir is taken under.
     output_dir: str = "runs"
+    # The start of a new run directory's name: <output_dir>/<name>-<YYYYmmdd-HHMMSS>.
     name: str = "run"
     # A fixed run directory (absolute, or under output_dir); None = <output_dir>/<name>-<timestamp>.
     dir: Optional[str] = None
+    # Seeds the trainer (TrainingArguments seed: data order, dropout) and an inline model's random weights.
+    # A rerun into a started run directory must keep it; dpo.init_from an SFT run directory takes that run's.
     seed: int = 42
     report_to: str = "none"  # none | wandb | tensorboard
-    wandb_project: str = "mistral-align"
-    wandb_entity: Optional[str] = None
+    wandb_project: str = "mistral-align"  # report_to=wandb: the project (WANDB_PROJECT)
+    wandb_entity: Optional[str] = None  # report_to=wandb: the team or user (WANDB_ENTITY); None: the login's default
     # auto: online when WANDB_API_KEY is set and the wandb server answers (3 s), offline otherwise (a
     # warning says so when a key is set); online: refused at start when the server cannot be reached.
     wandb_mode: str = "auto"
@@ -60,11 +64,12 @@ class HubConfig:
     The token comes from HF_TOKEN or the stored login and is written nowhere. The same push, by hand:
     `mistral-align push RUN_DIR --repo-id OWNER/NAME`."""
 
+    # Push the last stage's adapter (peft=none: its model) to repo_id when training has finished; needs repo_id.
     push: bool = False
     repo_id: Optional[str] = None  # OWNER/NAME
-    private: bool = False
+    private: bool = False  # create the repository private (one that exists keeps its visibility)
     revision: Optional[str] = None  # a branch, created if missing
-    license: str = "apache-2.0"
+    license: str = "apache-2.0"  # the model card's `license:` (a Hub license id, written as given)
 
 
 def check_hub(h: Any) -> None:

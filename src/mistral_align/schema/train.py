@@ -34,28 +34,43 @@ ON_NONFINITE = ("stop", "skip")
 class TrainConfig:
     """The optimiser and loop of one stage (`sft.train`, `dpo.train`)."""
 
-    epochs: float = 1.0
+    epochs: float = 1.0  # passes over the training rows (> 0; a fraction trains part of one)
     max_steps: int = -1  # > 0 overrides epochs
-    lr: float = 2e-4
+    lr: float = 2e-4  # the peak learning rate, reached after warmup (> 0)
+    # How the rate moves after warmup: a transformers SchedulerType name (cosine, linear, constant,
+    # constant_with_warmup, cosine_with_min_lr, ...; a wrong one is refused, listing them all). constant
+    # ignores warmup_ratio; a scheduler's own arguments (cosine_with_min_lr's min_lr_rate) go in
+    # extra.lr_scheduler_kwargs.
     lr_scheduler: str = "cosine"
     # A fraction of the total steps, in [0, 1).
     warmup_ratio: float = 0.03
+    # Decoupled weight decay (>= 0), on every trained weight but biases and norms (transformers' rule).
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # clip the gradients' global norm to this (>= 0); 0: no clipping
+    # A transformers TrainingArguments optim name: adamw_torch_fused, adamw_torch, paged_adamw_8bit
+    # (bitsandbytes), adafactor, ... (a wrong one is refused, listing them all). `mistral-align estimate`
+    # counts its state.
     optim: str = "adamw_torch_fused"
+    # Rows each process takes per forward/backward (SFT with packing: packed rows; DPO: pairs; KTO: single
+    # replies); >= 1. One optimiser step sees per_device_batch_size x grad_accum x processes rows.
     per_device_batch_size: int = 4
-    per_device_eval_batch_size: int = 8
-    grad_accum: int = 1
+    per_device_eval_batch_size: int = 8  # >= 1; the same for the held-out loss and metrics (not eval.batch_size)
+    grad_accum: int = 1  # >= 1 forward/backward passes whose gradients add up to one optimiser step
     # Sequence length the trainer cuts at (SFT: of a packed row); None uses the stage's data.max_length.
     max_length: Optional[int] = None
+    # Recompute each layer's activations in the backward pass instead of keeping them: less memory, more
+    # compute. Set on the model when it is built (non-reentrant), not by the trainer.
     gradient_checkpointing: bool = True
     # Mixed precision for the non-quantised parts: "auto" = bf16 on GPUs that support it, else off.
     bf16: str = "auto"  # auto | true | false
+    # Log the training metrics (loss, learning rate, gradient norm, ...) every N >= 1 optimiser steps to
+    # metrics.jsonl and the tracker; the first step too.
     logging_steps: int = 10
     eval_steps: Optional[int] = None  # None: evaluate at the end only
+    # Write a checkpoint (what run.resume continues from) every N >= 1 optimiser steps, and at the last step.
     save_steps: int = 500
-    save_total_limit: Optional[int] = 2
-    dataloader_num_workers: int = 0
+    save_total_limit: Optional[int] = 2  # keep the newest N >= 1 complete checkpoints; None: all
+    dataloader_num_workers: int = 0  # worker processes loading the batches; 0: the training process itself
     # Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (a CUDA GPU and `pip install '.[gpu]'`). TRL keeps
     # its own chunked LM head, so Liger's fused linear cross-entropy is not used.
     use_liger_kernel: bool = False
@@ -70,8 +85,12 @@ class TrainConfig:
 
 @dataclass
 class SFTTrainConfig(TrainConfig):
-    # Pack several conversations per row; attention never crosses their boundaries (padding-free).
+    # Pack several conversations per row; with bfd and bfd_split attention never crosses their boundaries
+    # (padding-free).
     packing: bool = True
+    # TRL's packing: bfd (best-fit decreasing: each conversation in one row, cut at max_length), bfd_split
+    # (a conversation longer than max_length goes on in other rows) or wrapped (all concatenated and cut
+    # every max_length tokens: attention then crosses conversations, and rows split anywhere).
     packing_strategy: str = "bfd"
 
 
@@ -121,11 +140,16 @@ def refuse_credentials(node: Any, key: str) -> None:
 class EvalConfig:
     """Held-out evaluation: metrics before/after (loss; DPO: rewards), and greedy generation scored by exact match."""
 
+    # Also measure the held-out metrics before training (on a stage's first launch; a resumed one reports
+    # what the first recorded). Like the rest of the eval, only where the stage has held-out rows.
     loss_before: bool = True
+    # Greedy replies to held-out prompts before and after training, scored by exact match on the final
+    # reply's ids and its EOS (DPO: the chosen reply; KTO: desirable rows). Needs held-out rows; runs on the
+    # main process alone, so it is refused under FSDP / ZeRO-3 sharding.
     generate: bool = False
-    max_prompts: int = 64
-    max_new_tokens: int = 32
-    batch_size: int = 16
+    max_prompts: int = 64  # generate: the first N >= 1 held-out rows
+    max_new_tokens: int = 32  # generate: the most tokens of a reply, >= 1 (a longer reference never matches)
+    batch_size: int = 16  # generate: prompts per generate() call (left-padded), >= 1
 
 
 def check_eval(e: Any, key: str) -> None:
