@@ -37,7 +37,9 @@ OVERRIDES = {
     # 16 rows a step: the 8 pairs' replies DPO sees a step. KTO and SimPO have no NLL term to hold the
     # chosen replies up, as the demo's DPO has (loss_type [sigmoid, sft]): at DPO's 2e-4 KTO took
     # exact match from 75% to 28% and SimPO to 64%; at 5e-5 they keep it.
-    "kto": [*NOT_DPO, "dpo.objective=kto", "dpo.beta=0.1", "dpo.train.per_device_batch_size=16", "dpo.train.lr=5e-5"],
+    # (KTO trains single replies: no pair to share a prompt, which the demo's DPO does)
+    "kto": [*NOT_DPO, "dpo.objective=kto", "dpo.shared_prompt=false", "dpo.beta=0.1", "dpo.train.per_device_batch_size=16",
+            "dpo.train.lr=5e-5"],
     "simpo": [*NOT_DPO, "dpo.objective=simpo", "dpo.beta=2.0", "dpo.simpo_gamma=0.5", "dpo.train.lr=5e-5"],
     # From the base model: SFT's learning rate, and about SFT's compute (SFT: 288 steps of 2 packed rows
     # of 256 tokens; here 375 steps of 16 pairs of 20-odd tokens): SFT's 6000 prompts, once.

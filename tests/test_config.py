@@ -219,10 +219,19 @@ def test_bad_choice_names_the_key(override, key):
         ("dpo.loss_weights=[1.0,2.0,3.0]", "dpo.loss_weights"),
         ("sft.eval.max_new_tokens=0", "sft.eval.max_new_tokens"),
         ("sft.synthetic.n_train=0", "sft.synthetic.n_train"),
+        ("run.cpu_threads=0", "run.cpu_threads"),
     ],
 )
 def test_out_of_range_values_name_the_key(override, key):
     _refused(["experiment=demo", override], key)
+
+
+def test_synthetic_bars_name_a_skill_trained_and_a_value_in_range():
+    _refused(["experiment=demo", "++sft.synthetic.bars.juggle=0.5"], "sft.synthetic.bars.juggle", match="not one of")
+    _refused(["experiment=demo", "sft.synthetic.bars.copy=1.5"], "sft.synthetic.bars.copy", match=r"in \[0, 1\]")
+    _refused(["experiment=demo", "sft.synthetic.skills=[copy,add]"], "sft.synthetic.bars.reverse", match="not one of")
+    # the generated tool_call rows offer tools: v1 has no tokens for them
+    _refused(["experiment=demo", "model.tokenizer_version=v1"], "sft.synthetic.skills", match="tool_call")
 
 
 def test_data_of_the_other_stages_shape_is_refused():

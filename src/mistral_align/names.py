@@ -33,7 +33,7 @@ PARALLEL_KINDS = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 TOOL_CALL_IDS = ("keep", "regenerate")
 
 # The demo's synthetic skills (data/synthetic.py generates each).
-SYNTHETIC_SKILLS = ("copy", "reverse", "add", "upper")
+SYNTHETIC_SKILLS = ("copy", "reverse", "add", "upper", "tool_call")
 
 # A Hugging Face Hub repository id, OWNER/NAME (`hub.repo_id`, `mistral-align push --repo-id`).
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")

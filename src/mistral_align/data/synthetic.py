@@ -7,9 +7,18 @@ Each skill makes (prompt, correct answer) items from a seeded RNG:
     add      "Add: 3 + 5"                        -> "8"
     upper    "Uppercase: river stone"            -> "RIVER STONE"   (a formatting instruction;
                                                                      the wrong format: "River Stone")
+    tool_call "Calculate: 48, and then add 95"   -> a call add(a=48, b=95), with the tools add and
+              (tools: add and a distractor)         subtract or multiply offered; then the tool's
+                                                    result, and "The sum is 143."
+
+A tool_call item's `answer` is the call as JSON text, `{"name": "add", "arguments": {"a": 48,
+"b": 95}}`; `sft_row` writes the whole exchange in the OpenAI shape (the call, the tool's result,
+the final reply that uses it), `eval_row` the conversation up to the call, which is what the demo
+scores (train/evaluate.py compares the call's name and arguments as JSON).
 
 `wrong_answer(item, rng)` gives a plausible but wrong reply for the same prompt (a dropped word, the
-unreversed list, an off-by-one sum, the unchanged case), so a DPO stage can build preference pairs
+unreversed list, an off-by-one sum, the unchanged case; a call of the wrong tool, a call with a wrong
+argument, or a guessed sum written without calling), so a DPO stage can build preference pairs
 from the same items: `preference_row(item, rng)`.
 
 `make_splits` guarantees that no held-out prompt appears in the training items.
@@ -19,7 +28,8 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -36,6 +46,10 @@ class SkillItem:
     skill: str
     prompt: str
     answer: str
+    # tool_call only: the names of the tools the row offers (in the order it lists them) and the id
+    # of the call (9 letters or digits, as v3-v11 require; any version with tools accepts it).
+    tools: tuple[str, ...] = ()
+    call_id: str = ""
 
 
 # Two words per prompt: each word is one token in every Mistral vocabulary, so every skill is a fixed
@@ -67,12 +81,70 @@ def _upper(rng: random.Random) -> SkillItem:
     return SkillItem("upper", "Uppercase: " + " ".join(w), " ".join(w).upper())
 
 
+# The calculator and its distractors: the same two integer arguments, so that calling a distractor
+# with the right numbers is a plausible mistake. Short descriptions: every tool costs tokens in
+# every tool_call row, and the rows must fit the demo's max_length.
+def _calculator(name: str, description: str) -> dict:
+    ints = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": ints}}
+
+
+TOOLS = {
+    "add": _calculator("add", "a + b"),
+    "subtract": _calculator("subtract", "a - b"),
+    "multiply": _calculator("multiply", "a * b"),
+}
+DISTRACTORS = ("subtract", "multiply")
+RUN_TOOL = {"add": lambda a, b: a + b, "subtract": lambda a, b: a - b, "multiply": lambda a, b: a * b}
+# Two-digit numbers: beyond the add skill's one-digit sums. Each digit is one v3 token, and the prompt
+# puts as many tokens between the two numbers (", and then add ") as the call does (', "b": '), so one
+# fixed offset copies every digit of both arguments. Measured (SFT on 1500 tool_call rows alone, 375
+# steps): with two-digit numbers the loss fell to the floor the random call ids leave (~0.44) by step
+# ~250; with four-digit numbers (8 digits to copy, not 4) it stayed at ~0.88, no digit copied, and in
+# the full demo tool_call stayed at 0%. With "a + b" a tiny model learned to copy a and never b
+# (b's offset differed by three tokens).
+LARGE = (10, 99)
+# One id for every call (9 letters, as v3 takes): the model writes the id, and random ids
+# were 9 tokens a row it cannot predict, noise beside the 4 digits it must learn to copy (with random
+# ids and 6000 rows, SFT taught the call on 1 of 3 seeds: 100%, 12.5%, 0%).
+CALL_ID = "calculate"
+
+
+def call_text(name: str, a: int, b: int) -> str:
+    """A call as the JSON text a tool_call item keeps as its answer."""
+    return json.dumps({"name": name, "arguments": {"a": a, "b": b}})
+
+
+def as_call(answer: str) -> dict | None:
+    """The call (name, arguments) a tool_call answer holds; None for a reply written as text."""
+    try:
+        value = json.loads(answer)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None  # a guessed sum ("143") is text, not a call
+
+
+def _operands(item: SkillItem) -> tuple[int, int]:
+    a, b = re.findall(r"\d+", item.prompt)
+    return int(a), int(b)
+
+
+def _tool_call(rng: random.Random) -> SkillItem:
+    a, b = rng.randint(*LARGE), rng.randint(*LARGE)
+    tools = ["add", rng.choice(DISTRACTORS)]  # one distractor: each tool is ~60 tokens of every row
+    rng.shuffle(tools)
+    return SkillItem("tool_call", f"Calculate: {a}, and then add {b}", call_text("add", a, b), tuple(tools), CALL_ID)
+
+
 SKILLS: dict[str, Callable[[random.Random], SkillItem]] = {
     "copy": _copy,
     "reverse": _reverse,
     "add": _add,
     "upper": _upper,
+    "tool_call": _tool_call,
 }
+# The instruction word each skill's prompts start with ("Copy: ...").
+INSTRUCTIONS = {"Copy": "copy", "Reverse": "reverse", "Add": "add", "Uppercase": "upper", "Calculate": "tool_call"}
 # The config checks skill names against the shared list (names.py) without importing this module.
 assert tuple(SKILLS) == SYNTHETIC_SKILLS
 
@@ -82,8 +154,23 @@ def make_item(skill: str, rng: random.Random) -> SkillItem:
     return SKILLS[skill](rng)
 
 
+def _wrong_call(item: SkillItem, rng: random.Random) -> str:
+    """The wrong tool with the right numbers, the right tool with one number off, or no call: a
+    guessed sum written as text (off in one digit, as a sum done in the head might be)."""
+    a, b = _operands(item)
+    kind = rng.choice(("tool", "arguments", "no call"))
+    if kind == "tool":
+        return call_text(rng.choice([t for t in item.tools if t != "add"]), a, b)
+    off = rng.choice([-1, 1]) * 10 ** rng.randrange(2)  # one digit off (units or tens; never below 0)
+    if kind == "arguments":
+        return call_text("add", a + off, b) if rng.random() < 0.5 else call_text("add", a, b + off)
+    return str(a + b + off)
+
+
 def wrong_answer(item: SkillItem, rng: random.Random) -> str:
     """A plausible wrong reply to `item.prompt` (never equal to `item.answer`)."""
+    if item.skill == "tool_call":
+        return _wrong_call(item, rng)
     if item.skill == "add":
         value = int(item.answer) + rng.choice([-2, -1, 1, 2])
         return str(value if value >= 0 else int(item.answer) + 1)
@@ -136,12 +223,48 @@ def make_splits(skills: Sequence[str], n_train: int, n_eval: int, seed: int) -> 
     return train, list(held.values())
 
 
+def _reply(item: SkillItem, answer: str) -> dict:
+    """The assistant message that gives `answer`: a tool call, or text."""
+    call = as_call(answer) if item.skill == "tool_call" else None
+    if call is None:
+        return {"role": "assistant", "content": answer}
+    function = {"name": call["name"], "arguments": call["arguments"]}
+    return {"role": "assistant", "tool_calls": [{"id": item.call_id, "type": "function", "function": function}]}
+
+
+def _tools(item: SkillItem) -> dict:
+    return {"tools": [TOOLS[name] for name in item.tools]} if item.tools else {}
+
+
+def _after_call(item: SkillItem, answer: str) -> list[dict]:
+    """The tool's result for the call `answer` makes, then the final reply, which uses it."""
+    call = as_call(answer) if item.skill == "tool_call" else None
+    if call is None:
+        return []
+    result = RUN_TOOL[call["name"]](**call["arguments"])
+    return [{"role": "tool", "tool_call_id": item.call_id, "name": call["name"], "content": str(result)},
+            {"role": "assistant", "content": f"The sum is {result}."}]
+
+
 def sft_row(item: SkillItem) -> dict:
-    return {"messages": [{"role": "user", "content": item.prompt}, {"role": "assistant", "content": item.answer}]}
+    """The whole exchange: the reply (for tool_call: the call, the tool's result and the final reply)."""
+    messages = [{"role": "user", "content": item.prompt}, _reply(item, item.answer), *_after_call(item, item.answer)]
+    return {**_tools(item), "messages": messages}
+
+
+def eval_row(item: SkillItem) -> dict:
+    """A held-out row whose last (scored) reply is the answer: for tool_call the conversation ends at the call."""
+    return {**_tools(item), "messages": [{"role": "user", "content": item.prompt}, _reply(item, item.answer)]}
 
 
 def preference_row(item: SkillItem, rng: random.Random) -> dict:
-    return {"prompt": item.prompt, "chosen": item.answer, "rejected": wrong_answer(item, rng)}
+    """The answer (chosen) over a plausible wrong reply (rejected); tool_call rows carry their tools
+    and give both replies as assistant messages (a call carries the same id on both sides)."""
+    rejected = wrong_answer(item, rng)
+    if item.skill != "tool_call":
+        return {"prompt": item.prompt, "chosen": item.answer, "rejected": rejected}
+    return {**_tools(item), "prompt": [{"role": "user", "content": item.prompt}],
+            "chosen": [_reply(item, item.answer)], "rejected": [_reply(item, rejected)]}
 
 
 def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
@@ -174,14 +297,14 @@ def write_sft_splits(
     if unknown:
         raise ValueError(f"noise: {sorted(unknown)} are not among the skills {list(skills)}")
     train = [
-        SkillItem(i.skill, i.prompt, wrong_answer(i, rng)) if rng.random() < noise.get(i.skill, 0.0) else i
+        replace(i, answer=wrong_answer(i, rng)) if rng.random() < noise.get(i.skill, 0.0) else i
         for i in train
     ]
     out_dir = Path(out_dir)
     write_jsonl((asdict(i) for i in held), out_dir / "eval_items.jsonl")
     return (
         write_jsonl((sft_row(i) for i in train), out_dir / "train.jsonl"),
-        write_jsonl((sft_row(i) for i in held), out_dir / "eval.jsonl"),
+        write_jsonl((eval_row(i) for i in held), out_dir / "eval.jsonl"),
     )
 
 
@@ -202,6 +325,8 @@ def write_dpo_splits(out_dir: str | Path, skills: Sequence[str], n_train: int, n
 
 
 def skill_of(prompt_text: str) -> str:
-    """Group key for the synthetic skills: the instruction word before ':' ("Copy", "Add", ...)."""
-    body = prompt_text.replace("[INST]", "").replace("\u2581", " ").strip()
-    return body.split(":", 1)[0].strip().lower() if ":" in body else "other"
+    """Group key for the synthetic skills: the skill named by the instruction word before ':' of the
+    prompt's last user turn ("Copy: ..." -> copy, "Calculate: ..." -> tool_call); "other" if none.
+    `prompt_text` is a decoded prompt, control tokens kept (the tools, if any, come before [INST])."""
+    body = prompt_text.rsplit("[INST]", 1)[-1].replace("[/INST]", "").replace("\u2581", " ").strip()
+    return INSTRUCTIONS.get(body.split(":", 1)[0].strip(), "other") if ":" in body else "other"

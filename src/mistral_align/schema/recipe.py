@@ -99,6 +99,11 @@ def check_config(cfg: Any, stages: tuple[str, ...] = STAGES, need_data: bool = T
         check_sft_stage(cfg.sft, need_data)
     if "dpo" in stages:
         check_dpo_stage(cfg.dpo, cfg.model.attn_implementation, need_data, stages)
+    for stage in stages:  # the generated tool_call rows offer tools, which v1 has no tokens for
+        s = cfg[stage].synthetic
+        if s.enabled and "tool_call" in s.skills and cfg.model.tokenizer_version == "v1":
+            raise ConfigError(f"{stage}.synthetic.skills: tool_call needs a tokenizer version with tools, not "
+                              f"model.tokenizer_version=v1 (leave tool_call out of the skills, or use v2 or later)")
 
 
 def stage_max_length(stage: Any) -> int:

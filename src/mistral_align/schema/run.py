@@ -41,12 +41,19 @@ class RunConfig:
     # for torch's default (30 minutes on gloo). It also bounds how long one rank may work alone while
     # the others wait (rank 0 tokenising a large data set, generating for the eval): raise it for those.
     dist_timeout_s: int = 600
+    # Threads torch computes with on the CPU (per process); None: torch's default (one per core). A
+    # float sum split among another number of threads rounds differently, so a CPU run trains slightly
+    # different weights on a machine with another core count: a fixed count makes it repeat exactly
+    # (given the same torch and CPU kind). Capped, with a warning, at the cores the process may use.
+    cpu_threads: Optional[int] = None
 
 
 def check_run(r: Any) -> None:
     choice(r.report_to, "run.report_to", REPORT_TO)
     choice(r.wandb_mode, "run.wandb_mode", WANDB_MODES)
     at_least(r.dist_timeout_s, "run.dist_timeout_s", 0, strict=True)
+    if r.cpu_threads is not None:
+        at_least(r.cpu_threads, "run.cpu_threads", 1)
     if r.resume not in ("auto", "never") and not os.path.isdir(os.path.expanduser(r.resume)):
         raise ConfigError(f"run.resume: must be auto, never or a checkpoint folder; {r.resume} is none of these")
 

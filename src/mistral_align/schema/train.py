@@ -169,6 +169,9 @@ class SyntheticConfig:
     n_train: int = 2000
     n_eval: int = 64
     seed: int = 0
+    # {skill: the held-out exact match it should reach after the stage}: a skill that falls short is
+    # named in a warning, in the stage's table and in summary.json (eval.bars). The demo sets them.
+    bars: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -183,6 +186,11 @@ def check_synthetic(s: Any, key: str) -> None:
             choice(skill, f"{key}.skills[{i}]", SYNTHETIC_SKILLS)
         at_least(s.n_train, f"{key}.n_train", 1)
         at_least(s.n_eval, f"{key}.n_eval", 0)
+        for skill, bar in (s.bars or {}).items():
+            if skill not in s.skills:
+                raise ConfigError(f"{key}.bars.{skill}: not one of the skills trained ({', '.join(s.skills)})")
+            if not 0.0 <= bar <= 1.0:
+                raise ConfigError(f"{key}.bars.{skill}: an exact match, in [0, 1], got {bar}")
     for skill, fraction in (s.get("noise") or {}).items():
         if not 0.0 <= fraction <= 1.0:
             raise ConfigError(f"{key}.noise.{skill}: must be in [0, 1], got {fraction}")

@@ -306,7 +306,8 @@ class DPOStage(Stage):
     def report(self, summary: dict, gen_before: dict | None, gen_after: dict | None) -> str | None:
         parts, name = [], NAMES[self.node.objective]
         if gen_after is not None:
-            parts.append(f"{name} before / after (held-out prompts)\n" + generation_table(gen_before, gen_after, None, None))
+            table = generation_table(gen_before, gen_after, None, None, bars=summary["eval"].get("bars"))
+            parts.append(f"{name} before / after (held-out prompts)\n" + table)
         d = summary["dpo"]
         if d.get("before") and d.get("after"):
             parts.append(preference_table(d["before"], d["after"], objective=self.node.objective))

@@ -3,17 +3,25 @@
 Prompts and references come straight from a tokenised eval set (input_ids + labels): the prompt
 is everything before the last trained run of labels (the final assistant reply), the reference
 is that run (reply + EOS). So the prompt is exactly the mistral-common encoding and a reply
-counts as correct only if the model produces the reference ids and then stops.
+counts as correct only if the model produces the reference ids and then stops; a reference that
+calls tools is matched by its calls instead (`reply_matches`): a call's id is the model's to choose.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
+import json
+
 import torch
 
+from mistral_align.chat.decode import decode_reply
 from mistral_align.chat.encoder import IGNORE_INDEX
+from mistral_align.chat.messages import ConversationError, Message
+
+log = logging.getLogger("mistral_align")
 
 
 def _text(encoder, ids) -> str:
@@ -28,6 +36,28 @@ def split_prompt_reference(input_ids: Sequence[int], labels: Sequence[int]) -> t
     while start > 0 and labels[start - 1] != IGNORE_INDEX:
         start -= 1
     return list(input_ids[:start]), list(input_ids[start:end])
+
+
+def _calls(m: Message) -> list[tuple[str, object]]:
+    return [(c.name, json.loads(c.arguments)) for c in m.tool_calls]
+
+
+def reply_matches(encoder, output: Sequence[int], reference: Sequence[int]) -> bool:
+    """Whether a generated reply is the reference: the same ids; or, where the reference calls tools,
+    the same calls (each one's name and arguments equal as JSON, in order; ids aside) and text, read
+    with mistral-common's own decoding (chat/decode.py), and the reply stops (its EOS) as the reference does."""
+    output, reference = list(output), list(reference)
+    if output == reference:
+        return True
+    expected = decode_reply(encoder, reference)
+    stops = bool(output) and output[-1] == encoder.eos_id
+    if not expected.tool_calls or (reference[-1:] == [encoder.eos_id] and not stops):
+        return False
+    try:
+        got = decode_reply(encoder, output)
+    except ConversationError:  # a call that is not one: no JSON list, no name
+        return False
+    return got.content == expected.content and _calls(got) == _calls(expected)
 
 
 @torch.no_grad()
@@ -74,10 +104,17 @@ def generation_eval(
     pairs = [split_prompt_reference(r["input_ids"], r["labels"]) for r in rows]
     pad_id = encoder.pad_id if encoder.pad_id >= 0 else 0
     outputs = greedy_generate(model, [p for p, _ in pairs], encoder.eos_id, pad_id, max_new_tokens, batch_size)
+    return score_replies(encoder, pairs, outputs, group)
+
+
+def score_replies(encoder, pairs: Sequence[tuple[list[int], list[int]]], outputs: Sequence[list[int]],
+                  group: Callable[[str], str] | None = None) -> dict[str, Any]:
+    """Exact match (`reply_matches`) of generated replies to their (prompt, reference) pairs, overall
+    and per group of the prompt's text, with every sample as text."""
     samples = []
     by_group: dict[str, list[bool]] = defaultdict(list)
     for (prompt, ref), out in zip(pairs, outputs):
-        ok = out == ref
+        ok = reply_matches(encoder, out, ref)
         text = _text(encoder, [i for i in prompt if i != encoder.bos_id])
         samples.append(
             {
@@ -96,3 +133,16 @@ def generation_eval(
         "by_group": {k: sum(v) / len(v) for k, v in sorted(by_group.items())},
         "samples": samples,
     }
+
+
+def check_bars(by_skill: dict[str, float], bars: dict[str, float], stage: str) -> dict[str, dict]:
+    """Each barred skill's held-out exact match against its bar (`<stage>.synthetic.bars`), as
+    {skill: {"bar", "exact_match", "cleared"}}; one warning line for each skill below its bar."""
+    out = {}
+    for skill, bar in bars.items():
+        value = by_skill.get(skill, 0.0)
+        out[skill] = {"bar": bar, "exact_match": value, "cleared": value >= bar}
+        if value < bar:
+            log.warning("%s: %s reached %.1f%% held-out exact match, below its bar of %.0f%% (%s.synthetic.bars)",
+                        stage.upper(), skill, 100 * value, 100 * bar, stage)
+    return out

@@ -12,12 +12,14 @@ from __future__ import annotations
 import atexit
 import datetime as _dt
 import logging
+import os
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate.utils import broadcast_object_list
 
 from mistral_align.errors import HubError, RunDirError, UserError
@@ -95,8 +97,20 @@ def base_manifest(stage: str, state) -> dict[str, Any]:
         "distributed_type": str(state.distributed_type).split(".")[-1],
         "device": str(state.device),
         "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "cpu_threads": torch.get_num_threads(),  # CPU results depend on it (run.cpu_threads)
         "host": platform.node(),
     }
+
+
+def set_cpu_threads(wanted: int | None) -> None:
+    """run.cpu_threads: torch's CPU thread count, at most the cores this process may run on."""
+    if wanted is None:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if wanted > cores:
+        log.warning("run.cpu_threads=%d, but this process may use %d core(s): using %d, so CPU results will "
+                    "differ slightly from a %d-thread run", wanted, cores, cores, wanted)
+    torch.set_num_threads(min(wanted, cores))
 
 
 def open_run(cfg, recipe: str, stages: tuple[str, ...]) -> Run:
@@ -105,6 +119,7 @@ def open_run(cfg, recipe: str, stages: tuple[str, ...]) -> Run:
     check_machine_has_what_the_config_asks(cfg, stages)
     state = init_state(cfg.run.dist_timeout_s)
     setup_logging(state)
+    set_cpu_threads(cfg.run.cpu_threads)
     run_dir = resolve_run_dir(cfg.run, state)
     remember_run(run_dir, state, cfg.run.dist_timeout_s)  # every rank's host, to name a lost one
     log.info("run directory: %s (world size %d, %d nodes)", run_dir, state.num_processes, num_nodes())

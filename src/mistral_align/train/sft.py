@@ -98,5 +98,6 @@ class SFTStage(Stage):
         s = summary["sft"]
         if gen_after is None:
             return None
-        table = generation_table(gen_before, gen_after, s.get("before", {}).get("loss"), s.get("after", {}).get("loss"))
+        table = generation_table(gen_before, gen_after, s.get("before", {}).get("loss"), s.get("after", {}).get("loss"),
+                                 bars=summary["eval"].get("bars"))
         return "SFT before / after (held-out prompts)\n" + table

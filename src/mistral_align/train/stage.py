@@ -29,7 +29,7 @@ from mistral_align.model.tokenizer_file import resolve_tokenizer_file
 from mistral_align.rundir.drift import stages_started
 from mistral_align.rundir.layout import trained_folder_name
 from mistral_align.schema.data import SourceConfig
-from mistral_align.train.evaluate import generation_eval
+from mistral_align.train.evaluate import check_bars, generation_eval
 from mistral_align.train.metrics import FirstEvaluation, MetricsJsonl
 from mistral_align.train.nonfinite import NonFinitePolicy, RowNames
 from mistral_align.train.ranks import check_ranks_agree
@@ -218,6 +218,8 @@ def _run_stage(stage: Stage, stop: StopOnSignal, print_report: bool) -> dict:
                            "n": gen_after["n"], "samples_after": gen_after["samples"][:16]}
         if gen_after["by_group"]:
             summary["eval"]["by_skill"] = {"before": gen_before["by_group"], "after": gen_after["by_group"]}
+            if node.synthetic.bars:  # what the demo promises each skill reaches
+                summary["eval"]["bars"] = check_bars(gen_after["by_group"], dict(node.synthetic.bars), stage.name)
     if on_main:
         write_json(stage.out_dir / "summary.json", summary)
         table = stage.report(summary, gen_before, gen_after) if print_report else None
