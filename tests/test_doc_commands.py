@@ -4,6 +4,7 @@ arguments parsed. Also: the data commands run here, as written, with the exit co
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -21,7 +22,7 @@ STAGES = {"sft": ("sft",), "dpo": ("dpo",), "sft_dpo": ("sft", "dpo")}
 
 
 def claimed_needles() -> dict[str, str]:
-    """Each `doc_commands("...")` needle in the tests, with the file that runs its commands."""
+    """Each needle given to doc_commands in the tests, with the file that runs its commands."""
     needles = {}
     for path in sorted((ROOT / "tests").glob("test_*.py")):
         for match in CLAIM.finditer(path.read_text(encoding="utf-8")):
@@ -108,3 +109,29 @@ def _commands_in_text(text: str):
         page = Path(tmp) / "page.md"
         page.write_text(text)
         return _commands_in(page)
+
+
+@pytest.mark.slow
+def test_make_demo_runs_the_demo_recipe_end_to_end_on_a_short_schedule(tmp_path):
+    """`make demo` (README.md) is the Makefile's demo line, `recipes/sft_dpo.py experiment=demo`: run
+    here as written with a schedule cut to a few steps (the whole demo takes minutes; its figures are
+    measured by running it, see README.md). It goes through both stages and reports every skill,
+    tool_call included, before SFT, after SFT and after DPO."""
+    from runfixtures import run_recipe_script
+
+    (make,) = doc_commands("make demo")
+    assert make.argv == ("make", "demo")
+    (line,) = [x.strip() for x in (ROOT / "Makefile").read_text().split("\ndemo:")[1].splitlines()[1:2]]
+    recipe, *overrides = shlex.split(line)[1:]
+    assert (recipe, overrides) == ("recipes/sft_dpo.py", ["experiment=demo"])
+    short = ["sft.synthetic.n_train=40", "sft.synthetic.n_eval=10", "sft.train.max_steps=3", "sft.eval.max_prompts=10",
+             "sft.eval.max_new_tokens=4", "dpo.synthetic.n_train=16", "dpo.synthetic.n_eval=10", "dpo.train.max_steps=2",
+             "dpo.eval.max_prompts=10", "dpo.eval.max_new_tokens=4", f"run.dir={tmp_path / 'demo'}"]  # fmt: skip
+    ran = run_recipe_script(Path(recipe).name, *overrides, *short, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr[-4000:]
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    by_skill = summary["eval"]["by_skill"]
+    assert set(by_skill) == {"before", "after_sft", "after_dpo"}
+    assert all(set(s) == {"copy", "reverse", "add", "upper", "tool_call"} for s in by_skill.values()), by_skill
+    assert summary["sft"]["after"]["loss"] < summary["sft"]["before"]["loss"]
+    assert "tool_call" in ran.stdout + ran.stderr
