@@ -171,7 +171,7 @@ class MistralEncoder:
         mistral-common ships for `version` (or the one derived from it)."""
         # Lazy (start-up time): mistral-common is slow to import, and the CLI imports this module
         # before it knows whether a command needs an encoder.
-        from mistral_align.chat import to_mistral
+        import mistral_align.chat.to_mistral as to_mistral
 
         self._to_mistral = to_mistral
         self.version = version
