@@ -80,6 +80,26 @@ def save_tiny_mistral(out_dir: Path, vocab_size: int, max_position_embeddings: i
     return Path(out_dir)
 
 
+WORDS = "the cat sat on a mat while seven blue birds sang about rain and old maps".split()
+
+
+def random_pairs(encoder, rng, n: int, prompt: tuple[int, ...], chosen: tuple[int, ...],
+                 rejected: tuple[int, ...]) -> list[dict]:  # fmt: skip
+    """`n` preference pairs of random words, each part's word count drawn from its tuple (very
+    different lengths, so a padded batch is mostly padding), encoded: {prompt_ids, chosen_ids,
+    rejected_ids}."""
+    from mistral_align.chat.schema import parse_preference
+
+    text = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+    rows = []
+    for _ in range(n):
+        pair = parse_preference({"prompt": text(rng.choice(prompt)), "chosen": text(rng.choice(chosen)),
+                                 "rejected": text(rng.choice(rejected))})  # fmt: skip
+        enc = encoder.encode_dpo(pair)
+        rows.append({"prompt_ids": enc.prompt_ids, "chosen_ids": enc.chosen_ids, "rejected_ids": enc.rejected_ids})
+    return rows
+
+
 def adapter_max_diff(a: Path, b: Path) -> float:
     """Max |difference| between two saved adapters (folders), which must hold the same tensors."""
     from safetensors.torch import load_file

@@ -26,10 +26,9 @@ from mistral_align.train.dpo_padding_free import (
 )
 from mistral_align.train.dpo_trainer import PretokenizedDPOTrainer
 
-from runfixtures import save_tiny_mistral
+from runfixtures import WORDS, random_pairs, save_tiny_mistral
 
 pytestmark = pytest.mark.slow
-WORDS = "the cat sat on a mat while seven blue birds sang about rain and old maps".split()
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +38,14 @@ def setup(tmp_path_factory):
     save_tiny_mistral(tmp / "base", enc.vocab_size, max_position_embeddings=512)
     save_hf_tokenizer("v3", tmp / "tok")
     rng = random.Random(0)
+    rows = random_pairs(enc, rng, 8, prompt=(3, 8, 20), chosen=(1, 5, 30), rejected=(2, 9, 15))
     text = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
-    rows = []
-    for i in range(8):  # very different lengths, so the padded batch is mostly padding
-        pair = parse_preference({"prompt": text(rng.choice([3, 8, 20])), "chosen": text(rng.choice([1, 5, 30])),
-                                 "rejected": text(rng.choice([2, 9, 15]))})  # fmt: skip
-        rows.append(vars(enc.encode_dpo(pair)))
     # Replies that begin alike (the shared prefix runs into the completions), and a rejected reply that is
     # a prefix of the chosen one (all of it but its last token shared).
     start = text(6)
     for chosen, rejected in ((start + " " + text(9), start + " " + text(4)), (start + " " + text(5), start)):
-        rows.append(vars(enc.encode_dpo(parse_preference({"prompt": text(5), "chosen": chosen, "rejected": rejected}))))
+        pair = enc.encode_dpo(parse_preference({"prompt": text(5), "chosen": chosen, "rejected": rejected}))
+        rows.append({"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids, "rejected_ids": pair.rejected_ids})
     return tmp, Dataset.from_list(rows)
 
 

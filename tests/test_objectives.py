@@ -16,13 +16,12 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from runfixtures import adapter_max_diff, save_tiny_mistral
+from runfixtures import adapter_max_diff, random_pairs, save_tiny_mistral
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
 from trl import KTOConfig, KTOTrainer
 
 from mistral_align.chat import get_encoder
 from mistral_align.chat.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
-from mistral_align.chat.schema import parse_preference
 from mistral_align.model.bnb_cpu import disable_cpu_inference_repacking
 from mistral_align.train.kto_trainer import PretokenizedKTOTrainer
 from mistral_align.train.reference_free import (
@@ -38,7 +37,6 @@ with warnings.catch_warnings():
     from trl.experimental.orpo import ORPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = "the cat sat on a mat while seven blue birds sang about rain and old maps".split()
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +48,7 @@ def tiny(tmp_path_factory):
     save_tiny_mistral(tmp / "base", enc.vocab_size, max_position_embeddings=256)
     save_hf_tokenizer("v3", tmp / "tok")
     rng = random.Random(0)
-    text = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
-    pairs = []
-    for _ in range(8):
-        pair = enc.encode_dpo(parse_preference({"prompt": text(rng.choice([3, 8, 30])), "chosen": text(rng.choice([1, 5, 40])),
-                                                "rejected": text(rng.choice([2, 9, 20]))}))  # fmt: skip
-        pairs.append({"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids, "rejected_ids": pair.rejected_ids})
+    pairs = random_pairs(enc, rng, 8, prompt=(3, 8, 30), chosen=(1, 5, 40), rejected=(2, 9, 20))
     kto = [{"prompt_ids": p["prompt_ids"], "completion_ids": p[key], "label": key == "chosen_ids"}
            for p in pairs for key in ("chosen_ids", "rejected_ids")]  # fmt: skip
     random.Random(1).shuffle(kto)
