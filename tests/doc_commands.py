@@ -52,9 +52,10 @@ def _split_comment(line: str) -> tuple[str, str]:
     return line.rstrip(), ""
 
 
-def all_doc_commands() -> list[DocCommand]:
+def all_doc_commands(pages: list[Path] | None = None, root: Path = ROOT) -> list[DocCommand]:
+    """The commands of `pages` (default: README.md and docs/*.md), each named by its place under `root`."""
     found = []
-    for path in DOCS:
+    for path in DOCS if pages is None else pages:
         lines = path.read_text(encoding="utf-8").splitlines()
         in_bash = False
         pending: list[str] = []
@@ -80,7 +81,7 @@ def all_doc_commands() -> list[DocCommand]:
             pending = []
             if text and not SHELL_SYNTAX.match(text):
                 text = text.removesuffix("&").strip()
-                where = f"{path.relative_to(ROOT)}:{start}"
+                where = f"{path.relative_to(root)}:{start}"
                 found.append(DocCommand(where, text, " ".join(comments), tuple(shlex.split(text))))
             comments = []
     return found

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from doc_commands import ROOT, all_doc_commands, doc_commands
+from doc_commands import ROOT, DocCommand, all_doc_commands, doc_commands
 
 from mistral_align.entry.cli import build_parser, main
 from mistral_align.entry.estimate_command import compose_config
@@ -21,46 +21,34 @@ CLAIM = re.compile(r"""doc_commands\(\s*(["'])(.+?)\1""")
 STAGES = {"sft": ("sft",), "dpo": ("dpo",), "sft_dpo": ("sft", "dpo")}
 
 
-def claimed_needles() -> dict[str, str]:
-    """Each needle given to doc_commands in the tests, with the file that runs its commands."""
-    needles = {}
-    for path in sorted((ROOT / "tests").glob("test_*.py")):
-        for match in CLAIM.finditer(path.read_text(encoding="utf-8")):
-            needles[match.group(2)] = path.name
-    return needles
+def claimed_needles() -> set[str]:
+    """Each needle given to doc_commands in the tests: the commands it matches are run there."""
+    return {m.group(2) for path in (ROOT / "tests").glob("test_*.py") for m in CLAIM.finditer(path.read_text(encoding="utf-8"))}
+
+
+def unclaimed(commands: list[DocCommand]) -> list[str]:
+    """The commands no test runs and no `# GPU` / `# Hub` marks (`make test`: CI runs it)."""
+    needles, ci = claimed_needles(), (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    return [f"{c.where}: {c.text}" for c in commands
+            if not (c.marks or any(n in c.text for n in needles) or (c.text == "make test" and c.text in ci))]  # fmt: skip
 
 
 def test_every_command_in_the_docs_is_run_by_a_test_or_marked():
-    needles = claimed_needles()
-    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    unclaimed = []
-    for command in all_doc_commands():
-        if command.marks or any(n in command.text for n in needles):
-            continue
-        if command.text == "make test" and "make test" in ci:
-            continue  # CI runs it, on a clean clone
-        unclaimed.append(f"{command.where}: {command.text}")
-    assert not unclaimed, "commands no test runs and not marked # GPU or # Hub:\n" + "\n".join(unclaimed)
+    commands = all_doc_commands()
+    missing = unclaimed(commands)
+    assert not missing, "commands no test runs and not marked # GPU or # Hub:\n" + "\n".join(missing)
     # A needle that matches nothing is a test that runs nothing.
-    texts = [c.text for c in all_doc_commands()]
-    assert all(any(n in t for t in texts) for n in needles), [n for n in needles if not any(n in t for t in texts)]
+    idle = [n for n in claimed_needles() if not any(n in c.text for c in commands)]
+    assert not idle, idle
 
 
-def test_the_check_catches_an_unmarked_command_no_test_runs():
-    (extra,) = _commands_in_text("```bash\n.venv/bin/mistral-align merge RUN --out elsewhere/ \\\n    --dtype bf16   # a note\n```\n")
+def test_the_check_catches_an_unmarked_command_no_test_runs(tmp_path):
+    page = "```bash\n.venv/bin/mistral-align merge RUN --out elsewhere/ \\\n    --dtype bf16   # a note\n```\n"
+    (extra,) = _commands_in_text(page, tmp_path)
     assert extra.text == ".venv/bin/mistral-align merge RUN --out elsewhere/ --dtype bf16" and extra.comment == "a note"
-    assert not extra.marks and not any(n in extra.text for n in claimed_needles())
-
-
-def _commands_in(page: Path):
-    import doc_commands as docs
-
-    saved, saved_root = docs.DOCS, docs.ROOT
-    docs.DOCS, docs.ROOT = [page], page.parent
-    try:
-        return docs.all_doc_commands()
-    finally:
-        docs.DOCS, docs.ROOT = saved, saved_root
+    assert unclaimed([extra]) == ["page.md:2: .venv/bin/mistral-align merge RUN --out elsewhere/ --dtype bf16"]
+    (marked,) = _commands_in_text(page.replace("# a note", "# GPU"), tmp_path)
+    assert unclaimed([marked]) == []
 
 
 def _recipe_overrides(argv: tuple[str, ...]) -> tuple[str, list[str]]:
@@ -84,31 +72,25 @@ def test_a_command_marked_gpu_or_hub_composes_and_parses(command):
 
 
 @pytest.mark.parametrize(
-    "command",
-    [c for c in all_doc_commands() if c.argv[1:2] in (("validate",), ("preview",))],
-    ids=lambda c: c.where,
+    "command", [*doc_commands("mistral-align validate"), *doc_commands("mistral-align preview")], ids=lambda c: c.where
 )
 def test_the_data_commands_in_the_docs_run_as_written(command, capsys, monkeypatch):
-    assert doc_commands("mistral-align validate") and doc_commands("mistral-align preview")
     monkeypatch.chdir(ROOT)
     assert main(list(command.argv[1:])) == command.exit_code, command.text
     out = capsys.readouterr().out
     assert out.strip(), command.text
 
 
-def test_a_comment_is_split_off_only_outside_quotes():
-    (command,) = _commands_in_text("```bash\nmistral-align chat RUN --prompt 'a # b'   # Hub, exit 2\n```\n")
+def test_a_comment_is_split_off_only_outside_quotes(tmp_path):
+    (command,) = _commands_in_text("```bash\nmistral-align chat RUN --prompt 'a # b'   # Hub, exit 2\n```\n", tmp_path)
     assert command.argv[-1] == "a # b" and command.marks == {"Hub"} and command.exit_code == 2
     assert shlex.join(command.argv) == "mistral-align chat RUN --prompt 'a # b'"
 
 
-def _commands_in_text(text: str):
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        page = Path(tmp) / "page.md"
-        page.write_text(text)
-        return _commands_in(page)
+def _commands_in_text(text: str, tmp_path: Path):
+    page = tmp_path / "page.md"
+    page.write_text(text)
+    return all_doc_commands([page], root=tmp_path)
 
 
 @pytest.mark.slow
