@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from mistral_align.errors import EXIT_OK, UsageError
 from mistral_align.rundir.finished import resolve_source
@@ -175,5 +174,5 @@ def _cmd_chat(args) -> int:
     if args.prompt is not None:
         show_reply(session, args.prompt, stream=not args.no_stream)
         return EXIT_OK
-    interactive(session, sys.stdin, sys.stdout, stream=not args.no_stream)  # read now: tests replace them
+    interactive(session, stream=not args.no_stream)
     return EXIT_OK

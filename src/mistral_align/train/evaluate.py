@@ -9,11 +9,10 @@ calls tools is matched by its calls instead (`reply_matches`): a call's id is th
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from typing import Any, Callable, Sequence
-
-import json
 
 import torch
 
