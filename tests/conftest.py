@@ -67,6 +67,18 @@ def pytest_configure(config):
     os.environ.pop("MISTRAL_ALIGN_RUN_DIR", None)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups (--dist loadgroup)
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs two pytest workers (`-n 2 --dist loadgroup`). A file's tests go to one worker,
+    so that its module fixtures are built once; the tests marked `ranks` (two ranks or two nodes,
+    several processes each) form one group, so that they run one after the other, never two drills
+    at once on the 2-core machine with their gloo timeouts and timed exits. Without xdist the marks
+    are unused."""
+    for item in items:
+        group = "ranks" if item.get_closest_marker("ranks") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """Recipes run in this process (runfixtures.run_recipe_script, run_recipe) set WANDB_*,

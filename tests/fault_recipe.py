@@ -5,8 +5,8 @@
 
 Both read what to inject from the environment (monkeypatch.setenv in process):
 
-NaN: NAN_STAGE (sft or dpo, default sft), NAN_AT (0-based training micro-batches of that stage, e.g.
-"4" or "2,3"), NAN_RANK (only that rank; default every rank), NAN_DUMP (a file the input_ids of each
+NaN: NAN_STAGE (sft, dpo or both as "sft,dpo"; default sft), NAN_AT (0-based training micro-batches
+of each such stage, counted per stage, e.g. "4" or "2,3"), NAN_RANK (only that rank; default every rank), NAN_DUMP (a file the input_ids of each
 poisoned forward are appended to as a JSON line). A forward hook on the model's final norm layer (a
 real layer, outside the gradient-checkpointed decoder layers, so it runs once per forward)
 multiplies its output by NaN on those training forwards; evaluation and DPO reference forwards (no
@@ -148,6 +148,10 @@ def signal_guard(sig: int):
 # -- installing them -------------------------------------------------------------------------------
 
 
+def _poisoned(build_model):
+    return lambda self: add_nan_hook(build_model(self))
+
+
 def with_faults(monkeypatch=None) -> None:
     """Install the faults the environment asks for (monkeypatch: undone after the test)."""
     from mistral_align.train.checkpointing import AtomicCheckpoints
@@ -156,9 +160,9 @@ def with_faults(monkeypatch=None) -> None:
 
     setattr_ = monkeypatch.setattr if monkeypatch is not None else setattr
     if os.environ.get("NAN_AT"):
-        stage_class = {"sft": SFTStage, "dpo": DPOStage}[os.environ.get("NAN_STAGE", "sft")]
-        build = stage_class.build_model
-        setattr_(stage_class, "build_model", lambda self: add_nan_hook(build(self)))
+        for stage in os.environ.get("NAN_STAGE", "sft").split(","):
+            stage_class = {"sft": SFTStage, "dpo": DPOStage}[stage]
+            setattr_(stage_class, "build_model", _poisoned(stage_class.build_model))
     if os.environ.get("SIGNAL"):
         setattr_(AtomicCheckpoints, "on_save", signalling_on_save(AtomicCheckpoints.on_save))
 

@@ -19,7 +19,7 @@ from runfixtures import adapter_max_diff, run_recipe_script
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ranks]
 
 # Three steps of 2 rows: full batches only. The packed tiny data ends in a partial batch, which one
 # process trains alone and two processes fill up with a repeated row (accelerate's even_batches).

@@ -342,6 +342,7 @@ def test_pipeline_killed_inside_dpo_resumes_to_the_same_result(tmp_path):
 
 
 @slow
+@pytest.mark.ranks
 def test_two_processes_stopped_in_sft_killed_in_dpo_then_resumed_equal_uninterrupted(tmp_path):
     """Two ranks, the pipeline: SIGTERM to the launcher during SFT (both ranks save at one step and
     exit 3); the rerun resumes SFT, finishes it, and is SIGKILLed with its launcher inside DPO (as a

@@ -116,6 +116,7 @@ def error_lines(stderr: str) -> list[str]:
 
 
 @slow
+@pytest.mark.ranks
 def test_a_killed_node_ends_the_other_in_one_line_and_the_printed_command_resumes(tmp_path):
     # Rank 0 picks the run directory (no run.dir given) and broadcasts it to node 1.
     stamp = tmp_path.parent / f"{tmp_path.name}-lost"
@@ -153,6 +154,7 @@ def test_a_killed_node_ends_the_other_in_one_line_and_the_printed_command_resume
 
 
 @slow
+@pytest.mark.ranks
 def test_a_hung_node_ends_the_other_within_run_dist_timeout(tmp_path):
     timeout_s = 20
     stamp = tmp_path.parent / f"{tmp_path.name}-lost"

@@ -247,19 +247,22 @@ def _launch() -> list[str]:
 
 
 @slow
+@pytest.mark.ranks
 def test_two_processes_agree_when_only_one_rank_sees_nan(tmp_path):
-    # Rank 1's first micro-batch of step 2 is NaN, rank 0's is fine; rank 0 writes the checkpoints.
-    steps = (*SFT, "sft.train.save_total_limit=null")
-    skipped = tmp_path / "skip"
-    _run(tmp_path, "sft.py", skipped, *steps, "sft.train.on_nonfinite=skip", nan_at="2", nan_rank="1",
-         launch=_launch())
-    ckpt = {n: _adapter(skipped / "checkpoints" / f"checkpoint-{n}") for n in range(1, 5)}
+    """One two-rank launch of the pipeline: SFT skips a step NaN on rank 1 only (its first micro-batch
+    of step 2; rank 0's is fine), DPO stops on one (rank 1's third micro-batch, step 3): both ranks
+    skip, then both stop, and rank 0 names rank 1's rows."""
+    run = tmp_path / "run"
+    steps = (*SFT, "sft.train.save_total_limit=null", "sft.train.on_nonfinite=skip", "dpo.train.save_steps=1",
+             "dpo.train.save_total_limit=null", "dpo.eval.loss_before=false")  # fmt: skip
+    out = _run(tmp_path, "sft_dpo.py", run, *steps, nan_at="2", stage="sft,dpo", nan_rank="1", launch=_launch(),
+               expect=1)  # fmt: skip
+    sft = run / "sft"
+    ckpt = {n: _adapter(sft / "checkpoints" / f"checkpoint-{n}") for n in range(1, 5)}
     assert _same(ckpt[1], ckpt[2]) and not _same(ckpt[2], ckpt[3])
-    assert all(torch.isfinite(t).all() for t in _adapter(skipped / "adapter").values())
-    assert json.loads((skipped / "summary.json").read_text())["sft"]["nonfinite_skipped"] == 1
+    assert all(torch.isfinite(t).all() for t in _adapter(sft / "adapter").values())
+    assert json.loads((sft / "summary.json").read_text())["sft"]["nonfinite_skipped"] == 1
 
-    stopped = tmp_path / "stop"
-    out = _run(tmp_path, "sft.py", stopped, *steps, nan_at="2", nan_rank="1", launch=_launch(), expect=1)
     line = _error_line(out.stderr, one_process=False)  # printed once, by rank 0, naming rank 1's rows
-    assert line.startswith("error: SFT: non-finite loss at step 2 (rows: ") and len(_contents(_named_rows(line))) == 2
-    assert f"last good checkpoint: {stopped / 'checkpoints' / 'checkpoint-1'};" in line
+    assert line.startswith("error: DPO: non-finite loss at step 3 (rows: ") and len(_contents(_named_rows(line))) == 2
+    assert f"last good checkpoint: {run / 'dpo' / 'checkpoints' / 'checkpoint-2'};" in line

@@ -308,6 +308,7 @@ def test_kto_resumed_equals_uninterrupted(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.ranks
 def test_simpo_two_processes_train_the_one_process_adapter(tmp_path, monkeypatch):
     """A reference-free objective, padding-free, under `accelerate launch` with two CPU processes (gloo
     DDP), 1 pair each: the adapter one process trains with 2 pairs a step (SimPO's loss is a mean
