@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/python recipes/sft_dpo.py experiment=demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests
 
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow" --hypothesis-profile=edit-loop tests

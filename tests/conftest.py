@@ -21,7 +21,9 @@ difference, and a file that changed (other bytes) is parsed again. Subprocesses 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import hashlib
 import logging
 import os
@@ -67,16 +69,19 @@ def pytest_configure(config):
     os.environ.pop("MISTRAL_ALIGN_RUN_DIR", None)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups (--dist loadgroup)
-def pytest_collection_modifyitems(config, items):
-    """`make test` runs two pytest workers (`-n 2 --dist loadgroup`). A file's tests go to one worker,
-    so that its module fixtures are built once; the tests marked `ranks` (two ranks or two nodes,
-    several processes each) form one group, so that they run one after the other, never two drills
-    at once on the 2-core machine with their gloo timeouts and timed exits. Without xdist the marks
-    are unused."""
-    for item in items:
-        group = "ranks" if item.get_closest_marker("ranks") else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+@contextlib.contextmanager
+def one_drill_at_a_time(item):
+    """`make test` runs two pytest workers, each taking whole files (`-n 2 --dist loadfile`, so a
+    module fixture is built once). A test marked `ranks` (two ranks or two nodes, several processes
+    each, some with gloo timeouts and timed exits) holds a lock the workers share, in the folder that
+    holds their temporary folders, for its setup, call and teardown: one drill at a time on the
+    2-core machine, never two at once."""
+    if not hasattr(item.config, "workerinput") or item.get_closest_marker("ranks") is None:
+        yield
+        return
+    with open(Path(item.config.getoption("basetemp")).parent / "ranks.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -97,7 +102,8 @@ def pytest_runtest_protocol(item, nextitem):
     root = logging.getLogger()
     saved_handlers, saved_level = list(root.handlers), root.level
     job_config = HydraConfig.instance().cfg
-    yield
+    with one_drill_at_a_time(item):
+        yield
     os.environ.clear()
     os.environ.update(saved_env)
     root.handlers[:] = saved_handlers
