@@ -19,7 +19,7 @@ from runfixtures import adapter_max_diff, run_recipe_script
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 
-pytestmark = [pytest.mark.slow, pytest.mark.ranks]
+pytestmark = pytest.mark.slow
 
 # Three steps of 2 rows: full batches only. The packed tiny data ends in a partial batch, which one
 # process trains alone and two processes fill up with a repeated row (accelerate's even_batches).
@@ -82,6 +82,7 @@ def test_one_process(one_process):
     assert manifest["num_nodes"] == 1
 
 
+@pytest.mark.ranks
 def test_two_processes_share_one_run_directory_and_train_one_model(tmp_path, one_process):
     # 2 processes x 1 row: the same global batch as the one-process run.
     out = launch(tmp_path, "cpu_ddp.yaml", f"sft.train.max_steps={STEPS}", "sft.train.per_device_batch_size=1")
@@ -120,6 +121,7 @@ def test_no_credentials_in_run_files(tmp_path, monkeypatch):
 GPU_ONLY_MESSAGE = "error: this accelerate config asks for GPUs ({}), but torch finds no CUDA GPU on this machine"
 
 
+@pytest.mark.ranks
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without GPUs")
 def test_a_gpu_only_config_on_the_cpu_stops_every_process_with_one_line(tmp_path):
     """fsdp_qlora.yaml here used to start its processes, each loading data and a model and failing

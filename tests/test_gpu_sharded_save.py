@@ -62,6 +62,7 @@ def unsharded(tmp_path_factory) -> Path:
     return pipeline(tmp, "one", ["--config_file", str(ROOT / "configs/accelerate/single_gpu.yaml")], 1)
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("kind", ["fsdp", "zero3"])
 def test_sharded_runs_save_only_the_trained_adapter_and_the_same_one(kind, unsharded, tmp_path):
     if kind == "zero3" and importlib.util.find_spec("deepspeed") is None:

@@ -100,6 +100,7 @@ def test_pipeline_resume_skips_a_finished_stage(pipeline_run):
     assert (run_dir / "dpo" / "summary.json").is_file()
 
 
+@pytest.mark.ranks
 def test_standalone_dpo_from_an_sft_run_under_two_processes(pipeline_run, tmp_path):
     _, run_dir, _ = pipeline_run
     out_dir = tmp_path / "ddp"
