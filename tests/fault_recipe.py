@@ -6,12 +6,12 @@
 Both read what to inject from the environment (monkeypatch.setenv in process):
 
 NaN: NAN_STAGE (sft, dpo or both as "sft,dpo"; default sft), NAN_AT (0-based training micro-batches
-of each such stage, counted per stage, e.g. "4" or "2,3"), NAN_RANK (only that rank; default every rank), NAN_DUMP (a file the input_ids of each
-poisoned forward are appended to as a JSON line). A forward hook on the model's final norm layer (a
-real layer, outside the gradient-checkpointed decoder layers, so it runs once per forward)
-multiplies its output by NaN on those training forwards; evaluation and DPO reference forwards (no
-grad) are not counted. The loss and the gradients of those micro-batches are then NaN, exactly as
-a real overflow makes them.
+of each such stage, counted per stage, e.g. "4" or "2,3"), NAN_RANK (only that rank; default every
+rank), NAN_DUMP (a file the input_ids of each poisoned forward are appended to as a JSON line). A
+forward hook on the model's final norm layer (a real layer, outside the gradient-checkpointed
+decoder layers, so it runs once per forward) multiplies its output by NaN on those training
+forwards; evaluation and DPO reference forwards (no grad) are not counted. The loss and the
+gradients of those micro-batches are then NaN, exactly as a real overflow makes them.
 
 Signal: SIGNAL (TERM, KILL, ...), SIGNAL_STAGE (sft or dpo, default sft), SIGNAL_STEP (N),
 SIGNAL_WHEN (saved: once checkpoint-N is complete, renamed into place; saving: while it is being
