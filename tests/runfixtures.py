@@ -95,9 +95,13 @@ def random_pairs(encoder, rng, n: int, prompt: tuple[int, ...], chosen: tuple[in
     for _ in range(n):
         pair = parse_preference({"prompt": text(rng.choice(prompt)), "chosen": text(rng.choice(chosen)),
                                  "rejected": text(rng.choice(rejected))})  # fmt: skip
-        enc = encoder.encode_dpo(pair)
-        rows.append({"prompt_ids": enc.prompt_ids, "chosen_ids": enc.chosen_ids, "rejected_ids": enc.rejected_ids})
+        rows.append(pair_ids(encoder.encode_dpo(pair)))
     return rows
+
+
+def pair_ids(encoding) -> dict:
+    """A DpoEncoding's ids as a preference row: {prompt_ids, chosen_ids, rejected_ids}."""
+    return {"prompt_ids": encoding.prompt_ids, "chosen_ids": encoding.chosen_ids, "rejected_ids": encoding.rejected_ids}
 
 
 def adapter_max_diff(a: Path, b: Path) -> float:

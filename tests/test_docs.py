@@ -40,8 +40,6 @@ def _config_files_block() -> str:
 def test_the_config_tree_in_the_docs_names_every_shipped_config_file():
     """The listing in docs/training.md once left out six model configs; every file of every group is
     named there now, and a listed name that is no file fails too."""
-    import re
-
     block = _config_files_block()
     for group in ("model", "quant", "peft", "data", "train", "experiment", "accelerate"):
         files = {p.stem for p in (ROOT / "configs" / group).glob("*.yaml")}

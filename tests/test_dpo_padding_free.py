@@ -26,7 +26,7 @@ from mistral_align.train.dpo_padding_free import (
 )
 from mistral_align.train.dpo_trainer import PretokenizedDPOTrainer
 
-from runfixtures import WORDS, random_pairs, save_tiny_mistral
+from runfixtures import WORDS, pair_ids, random_pairs, save_tiny_mistral
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +44,8 @@ def setup(tmp_path_factory):
     # a prefix of the chosen one (all of it but its last token shared).
     start = text(6)
     for chosen, rejected in ((start + " " + text(9), start + " " + text(4)), (start + " " + text(5), start)):
-        pair = enc.encode_dpo(parse_preference({"prompt": text(5), "chosen": chosen, "rejected": rejected}))
-        rows.append({"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids, "rejected_ids": pair.rejected_ids})
+        pair = parse_preference({"prompt": text(5), "chosen": chosen, "rejected": rejected})
+        rows.append(pair_ids(enc.encode_dpo(pair)))
     return tmp, Dataset.from_list(rows)
 
 

@@ -70,7 +70,7 @@ def test_qlora_on_every_expert_trains_with_dropout_router_frozen():
         for proj in ("gate_proj", "up_proj", "down_proj"):
             assert any(f"experts.{e}.{proj}.lora_A" in n for n in trainable), (e, proj)
     assert any("q_proj.lora_A" in n for n in trainable)
-    assert not any(".gate." in n or n.endswith(".gate.weight") for n in trainable), "router must stay frozen"
+    assert not any(".gate." in n for n in trainable), "router must stay frozen"
     facts = model_facts(model)
     assert facts["num_local_experts"] == 4
     # every linear is 4-bit: 2 layers x (4 attention + 4 experts x 3) (model/mixtral_unfused.py)

@@ -223,9 +223,14 @@ def make_splits(skills: Sequence[str], n_train: int, n_eval: int, seed: int) -> 
     return train, list(held.values())
 
 
+def _call(item: SkillItem, answer: str) -> dict | None:
+    """The call `answer` makes (tool_call items only), or None for text."""
+    return as_call(answer) if item.skill == "tool_call" else None
+
+
 def _reply(item: SkillItem, answer: str) -> dict:
     """The assistant message that gives `answer`: a tool call, or text."""
-    call = as_call(answer) if item.skill == "tool_call" else None
+    call = _call(item, answer)
     if call is None:
         return {"role": "assistant", "content": answer}
     function = {"name": call["name"], "arguments": call["arguments"]}
@@ -238,7 +243,7 @@ def _tools(item: SkillItem) -> dict:
 
 def _after_call(item: SkillItem, answer: str) -> list[dict]:
     """The tool's result for the call `answer` makes, then the final reply, which uses it."""
-    call = as_call(answer) if item.skill == "tool_call" else None
+    call = _call(item, answer)
     if call is None:
         return []
     result = RUN_TOOL[call["name"]](**call["arguments"])

@@ -21,6 +21,7 @@ def generation_table(before: dict[str, Any], after: dict[str, Any], loss_before:
                      bars: dict | None = None) -> str:
     """Greedy exact match before/after (overall and per group), with the held-out loss if known, and
     each group's bar (`<stage>.synthetic.bars`) if it has one."""
+    bars = bars or {}
     lines = [f"{'':<16}{'before':>10}{'after':>10}" + (f"{'bar':>7}" if bars else "")]
     if loss_before is not None or loss_after is not None:
         fmt = lambda v: f"{v:10.3f}" if v is not None else f"{'-':>10}"  # noqa: E731
@@ -28,7 +29,7 @@ def generation_table(before: dict[str, Any], after: dict[str, Any], loss_before:
     lines.append(f"{'exact match':<16}{before['exact_match']:10.1%}{after['exact_match']:10.1%}")
     for g in after.get("by_group", {}):
         lines.append(f"{'  ' + g:<16}{before['by_group'].get(g, 0):10.1%}{after['by_group'][g]:10.1%}"
-                     + _bar((bars or {}).get(g), (bars or {}).get(g, {}).get("cleared", True)))
+                     + _bar(bars.get(g), bars.get(g, {}).get("cleared", True)))
     lines.append(f"(n = {after['n']} held-out prompts, greedy decoding)")
     missed = missed_bars(bars, "after")
     if missed:
