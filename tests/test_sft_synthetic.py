@@ -183,9 +183,8 @@ def test_tool_call_wrong_replies_are_each_kind_and_never_right():
         else:
             kinds["arguments"] += 1
             assert call["arguments"] != right["arguments"]
-        chosen, rejected = (parse_preference(preference_row(item, rng), version="v3").__getattribute__(k)
-                            for k in ("chosen", "rejected"))
-        assert chosen.tool_calls[0].name == "add" and chosen != rejected
+        pair = parse_preference(preference_row(item, rng), version="v3")
+        assert pair.chosen.tool_calls[0].name == "add" and pair.chosen != pair.rejected
     assert min(kinds.values()) > 60, kinds
 
 
